@@ -1,0 +1,80 @@
+"""The Python API.
+
+    >>> from cpuflow import Pipeline
+    >>> pipe = Pipeline.load("exported/sd15", backend="openvino", threads=2)
+    >>> result = pipe.txt2img("a red circle on a blue background", steps=20, seed=42)
+    >>> result.images[0].save("out.png"); result.records[0]["seed"]
+    42
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from .config import GenerationRequest, LoadConfig
+from .pipelines.generate import GenerationResult, ProgressFn, generate
+from .pipelines.model import LoadedModel
+
+_REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
+_LOAD_FIELDS = {f.name for f in fields(LoadConfig)}
+
+
+class Pipeline:
+    """An exported model loaded on one backend, ready to generate."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+
+    @classmethod
+    def load(cls, model: Any = None, **options: Any) -> "Pipeline":
+        """Load an exported folder (``None``: the model shipped with cpuflow).
+        Options: backend, device, precision, threads, variant, cache_dir,
+        use_cache, verify — see :class:`cpuflow.config.LoadConfig`."""
+        unknown = set(options) - _LOAD_FIELDS
+        if unknown:
+            from .errors import InvalidArgument
+            raise InvalidArgument(f"unknown load option(s): {', '.join(sorted(unknown))}")
+        return cls(LoadedModel(LoadConfig(model=model, **options)))
+
+    @property
+    def manifest(self):
+        return self.model.manifest
+
+    def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+        return generate(self.model, request, progress)
+
+    def txt2img(self, prompt, *, progress: ProgressFn | None = None, **params: Any) -> GenerationResult:
+        """Text to image. ``params``: negative_prompt, steps, sampler, schedule,
+        guidance, width, height, seed, n_samples, eta, rng."""
+        if "init_image" in params:
+            from .errors import InvalidArgument
+            raise InvalidArgument("txt2img takes no init_image; use img2img")
+        return generate(self.model, _request(prompt, params), progress)
+
+    def img2img(self, prompt, init_image, *, strength: float = 0.8, progress: ProgressFn | None = None,
+                **params: Any) -> GenerationResult:
+        """Image to image: the same loop started part-way down the noise
+        schedule (``strength`` 1 ignores the image, 0 returns it re-encoded)."""
+        return generate(self.model, _request(prompt, dict(params, init_image=init_image, strength=strength)),
+                        progress)
+
+    def close(self) -> None:
+        self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _request(prompt, params: dict) -> GenerationRequest:
+    unknown = set(params) - _REQUEST_FIELDS
+    if unknown:
+        from .errors import InvalidArgument
+        raise InvalidArgument(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+    if isinstance(prompt, list):
+        prompt = tuple(prompt)
+    if isinstance(params.get("negative_prompt"), list):
+        params["negative_prompt"] = tuple(params["negative_prompt"])
+    return GenerationRequest(prompt=prompt, **params)

@@ -1,0 +1,263 @@
+"""The `cpuflow` command line.
+
+Every CpuflowError becomes one line on stderr and the error's exit code; no
+traceback reaches a user unless CPUFLOW_DEBUG=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import CpuflowError, InvalidArgument, MissingDependency
+
+EXAMPLES_GENERATE = """
+\b
+Examples:
+  cpuflow generate "a red circle on a blue background"
+  cpuflow generate --model exported/sd15 "a lighthouse at dusk, oil painting" \\
+      --steps 25 --sampler dpmpp_2m --schedule karras --seed 42 --out lighthouse.png
+  cpuflow generate --model exported/sd15 "a watercolor of a fox" \\
+      --init-image photo.jpg --strength 0.6 --out fox.png
+  cpuflow generate "a green square on a white background" --n-samples 4 --grid --out grid.png
+"""
+
+
+class CpuflowGroup(click.Group):
+    """Maps CpuflowError to a one-line message and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CpuflowError as e:
+            if os.environ.get("CPUFLOW_DEBUG"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=CpuflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cpuflow")
+def main():
+    """cpuflow: Stable Diffusion on a CPU.
+
+    Export a model once (`cpuflow export`), then generate images from the
+    exported folder with no torch installed (`cpuflow generate`). With no
+    --model, the small model shipped with cpuflow is used: it knows coloured
+    shapes ("a red circle on a blue background"), and makes a picture in
+    seconds, offline.
+    """
+
+
+def _samplers_help() -> str:
+    from .samplers import SAMPLERS
+    return ", ".join(SAMPLERS)
+
+
+@main.command(epilog=EXAMPLES_GENERATE)
+@click.argument("prompt")
+@click.option("--model", "-m", type=click.Path(path_type=Path), default=None,
+              help="Exported model folder (default: the model shipped with cpuflow).")
+@click.option("--negative-prompt", "-n", default="", help="What the image should not show.")
+@click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's, usually 20).")
+@click.option("--sampler", default=None, help="Sampler (default: the model's own scheduler). "
+              "One of: ddim, plms, euler, euler_a, heun, dpmpp_2m, lcm.")
+@click.option("--schedule", type=click.Choice(["default", "karras"]), default="default",
+              help="Noise schedule: the model's trained timesteps, or Karras sigmas.")
+@click.option("--guidance", "-g", type=float, default=None,
+              help="Classifier-free guidance scale (default 7.5; 1 or less skips the negative branch: 2x faster).")
+@click.option("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
+@click.option("--seed", type=int, default=None, help="Seed 0..4294967295 (default: random, printed and saved).")
+@click.option("--width", "-W", type=int, default=None, help="Width in pixels (default: the model's).")
+@click.option("--height", "-H", type=int, default=None, help="Height in pixels (default: the model's).")
+@click.option("--n-samples", type=int, default=1, help="Images to make (seeds seed, seed+1, ...).")
+@click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: start from this image.")
+@click.option("--strength", type=float, default=0.8,
+              help="img2img: how much to change the init image (0..1, default 0.8).")
+@click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
+              help="Inference engine (default openvino: fastest on Intel/AMD CPUs).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="cuda needs --backend onnxruntime with onnxruntime-gpu.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto",
+              help="OpenVINO precision hint: auto picks bf16 on CPUs with AMX/AVX512-BF16, else f32.")
+@click.option("--variant", default=None, help="Model variant (fp32, int8, ...; default: the fastest present).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
+@click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch",
+              help="Noise generator: torch (same images as diffusers for a seed) or numpy.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="A .png file for one image, or a folder for several (default: ./outputs/).")
+@click.option("--grid", is_flag=True, help="Also save all images as one grid image.")
+@click.option("--no-cache", is_flag=True, help="Do not use the compiled-model cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
+             n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
+             no_cache, quiet):
+    """Generate images from PROMPT (txt2img, or img2img with --init-image)."""
+    from .config import GenerationRequest, LoadConfig
+    from .image import make_grid, save_png_atomic
+    from .pipelines.generate import generate as run
+    from .pipelines.model import LoadedModel
+
+    # Validate everything the user typed before loading anything.
+    req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
+                            schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
+                            height=height, n_samples=n_samples, init_image=init_image, strength=strength,
+                            rng=rng).with_seed()
+    cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
+                     variant=variant, use_cache=not no_cache)
+    paths = _output_paths(out, n_samples, grid)
+    loaded = LoadedModel(cfg)
+    if loaded.manifest.random_weights and not quiet:
+        click.echo("note: this model has random weights (made for latency work): its images are noise", err=True)
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
+
+    def progress(ev):
+        if bar is None:
+            return
+        if bar.total != ev["n_steps"] * ev["n_images"]:
+            bar.reset(total=ev["n_steps"] * ev["n_images"])
+        bar.set_description(f"image {ev['image'] + 1}/{ev['n_images']}")
+        bar.update(1)
+
+    try:
+        result = run(loaded, req, progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        loaded.close()
+    for w in result.warnings:
+        click.echo(f"warning: {w}", err=True)
+    written = []
+    for img, rec, path in zip(result.images, result.records, paths["images"]):
+        written.append(save_png_atomic(img, path, rec))
+    if grid:
+        written.append(save_png_atomic(make_grid(result.images), paths["grid"], result.records[0]))
+    t = result.timings
+    rec0 = result.records[0]
+    summary = (f"{len(result.images)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "
+               f"{rec0['steps']} steps, seed {rec0['seed']}"
+               + (f"..{result.records[-1]['seed']}" if len(result.records) > 1 else "")
+               + f" | {rec0['backend']} {rec0['device']} {rec0['precision']}"
+               + f" | load {t.get('load_compile', 0):.1f}s, text {t.get('text_encoder', 0):.2f}s, "
+               f"unet {t.get('unet', 0):.1f}s ({t.get('unet_per_call', 0):.3f}s/call), "
+               f"vae {t.get('vae_decoder', 0):.2f}s, total {t.get('total', 0):.1f}s")
+    click.echo(summary, err=True)
+    for p in written:
+        click.echo(str(p))
+
+
+def _output_paths(out: Path | None, n: int, grid: bool) -> dict:
+    """One image and a .png path: that file. Otherwise a folder with numbered
+    files that never overwrite earlier ones."""
+    if out is not None and out.suffix.lower() == ".png" and n == 1:
+        if not out.parent.exists():
+            raise InvalidArgument(f"output folder {out.parent} does not exist")
+        return {"images": [out], "grid": out.with_name(out.stem + "-grid.png")}
+    if out is not None and out.suffix.lower() == ".png":
+        folder, stem = out.parent, out.stem
+        if not folder.exists():
+            raise InvalidArgument(f"output folder {folder} does not exist")
+    else:
+        folder, stem = (out or Path("outputs")), "image"
+        if folder.exists() and not folder.is_dir():
+            raise InvalidArgument(f"--out {folder} exists and is not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+    start = 0
+    while any((folder / f"{stem}-{start + i:05d}.png").exists() for i in range(n)):
+        start += n
+    images = [folder / f"{stem}-{start + i:05d}.png" for i in range(n)]
+    return {"images": images, "grid": folder / f"{stem}-{start:05d}-grid.png"}
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+def info(model_dir, as_json, verify):
+    """Show what an exported model folder holds (default: the shipped model)."""
+    from .manifest import load_manifest
+    from .pipelines.model import shipped_model_dir
+    root = model_dir or shipped_model_dir()
+    m = load_manifest(root, verify="sha256" if verify else "size")
+    if as_json:
+        click.echo(json.dumps(m.raw, indent=2))
+        return
+    tools = m.raw.get("export", {}).get("tools", {})
+    lines = [
+        f"model        {m.name}  ({root})",
+        f"family       {m.family}, {m.prediction_type} prediction"
+        + ("  [RANDOM WEIGHTS: latency work only]" if m.random_weights else ""),
+        f"validated    {'yes' if m.validated else 'NO (exported with --force)'}",
+        f"size         default {m.default_width}x{m.default_height}, latents {m.latent_channels}ch /{m.downscale},"
+        f" scaling {m.scaling_factor:g}",
+        f"scheduler    {m.scheduler.get('_class_name', '?')} ({m.scheduler.get('beta_schedule', '?')}, "
+        f"{m.scheduler.get('num_train_timesteps', '?')} steps)",
+        f"tokenizer    max {m.tokenizer.get('max_length')} tokens",
+        f"formats      {', '.join(sorted(m.formats()))}",
+        f"hash         {m.model_hash}",
+        f"source       {m.raw.get('source', {}).get('kind', '?')}: {m.raw.get('source', {}).get('name', '?')}",
+        f"exported     {m.raw.get('export', {}).get('created', '?')} by cpuflow {tools.get('cpuflow', '?')}",
+        "components:",
+    ]
+    for name, comp in m.components.items():
+        ins = ", ".join(f"{s.name}{list(s.shape)}" for s in comp.inputs)
+        lines.append(f"  {name:<13} {ins}")
+        for vname, var in comp.variants.items():
+            size = sum(int(m.files[p]["size"]) for paths in var.files.values() for p in paths if p in m.files)
+            par = "; ".join(
+                f"{fmt} psnr {p.get('psnr_db', float('nan')):.1f} dB" for fmt, p in var.parity.items()
+                if isinstance(p, dict) and "psnr_db" in p)
+            lines.append(f"    {vname:<11} {var.precision:<12} {size / 1e6:8.1f} MB  {par}")
+    click.echo("\n".join(lines))
+
+
+@main.command("samplers")
+def list_samplers():
+    """List the samplers (names for --sampler)."""
+    from .samplers import SAMPLERS
+    for name, spec in SAMPLERS.items():
+        click.echo(f"{name:<10} {getattr(spec, 'description', '')}")
+
+
+def _mount_export():
+    """`cpuflow export` lives in the export stage (needs torch); mount it lazily
+    so the runtime CLI starts fast and works without torch."""
+
+    @main.command("export", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                              "help_option_names": []})
+    @click.pass_context
+    def export(ctx):
+        """Convert a model to ONNX / OpenVINO (needs the `export` extra: torch)."""
+        cmd = _load_export_command()
+        return cmd.main(args=ctx.args, prog_name="cpuflow export", standalone_mode=False)
+
+
+def _load_export_command():
+    try:
+        import torch  # noqa: F401
+        import diffusers  # noqa: F401
+    except ImportError as e:
+        raise MissingDependency(f"`cpuflow export` needs the export extra ({e.name} is missing)",
+                                hint="pip install 'cpuflow[export]' torch==2.13.0 "
+                                     "(a CPU build of torch is enough)") from None
+    try:
+        from cpuflow_export.cli import export_command
+    except ImportError:
+        from export.cli import export_command  # running from a source checkout
+    return export_command
+
+
+_mount_export()
+
+if __name__ == "__main__":
+    main()

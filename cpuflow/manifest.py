@@ -1,0 +1,372 @@
+"""The manifest: the contract between the export stage and the runtime.
+
+``MODEL_DIR/cpuflow.json`` is written last (atomically) by ``cpuflow export``
+and says everything the runtime needs; the runtime re-derives nothing. A value
+the runtime needs and the manifest lacks is an export bug, reported as a
+:class:`~cpuflow.errors.ManifestError` that says to re-export.
+
+Schema version 1 (a JSON object)::
+
+    format            "cpuflow-model"
+    schema_version    1
+    complete          true            (false/absent: an export that never finished)
+    name              human name
+    family            "sd1" | "sd2"
+    prediction_type   "epsilon" | "v_prediction"
+    random_weights    bool            (true: latency work only, images are noise)
+    validated         bool            (false: exported with --force past a failed parity gate)
+    scheduler         the model's diffusers scheduler config (dict, as in scheduler_config.json)
+    latent            {channels, downscale, scaling_factor, shift_factor}
+    default_size      {width, height}
+    tokenizer         {path, files, max_length, bos_token_id, eos_token_id, pad_token_id}
+    components        name -> Component (text_encoder, unet, vae_decoder, vae_encoder)
+    files             relative path -> {size, sha256}   (every file of the folder but the manifest)
+    source            {kind, name, sha256}
+    export            {created, tools: {name: version}, formats, weights_dtype, forced}
+
+A Component::
+
+    inputs / outputs  [{name, dtype, shape}]   shape entries are ints or symbols
+                                               ("batch", "height", "width", "latent_height", ...)
+    config            small facts (e.g. hidden_size, cross_attention_dim, in_channels)
+    variants          name -> {precision, quantization, files: {format: [paths]}, parity: {format: {...}}}
+                      "fp32" is always present; quantized variants sit beside it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import IncompatibleModelError, IntegrityError, ManifestError, UnsafeFileError
+
+MANIFEST_NAME = "cpuflow.json"
+FORMAT = "cpuflow-model"
+SCHEMA_VERSION = 1
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+FORMATS = ("onnx", "openvino")
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
+
+_REEXPORT = "re-export the model with `cpuflow export`"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(str(d["name"]), str(d["dtype"]), tuple(d["shape"]))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape with symbolic dims taken from ``dims``."""
+        out = []
+        for d in self.shape:
+            if isinstance(d, int):
+                out.append(d)
+            elif d in dims:
+                out.append(int(dims[d]))
+            else:
+                raise ManifestError(f"tensor {self.name!r}: no value for dimension {d!r}")
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str
+    quantization: Mapping[str, Any] | None
+    files: Mapping[str, tuple[str, ...]]  # format -> relative paths (model file first)
+    parity: Mapping[str, Any]
+
+    def model_file(self, fmt: str) -> str:
+        return self.files[fmt][0]
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    config: Mapping[str, Any]
+    variants: Mapping[str, Variant]
+
+    def input(self, name: str) -> TensorSpec:
+        for s in self.inputs:
+            if s.name == name:
+                return s
+        raise ManifestError(f"component {self.name!r} has no input {name!r}")
+
+    def output(self, name: str) -> TensorSpec:
+        for s in self.outputs:
+            if s.name == name:
+                return s
+        raise ManifestError(f"component {self.name!r} has no output {name!r}")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    raw: Mapping[str, Any] = field(repr=False)
+    name: str
+    family: str
+    prediction_type: str
+    random_weights: bool
+    validated: bool
+    scheduler: Mapping[str, Any]
+    latent_channels: int
+    downscale: int
+    scaling_factor: float
+    shift_factor: float | None
+    default_width: int
+    default_height: int
+    tokenizer: Mapping[str, Any]
+    components: Mapping[str, Component]
+    files: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def model_hash(self) -> str:
+        """A short, stable id of the weights: sha256 over the sorted file hashes."""
+        h = hashlib.sha256()
+        for path in sorted(self.files):
+            h.update(path.encode())
+            h.update(str(self.files[path]["sha256"]).encode())
+        return h.hexdigest()[:12]
+
+    def path(self, rel: str) -> Path:
+        return safe_join(self.root, rel)
+
+    def formats(self) -> set[str]:
+        out: set[str] = set()
+        for comp in self.components.values():
+            for var in comp.variants.values():
+                out.update(var.files)
+        return out
+
+
+# --- reading -------------------------------------------------------------------
+def _req(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise ManifestError(f"manifest {where} lacks {key!r}", hint=_REEXPORT)
+    return d[key]
+
+
+def safe_join(root: Path, rel: str) -> Path:
+    """Join ``rel`` under ``root``, refusing anything that leaves the folder
+    (``..``, absolute paths, symlinks pointing outside)."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+        raise UnsafeFileError(f"file path {rel!r} in the model folder is not a plain relative path")
+    parts = Path(rel).parts
+    if any(p in ("..", "") for p in parts):
+        raise UnsafeFileError(f"file path {rel!r} leaves the model folder")
+    root_real = Path(os.path.realpath(root))
+    target = Path(os.path.realpath(root / rel))
+    if target != root_real and root_real not in target.parents:
+        raise UnsafeFileError(f"file {rel!r} resolves outside the model folder (symlink?)")
+    return root / rel
+
+
+def _parse_component(name: str, d: Mapping[str, Any]) -> Component:
+    where = f"component {name!r}"
+    variants = {}
+    for vname, v in _req(d, "variants", where).items():
+        files = {fmt: tuple(paths) for fmt, paths in _req(v, "files", f"{where} variant {vname!r}").items()}
+        for fmt, paths in files.items():
+            if fmt not in FORMATS or not paths:
+                raise ManifestError(f"{where} variant {vname!r}: bad format entry {fmt!r}", hint=_REEXPORT)
+        variants[vname] = Variant(
+            name=vname,
+            precision=str(v.get("precision", "fp32")),
+            quantization=v.get("quantization"),
+            files=files,
+            parity=v.get("parity", {}),
+        )
+    if "fp32" not in variants:
+        raise ManifestError(f"{where} has no fp32 variant", hint=_REEXPORT)
+    return Component(
+        name=name,
+        inputs=tuple(TensorSpec.from_json(x) for x in _req(d, "inputs", where)),
+        outputs=tuple(TensorSpec.from_json(x) for x in _req(d, "outputs", where)),
+        config=d.get("config", {}),
+        variants=variants,
+    )
+
+
+def parse_manifest(root: Path, data: Mapping[str, Any]) -> Manifest:
+    root = Path(root)
+    if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+        raise ManifestError(f"{root / MANIFEST_NAME} is not a cpuflow manifest", hint=_REEXPORT)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        if isinstance(version, int) and version > SCHEMA_VERSION:
+            raise ManifestError(
+                f"model folder {root} uses manifest schema {version}, this cpuflow reads {SCHEMA_VERSION}",
+                hint="upgrade cpuflow (pip install -U cpuflow) or re-export with this version",
+            )
+        raise ManifestError(f"model folder {root}: unknown manifest schema {version!r}", hint=_REEXPORT)
+    if data.get("complete") is not True:
+        raise ManifestError(f"model folder {root}: the export that wrote it did not finish", hint=_REEXPORT)
+    latent = _req(data, "latent", "root")
+    size = _req(data, "default_size", "root")
+    comps_raw = _req(data, "components", "root")
+    for needed in REQUIRED_COMPONENTS:
+        if needed not in comps_raw:
+            raise ManifestError(f"model folder {root} has no {needed}", hint=_REEXPORT)
+    components = {n: _parse_component(n, c) for n, c in comps_raw.items() if n in COMPONENT_NAMES}
+    pred = _req(data, "prediction_type", "root")
+    if pred not in ("epsilon", "v_prediction"):
+        raise ManifestError(f"unsupported prediction_type {pred!r}", hint=_REEXPORT)
+    m = Manifest(
+        root=root,
+        raw=data,
+        name=str(data.get("name", root.name)),
+        family=str(_req(data, "family", "root")),
+        prediction_type=pred,
+        random_weights=bool(data.get("random_weights", False)),
+        validated=bool(data.get("validated", False)),
+        scheduler=_req(data, "scheduler", "root"),
+        latent_channels=int(_req(latent, "channels", "latent")),
+        downscale=int(_req(latent, "downscale", "latent")),
+        scaling_factor=float(_req(latent, "scaling_factor", "latent")),
+        shift_factor=(None if latent.get("shift_factor") is None else float(latent["shift_factor"])),
+        default_width=int(_req(size, "width", "default_size")),
+        default_height=int(_req(size, "height", "default_size")),
+        tokenizer=_req(data, "tokenizer", "root"),
+        components=components,
+        files=_req(data, "files", "root"),
+    )
+    check_compatible(m)
+    return m
+
+
+def check_compatible(m: Manifest) -> None:
+    """Refuse components that don't fit together, naming both sides and values."""
+    te = m.components["text_encoder"].output("last_hidden_state")
+    unet = m.components["unet"]
+    ehs = unet.input("encoder_hidden_states")
+    if te.shape[-1] != ehs.shape[-1]:
+        raise IncompatibleModelError(
+            f"text_encoder width {te.shape[-1]} does not match unet cross-attention width {ehs.shape[-1]}"
+        )
+    sample = unet.input("sample")
+    if sample.shape[1] != m.latent_channels:
+        raise IncompatibleModelError(
+            f"unet takes {sample.shape[1]} latent channels but latent.channels is {m.latent_channels}"
+        )
+    dec = m.components["vae_decoder"].input("latent_sample")
+    if dec.shape[1] != m.latent_channels:
+        raise IncompatibleModelError(
+            f"vae_decoder takes {dec.shape[1]} latent channels but unet makes {m.latent_channels}"
+        )
+
+
+def load_manifest(root: str | os.PathLike, *, verify: bool | str = "size") -> Manifest:
+    """Read and check ``root/cpuflow.json``.
+
+    ``verify``: ``"size"`` checks every file exists with the recorded size and is
+    no git-lfs pointer (cheap); ``"sha256"`` (or True) also hashes each file;
+    ``False`` skips file checks. All checks happen before any backend session is
+    created, so a damaged folder never reaches a backend.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise ManifestError(f"model folder {root} does not exist")
+    if not root.is_dir():
+        raise ManifestError(f"{root} is not a folder; pass the folder that `cpuflow export` wrote")
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise ManifestError(f"{root} has no {MANIFEST_NAME}: not an exported model, or the export did not finish",
+                            hint=_REEXPORT)
+    try:
+        data = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{mpath} is not valid JSON ({e})", hint=_REEXPORT) from None
+    try:
+        m = parse_manifest(root, data)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{mpath} is malformed ({type(e).__name__}: {e})", hint=_REEXPORT) from None
+    if verify:
+        verify_files(m, hashes=(verify == "sha256" or verify is True))
+    return m
+
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(m: Manifest, *, hashes: bool, only: set[str] | None = None) -> None:
+    """Check each recorded file: inside the folder, present, right size, no
+    git-lfs pointer, and (``hashes``) the right sha256."""
+    for rel, info in m.files.items():
+        if only is not None and rel not in only:
+            continue
+        p = m.path(rel)
+        if not p.is_file():
+            raise IntegrityError(f"model file {rel} is missing from {m.root}", hint=_REEXPORT)
+        size = p.stat().st_size
+        if size != int(info["size"]):
+            with open(p, "rb") as f:
+                head = f.read(len(LFS_POINTER_PREFIX))
+            if head == LFS_POINTER_PREFIX:
+                raise IntegrityError(f"model file {rel} is a git-lfs pointer, not the data",
+                                     hint="run `git lfs pull` or " + _REEXPORT)
+            raise IntegrityError(f"model file {rel} has {size} bytes, the manifest says {info['size']} "
+                                 "(truncated or replaced)", hint=_REEXPORT)
+        if hashes and sha256_file(p) != info["sha256"]:
+            raise IntegrityError(f"model file {rel} does not match its sha256 (corrupted)", hint=_REEXPORT)
+    # every file a component variant names must be recorded
+    for comp in m.components.values():
+        for var in comp.variants.values():
+            for paths in var.files.values():
+                for rel in paths:
+                    if rel not in m.files:
+                        raise ManifestError(f"component {comp.name} names {rel}, which the manifest does not record",
+                                            hint=_REEXPORT)
+
+
+# --- writing (used by the export stage) ----------------------------------------
+def file_record(root: Path, rel: str) -> dict:
+    p = root / rel
+    return {"size": p.stat().st_size, "sha256": sha256_file(p)}
+
+
+def record_all_files(root: Path) -> dict[str, dict]:
+    """size + sha256 of every file under ``root`` except the manifest itself."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp"):
+            rel = p.relative_to(root).as_posix()
+            out[rel] = file_record(root, rel)
+    return out
+
+
+def write_manifest(root: Path, data: Mapping[str, Any]) -> Path:
+    """Write ``cpuflow.json`` atomically (temp file, fsync, rename) after checking
+    that it parses as a complete manifest."""
+    data = dict(data)
+    data.setdefault("format", FORMAT)
+    data.setdefault("schema_version", SCHEMA_VERSION)
+    data["complete"] = True
+    parse_manifest(Path(root), data)  # refuse to write what the runtime would refuse
+    tmp = Path(root) / (MANIFEST_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    final = Path(root) / MANIFEST_NAME
+    os.replace(tmp, final)
+    return final

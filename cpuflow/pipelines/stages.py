@@ -1,0 +1,140 @@
+"""The stages every task shares: encode the prompt, denoise, decode, encode an image.
+
+Each stage mirrors what diffusers' StableDiffusionPipeline does on the same
+weights (the parity tests hold us to 50 dB against it), but runs on a backend
+session instead of torch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .. import samplers
+from ..errors import NumericalError
+from ..image import check_finite
+from .model import LoadedModel, StageTimer
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    embeddings: np.ndarray      # (1, max_length, hidden) float32
+    truncated: bool
+    dropped_text: str
+
+
+def encode_prompt(model: LoadedModel, text: str, timer: StageTimer) -> EncodedPrompt:
+    """Tokenize (truncating at the encoder's window, reporting what was cut)
+    and run the text encoder. diffusers does the same for the positive and
+    the negative prompt separately."""
+    tok = model.tokenizer(text, max_length=model.max_length)
+    t0 = time.perf_counter()
+    out = model.run("text_encoder", {"batch": 1},
+                    {"input_ids": tok.ids.astype(np.int64)[None, :]})["last_hidden_state"]
+    timer.add("text_encoder", time.perf_counter() - t0)
+    check_finite("text encoder output", out)
+    return EncodedPrompt(np.ascontiguousarray(out, dtype=np.float32), tok.truncated, tok.dropped_text)
+
+
+def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
+                    latent_dims: dict, timer: StageTimer) -> Callable[[np.ndarray, float], np.ndarray]:
+    """The UNet with classifier-free guidance (Ho & Salimans 2022):
+    out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
+    the batch ordered [uncond, cond] as diffusers does. Without guidance
+    (uncond None) the UNet runs once per step at batch 1: half the work."""
+    batch = 1 if uncond is None else 2
+    dims = dict(latent_dims, batch=batch)
+    ehs = cond if uncond is None else np.concatenate([uncond, cond], axis=0)
+    calls = [0]
+
+    def fn(x: np.ndarray, t: float) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        inp = x if batch == 1 else np.concatenate([x, x], axis=0)
+        ts = np.full((batch,), t, dtype=np.float32)
+        t0 = time.perf_counter()
+        out = model.run("unet", dims, {"sample": inp, "timestep": ts, "encoder_hidden_states": ehs})["out_sample"]
+        timer.add("unet", time.perf_counter() - t0)
+        calls[0] += 1
+        check_finite(f"unet output (call {calls[0]}, timestep {t:g})", out)
+        if batch == 1:
+            return out
+        u, c = out[0:1], out[1:2]
+        return u + np.float32(guidance) * (c - u)
+
+    fn.calls = calls  # type: ignore[attr-defined]
+    return fn
+
+
+def denoise(model: LoadedModel, plan, model_fn, x: np.ndarray, generator, eta: float,
+            callback=None) -> np.ndarray:
+    x = samplers.sample(plan, model_fn, x, generator=generator, eta=eta, callback=callback)
+    check_finite("latents after sampling", x)
+    return x
+
+
+def decode_latents(model: LoadedModel, latents: np.ndarray, width: int, height: int,
+                   timer: StageTimer) -> np.ndarray:
+    """latents / scaling_factor (+ shift) -> VAE decoder -> image in [-1, 1].
+    A non-finite result from a reduced-precision run is retried once in f32
+    (the VAE decoder is the stage most prone to bf16/fp16 overflow); if that
+    fails too, it is a NumericalError, never a black image."""
+    m = model.manifest
+    z = latents / np.float32(m.scaling_factor)
+    if m.shift_factor is not None:
+        z = z + np.float32(m.shift_factor)
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    dims = model.latent_dims(width, height, 1)
+    t0 = time.perf_counter()
+    out = model.run("vae_decoder", dims, {"latent_sample": z})["sample"]
+    timer.add("vae_decoder", time.perf_counter() - t0)
+    if not np.isfinite(out).all():
+        sess = model.session("vae_decoder", dims)
+        if getattr(sess.info, "precision", "f32") != "f32":
+            out = _decode_f32(model, z, dims, timer)
+    check_finite("vae decoder output", out)
+    return out
+
+
+def _decode_f32(model: LoadedModel, z: np.ndarray, dims: dict, timer: StageTimer) -> np.ndarray:
+    from dataclasses import replace
+    from ..backends.base import get_backend
+    backend = get_backend(model.config.backend, replace(model.options, precision="f32"))
+    comp = model.manifest.components["vae_decoder"]
+    var = comp.variants["fp32"]
+    t0 = time.perf_counter()
+    sess = backend.load("vae_decoder", model.manifest.path(var.model_file(model.format)), comp.inputs,
+                        comp.outputs, static_dims=dims, cache_key=f"{model.manifest.model_hash}-vae_decoder-fp32")
+    try:
+        out = sess.run({"latent_sample": z})["sample"]
+    finally:
+        sess.close()
+    timer.add("vae_decoder", time.perf_counter() - t0)
+    return out
+
+
+def encode_image(model: LoadedModel, pixels: np.ndarray, generator, timer: StageTimer) -> np.ndarray:
+    """Image in [-1, 1] -> VAE encoder -> a latent sample, scaled.
+
+    Same as diffusers: DiagonalGaussianDistribution(parameters).sample(generator)
+    = mean + exp(0.5 * clamp(logvar, -30, 20)) * randn(mean.shape), drawn from the
+    same generator the sampler uses afterwards, then times the scaling factor
+    (minus the shift first, where a model has one)."""
+    m = model.manifest
+    if "vae_encoder" not in m.components:
+        raise NumericalError("this model has no vae_encoder; img2img needs one (re-export the model)")
+    _, _, h, w = pixels.shape
+    dims = model.latent_dims(w, h, 1)
+    t0 = time.perf_counter()
+    params = model.run("vae_encoder", dims, {"sample": np.ascontiguousarray(pixels, dtype=np.float32)})
+    timer.add("vae_encoder", time.perf_counter() - t0)
+    p = params["latent_parameters"]
+    check_finite("vae encoder output", p)
+    mean, logvar = np.split(p, 2, axis=1)
+    logvar = np.clip(logvar, -30.0, 20.0)
+    std = np.exp(0.5 * logvar)
+    z = mean + std * generator.randn(mean.shape)
+    if m.shift_factor is not None:
+        z = z - np.float32(m.shift_factor)
+    return (z * np.float32(m.scaling_factor)).astype(np.float32)

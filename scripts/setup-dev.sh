@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up a development environment in .venv: the runtime, the export stage
+# (torch CPU build), the test tools, and the CLIP tokenizer files the tokenizer
+# parity tests need (made from the open-clip-torch wheel on PyPI; not committed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# Pin torch: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU build.
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[export,serve,test]"
+if [ -f scripts/fetch_clip_vocab.sh ] && [ ! -f .cache/clip-tokenizers/sd2/vocab.json ]; then
+    bash scripts/fetch_clip_vocab.sh .cache/clip-tokenizers
+fi
+echo "set up: . .venv/bin/activate"
