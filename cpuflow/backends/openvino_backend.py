@@ -1,0 +1,280 @@
+"""The OpenVINO backend: CPU inference from an OpenVINO IR (``.xml``) or ``.onnx``.
+
+Load = read_model -> (reshape to static shapes) -> compile_model("CPU") with
+
+* ``INFERENCE_PRECISION_HINT`` from ``options.precision`` (``f32``/``bf16``;
+  ``auto`` leaves OpenVINO's default, which is bf16 on CPUs with AMX or
+  AVX512-BF16 and f32 elsewhere),
+* ``INFERENCE_NUM_THREADS`` = ``options.threads`` when set,
+* ``PERFORMANCE_HINT`` = ``LATENCY`` (one stream: one image at a time, all cores),
+* ``CACHE_DIR`` = a per-model subfolder of ``options.cache_dir`` (see
+  :mod:`cpuflow.backends.cache`), so a second start loads the compiled blob.
+
+Whether the compiled model came from the cache is read back from the compiled
+model's ``LOADED_FROM_CACHE`` property (OpenVINO sets it when it imported the
+blob instead of compiling). Should a runtime not support that property, we
+fall back to comparing the subfolder's ``*.blob`` files before and after:
+loaded from cache = a blob was there before and none was written or changed.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import BackendError, InvalidArgument, MissingDependency, ModelError
+from ..manifest import TensorSpec
+from . import cache as cache_mod
+from .base import BackendOptions, SessionInfo, check_feeds
+from .device import openvino_device
+from .onnx_external import check_external_data
+
+PRECISIONS = ("auto", "f32", "bf16")
+_SUFFIXES = (".xml", ".onnx")
+
+
+def _import_openvino():
+    try:
+        import openvino as ov
+    except ImportError as e:  # pragma: no cover - openvino is a runtime dependency
+        raise MissingDependency(f"the openvino backend needs the openvino package ({e})",
+                                hint="pip install openvino") from None
+    return ov
+
+
+def _type_name(t: Any) -> str:
+    """'f32' / 'bf16' / 'f16' from an openvino Type (or whatever the property returned)."""
+    for attr in ("get_type_name", "to_string"):
+        fn = getattr(t, attr, None)
+        if callable(fn):
+            try:
+                return str(fn())
+            except Exception:  # noqa: BLE001 - fall through to str()
+                pass
+    return str(t).lower()
+
+
+def _blob_state(folder: Path | None) -> dict[str, tuple[int, float]]:
+    if folder is None:
+        return {}
+    out = {}
+    try:
+        for e in os.scandir(folder):
+            if e.name.endswith(".blob") and e.is_file(follow_symlinks=False):
+                st = e.stat(follow_symlinks=False)
+                out[e.name] = (st.st_size, st.st_mtime)
+    except OSError:
+        pass
+    return out
+
+
+def _port_names(port: Any) -> set[str]:
+    try:
+        return set(port.get_names())
+    except Exception:  # noqa: BLE001
+        return set()
+
+
+def _match_ports(component: str, kind: str, specs: Sequence[TensorSpec], ports: Sequence[Any]) -> list[int]:
+    """Index of the model port carrying each spec's name; BackendError naming
+    both lists when the manifest and the model disagree."""
+    names = [_port_names(p) for p in ports]
+    shown = [sorted(n)[0] if len(n) == 1 else (sorted(n) if n else "<unnamed>") for n in names]
+    index = []
+    for s in specs:
+        hits = [i for i, n in enumerate(names) if s.name in n]
+        if len(hits) != 1:
+            break
+        index.append(hits[0])
+    if len(index) != len(specs) or len(set(index)) != len(index) or len(ports) != len(specs):
+        raise BackendError(f"{component}: the model's {kind} {shown} do not match the manifest's "
+                           f"{[s.name for s in specs]}",
+                           hint="the model file and cpuflow.json come from different exports; re-export")
+    return index
+
+
+class OpenVINOSession:
+    def __init__(self, component: str, compiled: Any, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], in_index: list[int], out_index: list[int],
+                 static_dims: Mapping[str, int] | None, info: SessionInfo, cache_dir: Path | None):
+        self.component = component
+        self.inputs = tuple(inputs)
+        self.outputs = tuple(outputs)
+        self.info = info
+        self.cache_dir = cache_dir
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self._in_index = in_index
+        self._out_ports = [compiled.outputs[i] for i in out_index]
+        self._dims = dict(static_dims) if static_dims else None
+        self._lock = threading.Lock()
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.component, self.inputs, feeds, self._dims)
+        if self._request is None:
+            raise BackendError(f"{self.component}: session is closed")
+        data = {idx: feeds[s.name] for s, idx in zip(self.inputs, self._in_index)}
+        with self._lock:
+            try:
+                # share_inputs: the request reads the caller's arrays in place (the call is
+                # synchronous, so they cannot change underneath it); outputs are copied
+                # (share_outputs=False) because the next run overwrites the request's tensors.
+                res = self._request.infer(data, share_inputs=True, share_outputs=False)
+            except RuntimeError as e:
+                raise BackendError(f"{self.component}: openvino inference failed: {e}") from None
+            return {s.name: res[p] for s, p in zip(self.outputs, self._out_ports)}
+
+    def get_property(self, name: str) -> Any:
+        """A property of the compiled model (e.g. ``INFERENCE_NUM_THREADS``)."""
+        return self._compiled.get_property(name)
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+    def __enter__(self) -> "OpenVINOSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OpenVINOBackend:
+    name = "openvino"
+
+    def __init__(self, options: BackendOptions | None = None):
+        options = options or BackendOptions()
+        self.device = openvino_device(options.device)
+        if options.precision not in PRECISIONS:
+            raise InvalidArgument(f"precision must be one of {', '.join(PRECISIONS)}, got {options.precision!r}")
+        if options.threads is not None and (not isinstance(options.threads, int) or isinstance(options.threads, bool)
+                                            or options.threads < 1):
+            raise InvalidArgument(f"threads must be a positive integer, got {options.threads!r}")
+        self.options = options
+        self._ov = _import_openvino()
+        self._core = self._ov.Core()
+
+    # ------------------------------------------------------------------
+    def _config(self, cache_sub: Path | None) -> dict[str, Any]:
+        ov = self._ov
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+        cfg: dict[str, Any] = {hints.performance_mode(): hints.PerformanceMode.LATENCY}
+        if self.options.precision == "f32":
+            cfg[hints.inference_precision()] = ov.Type.f32
+        elif self.options.precision == "bf16":
+            cfg[hints.inference_precision()] = ov.Type.bf16
+        if self.options.threads is not None:
+            cfg[props.inference_num_threads()] = int(self.options.threads)
+        if cache_sub is not None:
+            cfg[props.cache_dir()] = str(cache_sub)
+        return cfg
+
+    def _reshape(self, component: str, model: Any, inputs: Sequence[TensorSpec], in_index: list[int],
+                 static_dims: Mapping[str, int]) -> None:
+        ov = self._ov
+        shapes = {}
+        for s, idx in zip(inputs, in_index):
+            port = model.inputs[idx]
+            current = port.get_partial_shape()
+            if current.rank.is_dynamic or current.rank.get_length() != len(s.shape):
+                raise BackendError(f"{component}.{s.name}: the model's input has shape {current}, "
+                                   f"the manifest says {list(s.shape)}",
+                                   hint="re-export the model with `cpuflow export`")
+            dims = []
+            for i, want in enumerate(s.shape):
+                if isinstance(want, int):
+                    dims.append(ov.Dimension(want))
+                elif want in static_dims:
+                    dims.append(ov.Dimension(int(static_dims[want])))
+                else:
+                    dims.append(current[i])  # not given: stays as the model has it (usually dynamic)
+            shapes[port] = ov.PartialShape(dims)
+        try:
+            model.reshape(shapes)
+        except RuntimeError as e:
+            wanted = {s.name: str(shapes[model.inputs[i]]) for s, i in zip(inputs, in_index)}
+            raise BackendError(f"{component}: cannot reshape the model to {wanted}: {e}") from None
+
+    def load(self, component: str, model_file: Path, inputs: Sequence[TensorSpec],
+             outputs: Sequence[TensorSpec], *, static_dims: Mapping[str, int] | None,
+             cache_key: str) -> OpenVINOSession:
+        ov = self._ov
+        model_file = Path(model_file)
+        if model_file.suffix.lower() not in _SUFFIXES:
+            raise ModelError(f"{component}: the openvino backend reads .xml (OpenVINO IR) or .onnx files, "
+                             f"got {model_file.name}")
+        if not model_file.is_file():
+            raise ModelError(f"{component}: model file {model_file} is missing")
+        if model_file.suffix.lower() == ".onnx":
+            check_external_data(model_file)  # before OpenVINO opens anything the file points at
+        elif not model_file.with_suffix(".bin").is_file():
+            raise ModelError(f"{component}: {model_file.name} has no weights file "
+                             f"{model_file.with_suffix('.bin').name} beside it")
+        static_dims = dict(static_dims) if static_dims else None
+
+        t0 = time.perf_counter()
+        try:
+            model = self._core.read_model(str(model_file))
+        except RuntimeError as e:
+            raise BackendError(f"{component}: openvino cannot read {model_file.name}: {e}") from None
+        in_index = _match_ports(component, "inputs", inputs, model.inputs)
+        _match_ports(component, "outputs", outputs, model.outputs)
+        for s, idx in zip(inputs, in_index):
+            have = model.inputs[idx].get_element_type().to_dtype()
+            if np.dtype(have) != np.dtype(s.dtype):
+                raise BackendError(f"{component}.{s.name}: the model takes {np.dtype(have)}, the manifest says "
+                                   f"{s.dtype}", hint="re-export the model with `cpuflow export`")
+        if static_dims:
+            self._reshape(component, model, inputs, in_index, static_dims)
+
+        cache_sub = None
+        if self.options.cache_dir is not None:
+            try:
+                from ..cpu import cpu_features
+                f = cpu_features(use_openvino=False)
+                cpu_id = {"model": f.get("model_name"), "amx": f.get("amx"), "bf16": f.get("bf16"),
+                          "avx512f": f.get("avx512f")}
+            except Exception:  # noqa: BLE001 - the cache key just gets coarser
+                cpu_id = {}
+            cache_sub = cache_mod.model_cache_dir(
+                self.options.cache_dir, cache_key, static_dims=static_dims, precision=self.options.precision,
+                runtime_version=ov.get_version(), backend=self.name, device=self.device,
+                extra={"component": component, "file": model_file.name, "cpu": cpu_id})
+        before = _blob_state(cache_sub)
+        try:
+            compiled = self._core.compile_model(model, self.device, self._config(cache_sub))
+        except RuntimeError as e:
+            raise BackendError(f"{component}: openvino failed to compile {model_file.name} for "
+                               f"{self.device}: {e}") from None
+        compile_s = time.perf_counter() - t0
+        cached = self._loaded_from_cache(compiled, before, _blob_state(cache_sub), cache_sub)
+        in_index = _match_ports(component, "inputs", inputs, compiled.inputs)
+        out_index = _match_ports(component, "outputs", outputs, compiled.outputs)
+        try:
+            precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        except RuntimeError:
+            precision = self.options.precision
+        precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(precision, precision)
+        if cache_sub is not None:
+            try:
+                cache_mod.prune(self.options.cache_dir, cache_mod.DEFAULT_MAX_BYTES, keep=[cache_sub])
+            except OSError:
+                pass  # a full or read-only cache never fails a load
+        info = SessionInfo(backend=self.name, device=self.device, precision=precision,
+                           compile_s=compile_s, cached=cached)
+        return OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,
+                               static_dims, info, cache_sub)
+
+    @staticmethod
+    def _loaded_from_cache(compiled: Any, before: dict, after: dict, cache_sub: Path | None) -> bool:
+        if cache_sub is None:
+            return False
+        try:
+            return bool(compiled.get_property("LOADED_FROM_CACHE"))
+        except RuntimeError:
+            return bool(before) and before == after
