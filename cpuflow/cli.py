@@ -259,5 +259,9 @@ def _load_export_command():
 
 _mount_export()
 
+from .serve_cli import serve_command  # noqa: E402  (imports fastapi lazily)
+
+main.add_command(serve_command)
+
 if __name__ == "__main__":
     main()

@@ -300,6 +300,12 @@ def load_init_image(
     """
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InvalidArgument(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    if isinstance(source, Image.Image):
+        # An image object (Python API): serialise it losslessly (TIFF keeps every
+        # mode, CMYK and 16-bit included) and take the same checked path as a file.
+        buf = io.BytesIO()
+        source.save(buf, format="TIFF")
+        source, name = buf.getvalue(), name or "(image object)"
     if width is not None:
         width = _check_size_arg("width", width)
     if height is not None:

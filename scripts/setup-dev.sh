@@ -14,4 +14,10 @@ python -m pip install -q -e ".[export,serve,test]"
 if [ -f scripts/fetch_clip_vocab.sh ] && [ ! -f .cache/clip-tokenizers/sd2/vocab.json ]; then
     bash scripts/fetch_clip_vocab.sh .cache/clip-tokenizers
 fi
+# Headless Chromium for the browser test (Debian packages; needs root).
+if [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; then
+    bash scripts/install-browser.sh
+else
+    echo "note: not root: the browser test will skip (run scripts/install-browser.sh as root)"
+fi
 echo "set up: . .venv/bin/activate"
