@@ -1,0 +1,200 @@
+"""The page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium) types a prompt, clicks Generate, waits for the image in the
+gallery and checks its pixels, the live preview, "use these settings" and the
+download link; the same again through the access-token login.
+
+Skips only when Chromium is not installed (``scripts/install-browser.sh`` installs it).
+
+Environment: ``CPUFLOW_SCREENSHOT=docs/serve.png`` also saves the page after the
+generation there (palette PNG, small); ``CPUFLOW_SERVE_MODEL=DIR`` (or ``default``
+for the shipped model) serves a real exported model instead of the fake pipeline
+(the pixel check is then skipped), e.g. to remake docs/serve.png.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="Chromium is not installed (needs Debian packages chromium and chromium-driver: "
+           "run scripts/install-browser.sh)")
+
+from cpuflow.server.app import create_app  # noqa: E402
+from test_server import FakePipeline, colour_of  # noqa: E402
+
+TOKEN = "browser-test-token-0123456789"
+PROMPT = "a red circle on a blue background"
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                "--window-size=1100,760", "--hide-scrollbars", "--force-device-scale-factor=1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, models, **kw):
+        import uvicorn
+        self.port = _free_port()
+        self.app = create_app(models, port=self.port, **kw)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="error", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            assert time.time() - t0 < 20, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(5)
+        self.app.state.jobs.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _models():
+    real = os.environ.get("CPUFLOW_SERVE_MODEL")
+    if real:
+        return {"default" if real == "default" else Path(real).name: None if real == "default" else real}, True
+    return {"fake": FakePipeline(step_delay=0.08)}, False
+
+
+def _wait(driver, script: str, timeout: float = 60.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: d.execute_script(script))
+
+
+def _generate(driver, steps: int, seed: int) -> None:
+    from selenium.webdriver.common.by import By
+    _wait(driver, "return document.getElementById('model').options.length > 0")
+    driver.find_element(By.ID, "prompt").send_keys(PROMPT)
+    steps_box = driver.find_element(By.ID, "steps")
+    steps_box.clear()
+    steps_box.send_keys(str(steps))
+    driver.find_element(By.ID, "seed-random").click()
+    driver.find_element(By.ID, "seed").send_keys(str(seed))
+    driver.find_element(By.ID, "generate").click()
+    _wait(driver, "const i = document.querySelector('#gallery .card img');"
+                  "return i !== null && i.complete && i.naturalWidth > 0", timeout=120)
+
+
+def _pixel(driver, x: int, y: int) -> list[int]:
+    return driver.execute_script(
+        "const i = document.querySelector('#gallery .card img'); const c = document.createElement('canvas');"
+        "c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d');"
+        "g.drawImage(i, 0, 0); return Array.from(g.getImageData(arguments[0], arguments[1], 1, 1).data);", x, y)
+
+
+def _no_console_errors(driver) -> None:
+    errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors          # a CSP violation (blocked inline script/style) would show here
+
+
+def _save_screenshot(driver, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+    target = os.environ.get("CPUFLOW_SCREENSHOT")
+    shot = tmp_path / "serve.png"
+    if target:  # a fuller gallery for the README: three more images of the same prompt
+        n = driver.find_element(By.ID, "n")
+        n.clear()
+        n.send_keys("3")
+        driver.find_element(By.ID, "generate").click()
+        _wait(driver, "return document.querySelectorAll('#gallery .card img').length >= 4 && "
+                      "Array.from(document.querySelectorAll('#gallery .card img')).every(i => i.complete)",
+              timeout=300)
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 1100, "height": 700, "deviceScaleFactor": 1, "mobile": False})
+        driver.execute_script("window.scrollTo(0, 0); document.activeElement.blur();")
+    driver.save_screenshot(str(shot))
+    if target:
+        from PIL import Image
+        img = Image.open(shot).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT)
+        img.save(target, optimize=True)
+
+
+def test_generate_in_the_browser(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    models, real = _models()
+    with LiveServer(models) as srv:
+        browser.get(srv.url + "/")
+        assert browser.title == "cpuflow"
+        _generate(browser, steps=8, seed=42)
+        card = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
+        assert PROMPT in card.text and "seed 42" in card.text and "8 steps" in card.text
+        _wait(browser, "return document.getElementById('status').textContent.startsWith('Done')")
+        assert int(browser.execute_script("return document.getElementById('preview').dataset.shown || 0")) >= 1
+        assert browser.execute_script("return document.getElementById('preview').src") == \
+            browser.find_element(By.CSS_SELECTOR, "#gallery .card img").get_attribute("src")   # then the result
+        img = browser.find_element(By.CSS_SELECTOR, "#gallery .card img")
+        link = card.find_element(By.LINK_TEXT, "Download")
+        assert link.get_attribute("href") == img.get_attribute("src") and link.get_attribute("download")
+        assert img.get_attribute("src").startswith(srv.url + "/api/images/")
+        if not real:
+            assert _pixel(browser, 2, 2)[:3] == list(colour_of(PROMPT, 42))      # the image the server made
+            assert _pixel(browser, 32, 32)[:3] == [255, 255, 255]
+        _save_screenshot(browser, tmp_path)
+        # "use these settings again"
+        browser.find_element(By.ID, "prompt").clear()
+        card.find_element(By.XPATH, ".//button[text()='Use again']").click()
+        assert browser.find_element(By.ID, "prompt").get_attribute("value") == PROMPT
+        assert browser.find_element(By.ID, "seed").get_attribute("value") == "42"
+        assert not browser.find_element(By.ID, "seed-random").is_selected()
+        _no_console_errors(browser)
+
+
+def test_token_login_and_init_image_in_the_browser(browser, tmp_path):
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    init = tmp_path / "init.png"
+    Image.new("RGB", (300, 200), (10, 200, 30)).save(init)
+    with LiveServer({"fake": FakePipeline(step_delay=0.01)}, token=TOKEN) as srv:
+        browser.get(srv.url + "/")
+        assert "access token" in browser.page_source                # no cookie yet: the login hint
+        browser.get(srv.url + "/?token=" + TOKEN)
+        assert browser.current_url == srv.url + "/"                 # the token left the address bar
+        _wait(browser, "return document.getElementById('model').options.length > 0")
+        browser.find_element(By.ID, "init").send_keys(str(init))   # img2img: the upload goes as base64 JSON
+        _generate(browser, steps=3, seed=7)                         # fetch + EventSource work with the cookie
+        text = browser.find_element(By.CSS_SELECTOR, "#gallery .card").text
+        assert "seed 7" in text and "img2img strength 0.8" in text and "64×64" in text
+        assert _pixel(browser, 2, 2)[:3] == list(colour_of(PROMPT, 7))
+        assert browser.execute_script("return document.cookie") == ""   # HttpOnly: scripts cannot read it
+        browser.get_log("browser")   # the first visit's 401 is logged on purpose; clear it
