@@ -263,5 +263,9 @@ from .serve_cli import serve_command  # noqa: E402  (imports fastapi lazily)
 
 main.add_command(serve_command)
 
+from .bench.cli import bench_command  # noqa: E402  (torch only with --reference torch)
+
+main.add_command(bench_command)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,136 @@
+"""`cpuflow bench`: the click command the top-level CLI mounts.
+
+Only click is imported at module import time; the runner is imported when the
+command runs, so `cpuflow --help` stays fast and torch-free.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import CpuflowError, InvalidArgument
+
+EXAMPLES = """
+\b
+Examples:
+  # SD 1.5 architecture, random weights (exported once and cached), OpenVINO
+  # default precision vs f32 hint, against diffusers fp32 on the same weights:
+  cpuflow bench --arch sd15 --precision auto --precision f32 --reference torch \\
+      --json sd15.json --chart sd15.png
+  # an exported folder, both backends, only the UNet and the VAE, quick:
+  cpuflow bench exported/sd15 --backend openvino --backend onnxruntime \\
+      --stages unet,vae --repeat 2
+  # against torch on the weights the folder was exported from:
+  cpuflow bench exported/sd15 --reference torch --reference-source runwayml/stable-diffusion-v1-5
+
+\b
+Stages: text (one text-encoder call), unet (one UNet call, batch 2 with
+guidance), vae (one VAE decode), e2e (one whole image), load (load + compile:
+first start with an empty compiled cache, then second start on that cache).
+Every stage of every configuration runs in a process of its own: its peak RSS
+is that process's high-water mark (VmHWM).
+"""
+
+
+@click.command("bench", epilog=EXAMPLES,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v"]), default=None,
+              help="Benchmark this architecture with random weights instead of MODEL_DIR (exported once, "
+                   "cached under the user cache dir in bench-models/; needs the export extra the first time).")
+@click.option("--rebuild", is_flag=True, help="With --arch: export the random-weights model again.")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="With --arch, for the first build: a CLIP tokenizer folder (vocab.json, merges.txt) when the "
+                   "Hugging Face cache has none, e.g. from scripts/fetch_clip_vocab.sh.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["openvino", "onnxruntime"]),
+              help="Backend(s) to measure; repeat the option for several (default openvino).")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["auto", "bf16", "f32"]),
+              help="Precision hint(s); repeat for several (default auto).")
+@click.option("--variant", "variants", multiple=True,
+              help="Model variant(s): fp32, int8, ...; repeat for several (default: the model's preferred).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--reference", type=click.Choice(["torch"]), default=None,
+              help="Also run diffusers (PyTorch fp32) on the same weights and print speed-ups against it.")
+@click.option("--reference-source", default=None,
+              help="The torch weights for --reference with a MODEL_DIR: the diffusers folder, checkpoint or "
+                   "hub id it was exported from (not needed with --arch or a --random-weights export).")
+@click.option("--width", "-W", type=int, default=None, help="Image width (default: the model's).")
+@click.option("--height", "-H", type=int, default=None, help="Image height (default: the model's).")
+@click.option("--steps", type=int, default=20, show_default=True, help="Steps of the end-to-end image.")
+@click.option("--guidance", "-g", type=float, default=7.5, show_default=True,
+              help="Guidance scale (above 1: the UNet runs at batch 2).")
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Counted repetitions per stage.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Uncounted warm-up runs per stage.")
+@click.option("--stages", default="text,unet,vae,e2e,load", show_default=True,
+              help="Comma-separated stages to measure.")
+@click.option("--prompt", default=None, help="Prompt for the text encoder and the image.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write every number (and the machine, settings, versions) to this JSON file.")
+@click.option("--chart", "chart_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write a PNG bar chart of the medians to this file.")
+@click.option("--timeout", "job_timeout", type=float, default=None,
+              help="Kill a worker process after this many seconds (default: no limit).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bench_command(**opts):
+    """Measure per-stage latency and peak memory of MODEL_DIR (or --arch), for
+    every backend x variant x precision asked for, optionally against torch."""
+    try:
+        _run(**opts)
+    except CpuflowError as e:
+        if os.environ.get("CPUFLOW_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: no result written", err=True)
+        sys.exit(130)
+
+
+def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
+         reference_source, width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
+         chart_path, job_timeout, quiet):
+    from ..manifest import load_manifest
+    from . import report, runner
+
+    if (model_dir is None) == (arch is None):
+        raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch sd15|sd21|sd21-v")
+    if (rebuild or tokenizer_dir) and arch is None:
+        raise InvalidArgument("--rebuild and --tokenizer go with --arch")
+    if reference_source and reference is None:
+        raise InvalidArgument("--reference-source goes with --reference torch")
+    for p in (json_path, chart_path):
+        if p is not None and not p.parent.exists():
+            raise InvalidArgument(f"folder {p.parent} does not exist (for {p.name})")
+    settings = runner.BenchSettings(width=width, height=height, steps=steps, guidance=guidance, threads=threads,
+                                    repeat=repeat, warmup=warmup, stages=stages,
+                                    prompt=prompt or runner.DEFAULT_PROMPT)
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    build = None
+    if arch is not None:
+        model_dir, build = runner.ensure_arch_model(arch, rebuild=rebuild, tokenizer=tokenizer_dir, log=log)
+    m = load_manifest(model_dir, verify="size")
+    configs, notes = runner.make_configs(m, backends or ("openvino",), variants or (None,),
+                                         precisions or ("auto",), device)
+    for n in notes:
+        log(f"note: {n}")
+    result = runner.run_bench(model_dir, configs, settings, reference=reference, reference_source=reference_source,
+                              arch=arch, show_progress=not quiet, log=log, job_timeout=job_timeout, notes=notes,
+                              build_record=build)
+    click.echo(report.format_table(result))
+    if json_path is not None:
+        log(f"wrote {report.write_json(result, json_path)}")
+    if chart_path is not None:
+        log(f"wrote {report.write_chart(result, chart_path)}")
+    if any(st.get("error") for c in result["configs"] for st in c["stages"].values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # until mounted as `cpuflow bench`: python -m cpuflow.bench.cli ...
+    bench_command(prog_name="cpuflow bench")

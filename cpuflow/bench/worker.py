@@ -1,0 +1,281 @@
+"""One measurement in a process of its own: ``python -m cpuflow.bench.worker SPEC.json OUT.json``.
+
+The runner starts one worker per (configuration, stage) -- and one per start
+for the load stage -- so that
+
+* the peak RSS a worker reports (``VmHWM`` of its own process) belongs to that
+  stage alone and never mixes with another stage's peak;
+* "first start" really is a fresh process with an empty compiled-model cache,
+  and "second start" a fresh process that finds the cache the first one wrote.
+
+SPEC is a JSON object (written by :mod:`cpuflow.bench.runner`)::
+
+    kind        "cpuflow" | "torch"      (torch: the diffusers reference, see export/bench_reference.py)
+    stage       "text" | "unet" | "vae" | "e2e" | "load"
+    model       exported model folder (cpuflow; torch: for the same-weights check)
+    backend, device, precision, variant, threads, cache_dir      (cpuflow)
+    source, arch, seed                                            (torch)
+    width, height, steps, guidance, prompt, gen_seed, warmup, repeat
+
+OUT receives one JSON object: ``ok``, the timings (``times_s``: one per counted
+repetition, ``warmup_times_s``), memory (``peak_rss_bytes``: VmHWM at the end;
+``rss_after_load_bytes``; ``run_peak_rss_bytes``: the peak during warm-up and
+repetitions only, when the kernel lets us reset the peak), ``sessions`` (what
+each component really ran on) and, on failure, ``error``/``error_type``.
+Progress goes to stdout as lines starting with :data:`PROGRESS_PREFIX`.
+
+This module imports only torch-free parts of cpuflow at import time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+PROGRESS_PREFIX = "@@cpuflow-bench-progress "
+STAGES = ("text", "unet", "vae", "e2e", "load")
+UNET_TIMESTEP = 500.0   # any value: latency does not depend on it
+
+
+# ---------------------------------------------------------------- memory
+def memory_status() -> dict[str, int | None]:
+    """This process's current and peak resident set size in bytes
+    (``VmRSS``/``VmHWM`` from /proc/self/status; ``ru_maxrss`` elsewhere)."""
+    out: dict[str, int | None] = {"rss": None, "hwm": None}
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out["rss" if key == "VmRSS" else "hwm"] = int(val.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if out["hwm"] is None:
+        try:
+            import resource
+            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            out["hwm"] = int(r) if sys.platform == "darwin" else int(r) * 1024  # macOS: bytes, Linux: KiB
+        except (ImportError, OSError):
+            pass
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``5`` into clear_refs).
+    False where that is not possible; then only the whole-process peak is known."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- progress and timing
+class Progress:
+    """Tells the runner (reading our stdout) that one unit of work is done."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def __call__(self, what: str, seconds: float | None = None) -> None:
+        msg = {"what": what}
+        if seconds is not None:
+            msg["seconds"] = round(seconds, 6)
+        self.stream.write(PROGRESS_PREFIX + json.dumps(msg) + "\n")
+        self.stream.flush()
+
+
+def measure(fn: Callable[[], Any], warmup: int, repeat: int, progress: Progress,
+            on_result: Callable[[Any], None] | None = None) -> dict[str, Any]:
+    """Call ``fn`` ``warmup`` times uncounted, then ``repeat`` times counted;
+    wall-clock seconds of each call. The peak RSS is reset first (after the
+    model is loaded), so ``run_peak_rss_bytes`` is what the calls themselves
+    need on top of the loaded model. ``on_result`` sees each counted call's
+    return value (e.g. a per-stage breakdown of a whole image)."""
+    after_load = memory_status()
+    reset_ok = reset_peak_rss()
+    warm: list[float] = []
+    times: list[float] = []
+    for i in range(warmup + repeat):
+        t0 = time.perf_counter()
+        res = fn()
+        dt = time.perf_counter() - t0
+        if i < warmup:
+            warm.append(dt)
+            progress("warmup", dt)
+        else:
+            times.append(dt)
+            if on_result is not None:
+                on_result(res)
+            progress("repeat", dt)
+    end = memory_status()
+    return {"warmup_times_s": warm, "times_s": times, "rss_after_load_bytes": after_load["rss"],
+            "run_peak_rss_bytes": end["hwm"] if reset_ok else None}
+
+
+# ---------------------------------------------------------------- cpuflow stages
+def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
+    """The static shapes a txt2img of spec's size compiles, exactly as
+    :func:`cpuflow.pipelines.generate.generate` asks for them (so the
+    compiled-model cache written by one worker is found by the next)."""
+    w, h = int(spec["width"]), int(spec["height"])
+    lat = model.latent_dims(w, h, 1)
+    return {"text_encoder": {"batch": 1},
+            "unet": dict(lat, batch=unet_batch(spec)),
+            "vae_decoder": dict(lat)}
+
+
+def unet_batch(spec: dict) -> int:
+    """Classifier-free guidance runs the UNet on [uncond, cond]: batch 2 (1 without guidance)."""
+    return 2 if float(spec["guidance"]) > 1.0 else 1
+
+
+STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",),
+                    "e2e": ("text_encoder", "unet", "vae_decoder"),
+                    "load": ("text_encoder", "unet", "vae_decoder")}
+
+
+def session_facts(model) -> dict[str, dict]:
+    """What each loaded component really ran: backend, device, precision,
+    variant, compile seconds, cache hit, threads (where the backend says)."""
+    out = {}
+    for (name, _), sess in model._sessions.items():
+        info = sess.info
+        d = {"backend": info.backend, "device": info.device, "precision": info.precision,
+             "variant": getattr(sess, "variant", "fp32"), "compile_s": round(float(info.compile_s), 4),
+             "cached": bool(info.cached), "threads": None}
+        getp = getattr(sess, "get_property", None)
+        if callable(getp):
+            try:
+                d["threads"] = int(getp("INFERENCE_NUM_THREADS"))
+            except Exception:  # noqa: BLE001 - a backend without the property: left unknown
+                pass
+        out[name] = d
+    return out
+
+
+def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
+    import numpy as np
+
+    from ..config import GenerationRequest, LoadConfig
+    from ..pipelines.generate import generate
+    from ..pipelines.model import LoadedModel, StageTimer
+    from ..pipelines.stages import decode_latents, encode_prompt, guided_model_fn
+
+    stage = spec["stage"]
+    cache_dir = spec.get("cache_dir")
+    cfg = LoadConfig(model=Path(spec["model"]), backend=spec["backend"], device=spec.get("device", "auto"),
+                     precision=spec["precision"], threads=spec.get("threads"), variant=spec.get("variant"),
+                     cache_dir=Path(cache_dir) if cache_dir else None, use_cache=bool(cache_dir))
+    # Import the backend's package before the clock starts, as the reference
+    # imports torch and diffusers first: "load" is reading + compiling only.
+    t_imp = time.perf_counter()
+    __import__("openvino" if cfg.backend == "openvino" else "onnxruntime")
+    import_s = time.perf_counter() - t_imp
+    before = memory_status()
+    t0 = time.perf_counter()
+    model = LoadedModel(cfg)
+    dims = session_dims(model, spec)
+    for comp in STAGE_COMPONENTS[stage]:
+        model.session(comp, dims[comp])
+    load_s = time.perf_counter() - t0
+    progress("load", load_s)
+    out: dict[str, Any] = {"load_s": load_s, "import_s": import_s, "rss_before_load_bytes": before["rss"]}
+    timer = StageTimer()
+    w, h = int(spec["width"]), int(spec["height"])
+    rng = np.random.default_rng(int(spec.get("gen_seed", 0)))
+
+    if stage == "load":
+        out.update(times_s=[load_s], warmup_times_s=[], rss_after_load_bytes=memory_status()["rss"],
+                   run_peak_rss_bytes=None)
+    elif stage == "text":
+        prompt = spec["prompt"]
+        out.update(measure(lambda: encode_prompt(model, prompt, timer), spec["warmup"], spec["repeat"], progress))
+    elif stage == "unet":
+        unet = model.manifest.components["unet"]
+        hidden = unet.input("encoder_hidden_states").resolve({"batch": 1})
+        cond = rng.standard_normal(hidden, dtype=np.float32)
+        uncond = rng.standard_normal(hidden, dtype=np.float32) if unet_batch(spec) == 2 else None
+        lat = model.latent_dims(w, h, 1)
+        x = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
+                                dtype=np.float32)
+        fn = guided_model_fn(model, cond, uncond, float(spec["guidance"]), lat, timer)
+        out.update(measure(lambda: fn(x, UNET_TIMESTEP), spec["warmup"], spec["repeat"], progress))
+        out["unet_batch"] = unet_batch(spec)
+    elif stage == "vae":
+        lat = model.latent_dims(w, h, 1)
+        z = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
+                                dtype=np.float32)
+        out.update(measure(lambda: decode_latents(model, z, w, h, timer), spec["warmup"], spec["repeat"], progress))
+    elif stage == "e2e":
+        req = GenerationRequest(prompt=spec["prompt"], steps=int(spec["steps"]), guidance=float(spec["guidance"]),
+                                width=w, height=h, seed=int(spec.get("gen_seed", 0)))
+        breakdown: list[dict] = []
+        keep = ("text_encoder", "unet", "unet_per_call", "vae_decoder")
+        out.update(measure(lambda: generate(model, req), spec["warmup"], spec["repeat"], progress,
+                           on_result=lambda r: breakdown.append(
+                               {k: round(float(v), 6) for k, v in r.timings.items() if k in keep})))
+        out["breakdown"] = breakdown
+        out["sampler"] = model.default_sampler()
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    out["sessions"] = session_facts(model)
+    model.close()
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+def _reference_module():
+    """The torch side lives in the export stage (it needs torch); imported only here."""
+    try:
+        from cpuflow_export import bench_reference  # installed package
+    except ImportError:
+        from export import bench_reference  # a source checkout
+    return bench_reference
+
+
+def run_spec(spec: dict, progress: Progress | None = None) -> dict[str, Any]:
+    progress = progress or Progress()
+    if spec.get("stage") not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {spec.get('stage')!r}")
+    if spec.get("kind", "cpuflow") == "torch":
+        res = _reference_module().run_reference(spec, progress)
+    else:
+        res = run_cpuflow(spec, progress)
+    mem = memory_status()
+    res.setdefault("peak_rss_bytes", mem["hwm"])  # the reference sets it before its weights check
+    res.update(ok=True, stage=spec["stage"], rss_end_bytes=mem["rss"], pid=os.getpid())
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m cpuflow.bench.worker SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec_path, out_path = Path(argv[0]), Path(argv[1])
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    try:
+        res = run_spec(spec)
+        rc = 0
+    except BaseException as e:  # noqa: BLE001 - every failure is reported to the runner as data
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        res = {"ok": False, "stage": spec.get("stage"), "error": str(e) or type(e).__name__,
+               "error_type": type(e).__name__, "traceback": traceback.format_exc(limit=20),
+               "peak_rss_bytes": memory_status()["hwm"]}
+        print(res["traceback"], file=sys.stderr)
+        rc = 1
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, out_path)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
