@@ -1,0 +1,564 @@
+"""Orchestration: a loaded torch model -> a complete, validated model folder.
+
+Crash safety (reliability.md item 7). Everything is written into a staging
+folder ``PARENT/.NAME.staging-<random>`` beside OUT_DIR (same filesystem, so
+renames are atomic); the manifest is written last, then the folder is moved in:
+
+* OUT_DIR absent (or an empty folder): ``rename(staging, OUT_DIR)``.
+* OUT_DIR a previous cpuflow export: ``rename(OUT_DIR, BACKUP)``,
+  ``rename(staging, OUT_DIR)``, delete BACKUP, where BACKUP is
+  ``PARENT/.NAME.cpuflow-backup``.
+* anything else: refused, never touched.
+
+So at every instant OUT_DIR is the old complete folder, the new complete one,
+or (only between the two renames) absent with the old one intact at BACKUP.
+The next run (and only an export holding the lock of that OUT_DIR) repairs:
+OUT_DIR absent + BACKUP present -> BACKUP is renamed back; OUT_DIR complete +
+BACKUP present -> BACKUP is deleted; leftover staging folders are deleted.
+A per-OUT_DIR lock file (``PARENT/.NAME.cpuflow-lock``, flock) keeps two exports
+to the same folder from cleaning each other's staging.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+from cpuflow.errors import DiskSpaceError, ExportError, InvalidArgument, SourceError
+from cpuflow.manifest import FORMATS, MANIFEST_NAME, record_all_files, write_manifest
+
+from . import validate
+from .components import COMPONENT_ORDER, component_specs, run_torch, torch_inputs, wrap_for_export
+from .to_onnx import export_onnx
+from .to_openvino import convert_onnx_to_openvino
+
+WEIGHTS = ("fp32", "fp16")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json",
+                   "tokenizer.json", "added_tokens.json")
+REQUIRED_TOKENIZER_FILES = ("vocab.json", "merges.txt")
+SAFETY = 1.1  # headroom on the disk estimate (protobuf/IR overhead, small tensors, alignment)
+
+
+# --- progress ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProgressEvent:
+    kind: str                 # "begin" | "end" | "info"
+    stage: str                # e.g. "onnx export", "openvino validate", "manifest"
+    component: str | None = None
+    seconds: float | None = None   # on "end"
+    step: int = 0             # steps finished so far (after this one, on "end")
+    total: int = 0
+    message: str = ""         # the status line to show
+
+    def line(self) -> str:
+        return self.message
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+class ConsoleProgress:
+    """Status lines plus a tqdm bar over all steps, on stderr (the CLI's reporter)."""
+
+    def __init__(self, stream=None, bar: bool | None = None):
+        self.stream = stream or sys.stderr
+        # a bar only on a terminal: in a log file it would be a wall of carriage returns
+        self.use_bar = bar if bar is not None else bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = None
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if self.use_bar and self.bar is None and ev.total:
+            from tqdm import tqdm
+            self.bar = tqdm(total=ev.total, file=self.stream, unit="step", leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+        if ev.kind == "begin" and self.bar is not None:
+            self.bar.set_description(f"{ev.component or 'export'}: {ev.stage}")
+        if ev.kind in ("end", "info") and ev.message:
+            if self.bar is not None:
+                self.bar.write(ev.message, file=self.stream)
+            else:
+                print(ev.message, file=self.stream, flush=True)
+        if ev.kind == "end" and self.bar is not None:
+            self.bar.n = ev.step
+            self.bar.refresh()
+            if ev.step >= ev.total:
+                self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Steps:
+    def __init__(self, callback: ProgressCallback | None, total: int):
+        self.cb = callback
+        self.total = total
+        self.done = 0
+
+    def info(self, message: str, component: str | None = None) -> None:
+        if self.cb:
+            self.cb(ProgressEvent("info", "info", component, step=self.done, total=self.total, message=message))
+
+    @contextmanager
+    def step(self, component: str | None, stage: str, counted: bool = True) -> Iterator[None]:
+        if self.cb:
+            self.cb(ProgressEvent("begin", stage, component, step=self.done, total=self.total,
+                                  message=f"[{component or 'export'}] {stage} ..."))
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        if counted:
+            self.done += 1
+        if self.cb:
+            self.cb(ProgressEvent("end", stage, component, seconds=dt, step=self.done, total=self.total,
+                                  message=f"[{component or 'export'}] {stage} ... {dt:.1f} s"))
+
+
+def _crash_point(name: str) -> None:
+    """No-op seam where tests simulate a crash (kill -9) at a precise moment."""
+
+
+# --- disk and folder checks -------------------------------------------------------------
+def _default_disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _param_count(module: Any) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters())
+
+
+def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str) -> int:
+    """Bytes the export needs on disk at its peak: every kept file
+    (weights x formats), plus the largest component's raw float32 ONNX export
+    that sits beside the finished files while it is rewritten (and, without
+    --format onnx, its intermediate ONNX beside the OpenVINO files)."""
+    formats = list(formats)
+    vae = loaded.vae
+    enc = _param_count(getattr(vae, "encoder", None)) + _param_count(getattr(vae, "quant_conv", None))
+    dec = _param_count(vae) - enc
+    counts = [_param_count(loaded.text_encoder), _param_count(loaded.unet), dec, enc]
+    per_param = 4 if weights == "fp32" else 2
+    kept = sum(counts) * per_param * len(formats)
+    transient = max(counts) * 4 * (1 if "onnx" in formats else 2)
+    return int(SAFETY * (kept + transient))
+
+
+def _prepare_parent(out_dir: Path) -> Path:
+    parent = out_dir.parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InvalidArgument(f"cannot create the output location {parent}: {existing} is a file, not a folder",
+                              hint="choose an OUT_DIR in a writable folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidArgument(f"cannot create the output location {parent}: {e.strerror or e}",
+                              hint="choose an OUT_DIR in a writable folder") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"output location {parent} is not writable",
+                              hint="choose an OUT_DIR in a writable folder")
+    return parent
+
+
+def preflight(out_dir: str | os.PathLike) -> Path:
+    """Cheap checks of OUT_DIR before a (slow) source is loaded: its parent can
+    be created and written, and OUT_DIR is new, empty or a cpuflow export.
+    ``export_model`` repeats them; returns the absolute OUT_DIR."""
+    out = _abs_out_dir(out_dir)
+    _prepare_parent(out)
+    if not _backup_path(out).exists():  # else the export restores the backup first
+        _check_target(out)
+    return out
+
+
+def _abs_out_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(os.path.abspath(os.fspath(out_dir)))
+    if out.name in ("", ".", ".."):
+        raise InvalidArgument(f"OUT_DIR {out} must name a folder")
+    return out
+
+
+def is_cpuflow_export(path: Path) -> bool:
+    m = path / MANIFEST_NAME
+    if path.is_symlink() or not path.is_dir() or not m.is_file():
+        return False
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "cpuflow-model"
+
+
+def _check_target(out_dir: Path) -> None:
+    """Refuse an OUT_DIR that is not ours to replace."""
+    if out_dir.is_symlink():
+        raise InvalidArgument(f"{out_dir} is a symbolic link; pass the real folder or a new path")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InvalidArgument(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
+    if is_cpuflow_export(out_dir) or not any(out_dir.iterdir()):
+        return
+    raise InvalidArgument(
+        f"{out_dir} exists and is not a cpuflow model folder (no {MANIFEST_NAME}); refusing to replace it",
+        hint="choose a new or empty OUT_DIR")
+
+
+def _backup_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.cpuflow-backup"
+
+
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.staging-"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover(out_dir: Path) -> list[str]:
+    """Repair what a killed export left beside ``out_dir``; returns what was done.
+    Call with the export lock held."""
+    done = []
+    backup = _backup_path(out_dir)
+    if backup.exists():
+        if not out_dir.exists() and is_cpuflow_export(backup):
+            os.rename(backup, out_dir)
+            _fsync_dir(out_dir.parent)
+            done.append(f"restored the previous export from {backup.name}")
+        elif is_cpuflow_export(out_dir) or not out_dir.exists():
+            shutil.rmtree(backup, ignore_errors=True)
+            done.append(f"removed the stale backup {backup.name}")
+    prefix = _staging_prefix(out_dir)
+    for p in out_dir.parent.iterdir():
+        if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed the unfinished export {p.name}")
+    return done
+
+
+@contextmanager
+def _export_lock(out_dir: Path) -> Iterator[None]:
+    lock_path = out_dir.parent / f".{out_dir.name}.cpuflow-lock"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"another export to {out_dir} is running",
+                              hint="wait for it to finish or pick another OUT_DIR") from None
+        try:
+            yield
+        finally:
+            try:
+                os.unlink(lock_path)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    _fsync_dir(staging)
+    _check_target(out_dir)  # re-check: the folder may have changed during a long export
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        os.rename(staging, out_dir)  # onto an empty folder too (POSIX rename)
+        _fsync_dir(out_dir.parent)
+        return
+    backup = _backup_path(out_dir)
+    if backup.exists():
+        shutil.rmtree(backup)
+    os.rename(out_dir, backup)
+    _crash_point("between-renames")
+    try:
+        os.rename(staging, out_dir)
+    except OSError:
+        os.rename(backup, out_dir)  # put the previous export back before reporting
+        raise
+    _fsync_dir(out_dir.parent)
+    _crash_point("before-backup-delete")
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# --- tokenizer ---------------------------------------------------------------------
+def _token_content(v: Any) -> str | None:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, Mapping) and isinstance(v.get("content"), str):
+        return v["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"tokenizer file {path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def copy_tokenizer(src: Path, dst: Path, text_max_positions: int) -> dict:
+    """Copy the CLIP tokenizer files and read the facts the runtime needs."""
+    src = Path(src)
+    for name in REQUIRED_TOKENIZER_FILES:
+        if not (src / name).is_file():
+            raise SourceError(f"tokenizer folder {src} has no {name}",
+                              hint="pass --tokenizer DIR with the CLIP tokenizer files")
+    dst.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            files.append(name)
+    vocab = _read_json(dst / "vocab.json")
+    cfg = _read_json(dst / "tokenizer_config.json")
+    special = _read_json(dst / "special_tokens_map.json")
+    added = _read_json(dst / "added_tokens.json")
+    decoder = {}
+    for tid, tok in (cfg.get("added_tokens_decoder") or {}).items():
+        content = _token_content(tok)
+        if content is not None:
+            decoder[content] = int(tid)
+
+    def token_id(role: str, default: str | None) -> int:
+        tok = _token_content(special.get(role)) or _token_content(cfg.get(role)) or default
+        if tok is None:
+            raise SourceError(f"tokenizer in {src} defines no {role}")
+        for table in (vocab, added, decoder):
+            if tok in table:
+                return int(table[tok])
+        raise SourceError(f"tokenizer {role} {tok!r} is not in {src / 'vocab.json'}")
+
+    bos = token_id("bos_token", "<|startoftext|>")
+    eos = token_id("eos_token", "<|endoftext|>")
+    pad_tok = _token_content(special.get("pad_token")) or _token_content(cfg.get("pad_token"))
+    pad = token_id("pad_token", None) if pad_tok else eos
+    max_len = cfg.get("model_max_length")
+    if not isinstance(max_len, int) or max_len <= 0 or max_len > 100_000:
+        max_len = text_max_positions
+    if max_len > text_max_positions:
+        raise SourceError(f"tokenizer max length {max_len} exceeds the text encoder's "
+                          f"{text_max_positions} positions")
+    return {"path": dst.name, "files": sorted(files), "max_length": int(max_len),
+            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+
+
+# --- manifest pieces ----------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def tool_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import cpuflow
+
+    out = {"cpuflow": cpuflow.__version__}
+    for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "openvino"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            mod = sys.modules.get(name)
+            out[name] = str(getattr(mod, "__version__", "unknown"))
+    out["python"] = platform.python_version()
+    return out
+
+
+def _release(loaded: Any, attr: str) -> None:
+    try:
+        setattr(loaded, attr, None)
+    except (AttributeError, TypeError):  # frozen dataclass: the caller keeps it alive
+        pass
+    gc.collect()
+
+
+# --- the export ------------------------------------------------------------------------------
+def export_model(loaded: Any, out_dir: str | os.PathLike, *,
+                 formats: Iterable[str] = ("onnx", "openvino"), weights: str = "fp32",
+                 force: bool = False, progress: ProgressCallback | None = None,
+                 disk_free: Callable[[Path], int] | None = None,
+                 exporter: str = "torchscript", release_modules: bool = True,
+                 seed: int = 0) -> Path:
+    """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
+
+    formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
+    only; compute stays float32). force: keep components that fail the parity
+    gate, marked ``validated: false``. progress: called with ProgressEvents.
+    disk_free: free-bytes query (tests simulate a full disk). release_modules:
+    set each torch module on ``loaded`` to None once exported, so peak memory
+    holds one component at a time (the caller must hold no other reference).
+    Returns the absolute OUT_DIR."""
+    formats = tuple(dict.fromkeys(formats))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise InvalidArgument(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(formats)}")
+    if weights not in WEIGHTS:
+        raise InvalidArgument(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
+    if exporter not in ("torchscript", "dynamo"):
+        raise InvalidArgument(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
+    for attr in ("text_encoder", "unet", "vae"):
+        if getattr(loaded, attr, None) is None:
+            raise InvalidArgument(f"the loaded model has no {attr} (already exported and released?)")
+    out_dir = _abs_out_dir(out_dir)
+    disk_free = disk_free or _default_disk_free
+
+    parent = _prepare_parent(out_dir)
+    with _export_lock(out_dir):
+        steps = _Steps(progress, total=0)
+        for msg in recover(out_dir):
+            steps.info(f"[export] {msg}")
+        _check_target(out_dir)
+        needed = estimate_bytes(loaded, formats, weights)
+        free = int(disk_free(parent))
+        if free < needed:
+            raise DiskSpaceError(
+                f"not enough disk space in {parent}: the export needs about {needed / 1e9:.2f} GB "
+                f"({needed} bytes), {free / 1e9:.2f} GB ({free} bytes) are free",
+                hint="free some space or choose another OUT_DIR")
+        staging = parent / f"{_staging_prefix(out_dir)}{secrets.token_hex(4)}"
+        try:
+            staging.mkdir()
+        except OSError as e:
+            raise InvalidArgument(f"cannot write in {parent}: {e.strerror or e}",
+                                  hint="choose an OUT_DIR in a writable folder") from None
+        try:
+            _build(loaded, staging, formats=formats, weights=weights, force=force,
+                   steps=steps, exporter=exporter, release_modules=release_modules, seed=seed)
+            _crash_point("staged")
+            _move_into_place(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str, force: bool,
+           steps: _Steps, exporter: str, release_modules: bool, seed: int) -> None:
+    te_cfg = loaded.text_encoder.config
+    vae_cfg = loaded.vae.config
+    # Everything read from the torch modules is read now, before they are released.
+    tokenizer = copy_tokenizer(Path(loaded.tokenizer_dir), staging / "tokenizer",
+                               int(te_cfg.max_position_embeddings))
+    specs = component_specs(loaded, tokenizer["max_length"])
+    latent = {
+        "channels": int(vae_cfg.latent_channels),
+        "downscale": 2 ** (len(vae_cfg.block_out_channels) - 1),
+        "scaling_factor": float(vae_cfg.scaling_factor),
+        "shift_factor": (None if getattr(vae_cfg, "shift_factor", None) is None
+                         else float(vae_cfg.shift_factor)),
+    }
+    last_user = {spec.source_attr: name for name, spec in specs.items()}
+    steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats)) + 1
+    steps.info(f"[export] {loaded.name}: {', '.join(formats)}, {weights} weights -> {len(specs)} components")
+
+    components: dict[str, Any] = {}
+    exporters_used: list[str] = []
+    all_passed = True
+    for name in COMPONENT_ORDER:
+        spec = specs[name]
+        comp_dir = staging / name
+        module = wrap_for_export(loaded, spec)
+        feeds = spec.sample_inputs(spec.check_dims, seed=seed + 1)
+        with steps.step(name, "torch reference"):
+            ref = run_torch(module, spec, feeds)
+        example = torch_inputs(spec.sample_inputs(spec.trace_dims, seed=seed), spec)
+        with steps.step(name, "onnx export"):
+            onnx_files, used = export_onnx(module, spec, example, comp_dir, weights=weights, exporter=exporter)
+        if used not in exporters_used:
+            exporters_used.append(used)
+        if used != exporter:
+            steps.info(f"[{name}] the {exporter} exporter failed; exported with {used}", name)
+        del module, example
+        if release_modules and last_user[spec.source_attr] == name:
+            _release(loaded, spec.source_attr)
+        gc.collect()
+
+        files: dict[str, list[str]] = {}
+        parity: dict[str, Any] = {}
+        for fmt in formats:
+            if fmt == "onnx":
+                paths = onnx_files
+            else:
+                with steps.step(name, "openvino convert"):
+                    paths = convert_onnx_to_openvino(onnx_files[0], comp_dir, weights=weights)
+            with steps.step(name, f"{fmt} validate"):
+                out = validate.RUNNERS[fmt](paths[0], feeds)
+                entry = validate.parity(ref, out, weights)
+                del out
+            entry["inputs"] = {k: list(v.shape) for k, v in feeds.items()}
+            steps.info(validate.format_figures(name, fmt, entry), name)
+            validate.gate(name, fmt, entry, force=force)
+            all_passed = all_passed and entry["passed"]
+            files[fmt] = [p.relative_to(staging).as_posix() for p in paths]
+            parity[fmt] = entry
+        if "onnx" not in formats:  # an intermediate only
+            for p in onnx_files:
+                p.unlink(missing_ok=True)
+        del ref, feeds
+        gc.collect()
+
+        comp = spec.spec_json()
+        comp["variants"] = {"fp32": {
+            "precision": "fp32" if weights == "fp32" else "fp16-weights",
+            "quantization": None,
+            "files": files,
+            "parity": parity,
+        }}
+        components[name] = comp
+
+    with steps.step(None, "manifest"):
+        manifest = {
+            "name": str(loaded.name),
+            "family": str(loaded.family),
+            "prediction_type": str(loaded.prediction_type),
+            "random_weights": bool(loaded.random_weights),
+            "validated": bool(all_passed),
+            "scheduler": _jsonable(dict(loaded.scheduler_config)),
+            "latent": latent,
+            "default_size": {"width": int(loaded.default_size), "height": int(loaded.default_size)},
+            "tokenizer": tokenizer,
+            "components": components,
+            "files": record_all_files(staging),
+            "source": _jsonable(dict(loaded.source)),
+            "export": {
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "tools": tool_versions(),
+                "formats": list(formats),
+                "weights_dtype": weights,
+                "forced": bool(force),
+                "onnx_exporter": "+".join(exporters_used),
+            },
+        }
+        write_manifest(staging, manifest)
+    if not all_passed:
+        steps.info("[export] WARNING: parity gate failed; kept because of --force (validated: false)")

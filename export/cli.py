@@ -1,0 +1,119 @@
+"""`cpuflow export`: the click command the top-level CLI mounts.
+
+Nothing heavy is imported at module import time (torch, diffusers, onnx and
+openvino are imported inside the command), so `cpuflow --help` stays fast.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from cpuflow.errors import CpuflowError, InvalidArgument
+
+EXAMPLES = """
+\b
+Examples:
+  # a diffusers folder (or hub id) -> ONNX + OpenVINO, float32 weights
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15
+  # a single-file checkpoint, OpenVINO only, weights stored as fp16
+  cpuflow export v1-5-pruned-emaonly.safetensors exported/sd15 --format openvino --weights fp16
+  # SD 2.1 768 (v-prediction) from a single file, tokenizer from a folder
+  cpuflow export v2-1_768-ema-pruned.safetensors exported/sd21 --prediction-type v_prediction \\
+      --tokenizer clip-tokenizer/
+  # random weights of the SD 1.5 architecture, for latency work (no download)
+  cpuflow export --random-weights --arch sd15 exported/sd15-random
+
+\b
+The export is checked against torch before anything is kept: every component
+must reproduce the float32 torch output within its tolerance (figures are
+printed and stored in cpuflow.json), else nothing is written and the exit code
+is non-zero. OUT_DIR appears only complete; a previous export there is replaced
+atomically; a folder that is not a cpuflow export is never replaced.
+"""
+
+FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx", "openvino")}
+
+
+@click.command("export", epilog=EXAMPLES,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("paths", nargs=-1, metavar="[SOURCE] OUT_DIR")
+@click.option("--format", "fmt", type=click.Choice(sorted(FORMAT_CHOICES)), default="both", show_default=True,
+              help="Which files to write: ONNX (onnxruntime), OpenVINO IR, or both.")
+@click.option("--weights", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="How weights are stored. fp16 halves the files; computation stays float32 on CPU.")
+@click.option("--force", is_flag=True,
+              help="Keep an export that fails the parity check against torch (marked validated: false).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow loading a pickle .ckpt (restricted loader, weights only). Off by default: "
+                   "pickles can run code.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="Override what the UNet predicts (default: from the source; SD 2.x 768 models use v).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder with the CLIP tokenizer files (vocab.json, merges.txt), when SOURCE has none.")
+@click.option("--random-weights", is_flag=True,
+              help="Build the --arch architecture with random weights (no SOURCE): for latency work, "
+                   "images are noise.")
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v"]), default=None,
+              help="Architecture for --random-weights (or to force one for a single-file SOURCE).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for --random-weights and for the parity-check inputs.")
+def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
+                   random_weights, arch, seed):
+    """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
+    .safetensors file, or a Hugging Face hub id) into an exported model folder
+    OUT_DIR that `cpuflow generate` runs without torch."""
+    try:
+        source, out_dir = _split_paths(paths, random_weights)
+        _run(source, out_dir, formats=FORMAT_CHOICES[fmt], weights=weights, force=force,
+             allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
+             random_weights=random_weights, arch=arch, seed=seed)
+    except CpuflowError as e:
+        if os.environ.get("CPUFLOW_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        # SystemExit, not ctx.exit: the top-level CLI runs this command with
+        # standalone_mode=False, where click would turn ctx.exit into a return value.
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written (a previous export, if any, is untouched)", err=True)
+        sys.exit(130)
+
+
+def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:
+    if len(paths) == 2:
+        return paths[0], Path(paths[1])
+    if len(paths) == 1:
+        if not random_weights:
+            raise InvalidArgument("missing SOURCE: pass SOURCE OUT_DIR, or --random-weights --arch ARCH OUT_DIR")
+        return None, Path(paths[0])
+    if not paths:
+        raise InvalidArgument("missing OUT_DIR (usage: cpuflow export [SOURCE] OUT_DIR)")
+    raise InvalidArgument(f"expected [SOURCE] OUT_DIR, got {len(paths)} paths: {' '.join(paths)}")
+
+
+def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
+         random_weights, arch, seed) -> None:
+    if random_weights and source is not None:
+        raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
+    if random_weights and arch is None:
+        raise InvalidArgument("--random-weights needs --arch (sd15, sd21 or sd21-v)")
+
+    from .build import ConsoleProgress, export_model, preflight
+    from .sources import load_source
+
+    out_dir = preflight(out_dir)  # a bad OUT_DIR fails before the (slow) load
+
+    progress = ConsoleProgress()
+    loaded = load_source(source, arch=arch, random_weights=random_weights, allow_pickle=allow_pickle,
+                         prediction_type=prediction_type, tokenizer=tokenizer_dir, seed=seed,
+                         progress=lambda msg: click.echo(f"[source] {msg}", err=True))
+    try:
+        out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
+                           progress=progress, seed=seed)
+    finally:
+        progress.close()
+    del loaded
+    click.echo(f"exported to {out}", err=True)
