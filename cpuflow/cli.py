@@ -116,24 +116,22 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
     loaded = LoadedModel(cfg)
     if loaded.manifest.random_weights and not quiet:
         click.echo("note: this model has random weights (made for latency work): its images are noise", err=True)
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-        bar = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stderr, leave=False)
+    bars: list = []
 
     def progress(ev):
-        if bar is None:
-            return
-        if bar.total != ev["n_steps"] * ev["n_images"]:
-            bar.reset(total=ev["n_steps"] * ev["n_images"])
-        bar.set_description(f"image {ev['image'] + 1}/{ev['n_images']}")
-        bar.update(1)
+        # Created at the first step, so nothing is drawn if the request fails first.
+        if not bars:
+            from tqdm import tqdm
+            bars.append(tqdm(total=ev["n_steps"] * ev["n_images"], unit="step", dynamic_ncols=True,
+                             file=sys.stderr, leave=False))
+        bars[0].set_description(f"image {ev['image'] + 1}/{ev['n_images']}")
+        bars[0].update(1)
 
     try:
-        result = run(loaded, req, progress)
+        result = run(loaded, req, None if quiet else progress)
     finally:
-        if bar is not None:
-            bar.close()
+        for b in bars:
+            b.close()
         loaded.close()
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)

@@ -39,3 +39,33 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CPUFLOW_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cpuflow-cache"))
+
+
+_TINY_EXPORTS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tiny_export(kind) -> SimpleNamespace(src=diffusers folder, model=exported folder).
+
+    One tiny random model per kind ("sd1", "sd2", "sd2-v") for the whole session,
+    saved as a diffusers folder and exported to both formats. Random weights:
+    these prove plumbing and parity, not image quality."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    def make(kind: str = "sd1"):
+        if kind not in _TINY_EXPORTS:
+            from export.build import export_model
+            from export.sources import load_source
+            from helpers_tiny import save_tiny_diffusers_folder
+
+            base = tmp_path_factory.mktemp(f"tiny-{kind}")
+            src = save_tiny_diffusers_folder(base / "src", kind, seed=0)
+            out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                               progress=lambda *a, **k: None)
+            _TINY_EXPORTS[kind] = SimpleNamespace(src=Path(src), model=Path(out))
+        return _TINY_EXPORTS[kind]
+
+    return make

@@ -35,14 +35,9 @@ STAGE_KEYS = {"text", "unet", "vae", "e2e", "load_first", "load_second"}
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from export.build import export_model
-    from export.sources import load_source
-
-    base = tmp_path_factory.mktemp("bench")
-    src = save_tiny_diffusers_folder(base / "src", "sd1", seed=0)
-    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"), progress=None)
-    return SimpleNamespace(src=src, model=out, manifest=load_manifest(out))
+def tiny(tiny_export):
+    t = tiny_export("sd1")
+    return SimpleNamespace(src=t.src, model=t.model, manifest=load_manifest(t.model))
 
 
 @pytest.fixture(scope="module")

@@ -353,23 +353,9 @@ def test_concurrent_requests_give_the_serial_images():
 
 
 # --- real models ------------------------------------------------------------------------------
-def _export_tiny(base: Path) -> Path:
-    out = base / "tiny-sd1"
-    if (out / "cpuflow.json").exists():
-        return out
-    from export.build import export_model
-    from export.sources import load_source
-    from helpers_tiny import save_tiny_diffusers_folder
-    src = save_tiny_diffusers_folder(base / "tiny-src", "sd1")
-    # ONNX only: half the export time of OpenVINO, and the server does not care which backend runs
-    return Path(export_model(load_source(str(src)), out, formats=("onnx",), progress=lambda e: None))
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    pytest.importorskip("torch", reason="the tiny-model test exports a model: needs the export extra")
-    pytest.importorskip("diffusers", reason="the tiny-model test exports a model: needs the export extra")
-    return _export_tiny(tmp_path_factory.getbasetemp())
+def tiny_model(tiny_export):
+    return tiny_export("sd1").model
 
 
 def test_tiny_model_end_to_end(tiny_model):

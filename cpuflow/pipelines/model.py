@@ -142,11 +142,10 @@ class LoadedModel:
 
     @property
     def size_multiple(self) -> int:
-        """Pixel sizes must be multiples of this: the VAE downscale times the
-        UNet's own downsampling (2 per down block but the last)."""
-        cfg = self.manifest.components["unet"].config
-        n_down = max(len(cfg.get("block_out_channels", [0])) - 1, 0)
-        return self.manifest.downscale * (2 ** n_down)
+        """Pixel sizes must be multiples of this. The exporter traces the UNet
+        with size-forwarding upsampling, so any latent size works and only the
+        VAE's downscale matters."""
+        return int(self.manifest.components["unet"].config.get("size_multiple", self.manifest.downscale))
 
     def default_sampler(self) -> str:
         return SAMPLER_OF_SCHEDULER.get(str(self.manifest.scheduler.get("_class_name", "")), "euler")
