@@ -123,7 +123,7 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
         if not bars:
             from tqdm import tqdm
             bars.append(tqdm(total=ev["n_steps"] * ev["n_images"], unit="step", dynamic_ncols=True,
-                             file=sys.stderr, leave=False))
+                             file=sys.stderr, leave=False, disable=None))
         bars[0].set_description(f"image {ev['image'] + 1}/{ev['n_images']}")
         bars[0].update(1)
 
