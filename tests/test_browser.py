@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(
            "run scripts/install-browser.sh)")
 
 from cpuflow.server.app import create_app  # noqa: E402
+from PIL import Image  # noqa: E402
 from test_server import FakePipeline, colour_of  # noqa: E402
 
 TOKEN = "browser-test-token-0123456789"
@@ -91,8 +92,13 @@ def browser(tmp_path):
 
 
 def _models():
+    """The shipped (trained) model when it is built, so the browser test checks a
+    real picture; CPUFLOW_SERVE_MODEL=fake forces the fake pipeline, a path another model."""
+    from cpuflow.pipelines.model import shipped_model_dir
     real = os.environ.get("CPUFLOW_SERVE_MODEL")
-    if real:
+    if real is None and (shipped_model_dir() / "cpuflow.json").exists():
+        real = "default"
+    if real and real != "fake":
         return {"default" if real == "default" else Path(real).name: None if real == "default" else real}, True
     return {"fake": FakePipeline(step_delay=0.08)}, False
 
@@ -156,9 +162,10 @@ def test_generate_in_the_browser(browser, tmp_path):
     with LiveServer(models) as srv:
         browser.get(srv.url + "/")
         assert browser.title == "cpuflow"
-        _generate(browser, steps=8, seed=42)
+        steps = 20 if real else 8
+        _generate(browser, steps=steps, seed=42)
         card = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
-        assert PROMPT in card.text and "seed 42" in card.text and "8 steps" in card.text
+        assert PROMPT in card.text and "seed 42" in card.text and f"{steps} steps" in card.text
         _wait(browser, "return document.getElementById('status').textContent.startsWith('Done')")
         assert int(browser.execute_script("return document.getElementById('preview').dataset.shown || 0")) >= 1
         assert browser.execute_script("return document.getElementById('preview').src") == \
@@ -170,6 +177,14 @@ def test_generate_in_the_browser(browser, tmp_path):
         if not real:
             assert _pixel(browser, 2, 2)[:3] == list(colour_of(PROMPT, 42))      # the image the server made
             assert _pixel(browser, 32, 32)[:3] == [255, 255, 255]
+        elif list(models) == ["default"]:
+            # the trained model: the picture in the gallery must show what the prompt asks
+            import io
+            import urllib.request
+            from cpuflow.toyworld import evaluate, parse_prompt
+            with urllib.request.urlopen(img.get_attribute("src")) as r:
+                verdict = evaluate(Image.open(io.BytesIO(r.read())), parse_prompt(PROMPT))
+            assert all(verdict.values()), verdict
         _save_screenshot(browser, tmp_path)
         # "use these settings again"
         browser.find_element(By.ID, "prompt").clear()
