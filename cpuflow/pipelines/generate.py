@@ -98,7 +98,7 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
             t0 = time.perf_counter()
             x = denoise(model, plan, model_fn, x, gen, req.eta, callback=cb)
             timer.add("sampling", time.perf_counter() - t0)
-            decoded = decode_latents(model, x, r["width"], r["height"], timer)
+            decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
             img = array_to_images(decoded)[0]
             images.append(img)
             records.append(_record(model, req, r, prompt, negative, seed, is_img2img, plan))

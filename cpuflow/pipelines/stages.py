@@ -75,7 +75,7 @@ def denoise(model: LoadedModel, plan, model_fn, x: np.ndarray, generator, eta: f
 
 
 def decode_latents(model: LoadedModel, latents: np.ndarray, width: int, height: int,
-                   timer: StageTimer) -> np.ndarray:
+                   timer: StageTimer, warnings: list[str] | None = None) -> np.ndarray:
     """latents / scaling_factor (+ shift) -> VAE decoder -> image in [-1, 1].
     A non-finite result from a reduced-precision run is retried once in f32
     (the VAE decoder is the stage most prone to bf16/fp16 overflow); if that
@@ -93,6 +93,9 @@ def decode_latents(model: LoadedModel, latents: np.ndarray, width: int, height: 
         sess = model.session("vae_decoder", dims)
         if getattr(sess.info, "precision", "f32") != "f32":
             out = _decode_f32(model, z, dims, timer)
+            if warnings is not None and np.isfinite(out).all():
+                warnings.append(f"the VAE decoder overflowed in {sess.info.precision}; "
+                                "this image was decoded again in full precision (f32)")
     check_finite("vae decoder output", out)
     return out
 
