@@ -95,10 +95,12 @@ def _samplers_help() -> str:
               help="A .png file for one image, or a folder for several (default: ./outputs/).")
 @click.option("--grid", is_flag=True, help="Also save all images as one grid image.")
 @click.option("--no-cache", is_flag=True, help="Do not use the compiled-model cache.")
+@click.option("--low-memory", is_flag=True,
+              help="One model component in memory at a time and tiled VAE decoding: less RAM, a little slower.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
              n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
-             no_cache, quiet):
+             no_cache, low_memory, quiet):
     """Generate images from PROMPT (txt2img, or img2img with --init-image)."""
     from .config import GenerationRequest, LoadConfig
     from .image import make_grid, save_png_atomic
@@ -111,7 +113,7 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
                             height=height, n_samples=n_samples, init_image=init_image, strength=strength,
                             rng=rng).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
-                     variant=variant, use_cache=not no_cache)
+                     variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
     loaded = LoadedModel(cfg)
     if loaded.manifest.random_weights and not quiet:

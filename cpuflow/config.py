@@ -70,6 +70,7 @@ class LoadConfig:
     cache_dir: Path | None = None      # None: the user cache dir; see backends/cache.py
     use_cache: bool = True
     verify: str = "size"               # size | sha256
+    low_memory: bool = False           # one component in memory at a time, tiled VAE decode
 
     def __post_init__(self):
         _choice("backend", self.backend, BACKENDS)

@@ -20,7 +20,7 @@ from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
 from ..rng import make_generator
 from .model import LoadedModel, StageTimer
-from .stages import decode_latents, denoise, encode_image, encode_prompt, guided_model_fn
+from .stages import TILE_LATENTS, decode_latents, decode_tiled, denoise, encode_image, encode_prompt, guided_model_fn
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
@@ -78,6 +78,14 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     warnings: list[str] = []
     cache: dict[str, Any] = {}
     n_images = len(req.prompts) * req.n_samples
+    low_memory = model.config.low_memory
+    if low_memory:
+        # All prompts first, then the text encoder leaves memory before the UNet comes in.
+        for prompt, negative in zip(req.prompts, req.negative_prompts):
+            _encode_cached(model, prompt, cache, timer)
+            if do_cfg:
+                _encode_cached(model, negative, cache, timer)
+        model.release("text_encoder")
     k = 0
     for prompt, negative in zip(req.prompts, req.negative_prompts):
         cond = _encode_cached(model, prompt, cache, timer)
@@ -98,7 +106,17 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
             t0 = time.perf_counter()
             x = denoise(model, plan, model_fn, x, gen, req.eta, callback=cb)
             timer.add("sampling", time.perf_counter() - t0)
-            decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
+            if low_memory:
+                # One component at a time: the UNet goes before the VAE comes in
+                # (with the compiled-model cache, bringing it back is a cache load).
+                model.release("unet")
+                if max(x.shape[-2:]) > TILE_LATENTS:
+                    decoded = decode_tiled(model, x, timer)
+                else:
+                    decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
+                model.release("vae_decoder")
+            else:
+                decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
             img = array_to_images(decoded)[0]
             images.append(img)
             records.append(_record(model, req, r, prompt, negative, seed, is_img2img, plan))
