@@ -137,23 +137,42 @@ def test_samplers_listed():
 
 
 def test_ctrl_c_stops_within_a_step_and_writes_nothing(model, tmp_path):
-    """SIGINT during sampling: exit 130, no image, no temp file."""
+    """SIGINT during sampling: exit 130, no image, no temp file. stderr is a
+    pseudo-terminal so the progress bar shows when sampling has started."""
+    import pty
     out = tmp_path / "never.png"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    import fcntl
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
     p = subprocess.Popen([sys.executable, "-m", "cpuflow.cli", "generate", "--model", str(model), "a cat",
                           "--steps", "500", "--out", str(out), "--backend", "onnxruntime"],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-    buf = ""
+                         stderr=slave, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    os.close(slave)
+    buf = b""
     deadline = time.time() + 120
-    while "step" not in buf and time.time() < deadline:   # wait until sampling has started
-        ch = p.stderr.read(1)
-        if not ch:
+    while b"step/s" not in buf and time.time() < deadline and p.poll() is None:
+        try:
+            buf += os.read(master, 4096)
+        except OSError:
             break
-        buf += ch
+    assert b"step/s" in buf, buf.decode(errors="replace")
     p.send_signal(signal.SIGINT)
     t0 = time.time()
-    _, rest = p.communicate(timeout=60)
+    rest = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        rest += chunk
+    p.wait(timeout=60)
+    os.close(master)
     assert time.time() - t0 < 10
-    assert p.returncode == 130, buf + (rest or "")
-    assert "interrupted" in (rest or "")
+    assert p.returncode == 130, (buf + rest).decode(errors="replace")
+    assert b"interrupted" in rest
     assert list(tmp_path.iterdir()) == []
