@@ -58,6 +58,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from cpuflow.tokenizer import bytes_to_unicode  # one byte table for the tokenizer and the tests
+
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
@@ -92,17 +94,6 @@ def _check_kind(kind: str) -> str:
 
 
 # ------------------------------------------------------------------ tokenizer
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) reversible byte -> printable unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
