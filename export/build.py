@@ -35,9 +35,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from cpuflow.errors import DiskSpaceError, ExportError, InvalidArgument, SourceError
-from cpuflow.manifest import FORMATS, MANIFEST_NAME, record_all_files, write_manifest
+from cpuflow.manifest import FORMATS, MANIFEST_NAME, file_record, record_all_files, write_manifest
 
+from . import quantize as quant
 from . import validate
+from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
+from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import COMPONENT_ORDER, component_specs, run_torch, torch_inputs, wrap_for_export
 from .to_onnx import export_onnx
 from .to_openvino import convert_onnx_to_openvino
@@ -140,12 +143,18 @@ def _param_count(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str) -> int:
+def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: Iterable[str] = ()) -> int:
     """Bytes the export needs on disk at its peak: every kept file
     (weights x formats), plus the largest component's raw float32 ONNX export
     that sits beside the finished files while it is rewritten (and, without
-    --format onnx, its intermediate ONNX beside the OpenVINO files)."""
+    --format onnx, its intermediate ONNX beside the OpenVINO files).
+
+    Each quantized variant adds about one byte per weight per format (int8
+    weights + per-channel scales); ONNX Runtime's static quantization also
+    writes a float32 copy of the UNet (its calibration model) plus the
+    quantized model before our rewrite, in a scratch folder in the staging one."""
     formats = list(formats)
+    modes = quant.check_modes(quantize)
     vae = loaded.vae
     enc = _param_count(getattr(vae, "encoder", None)) + _param_count(getattr(vae, "quant_conv", None))
     dec = _param_count(vae) - enc
@@ -153,6 +162,10 @@ def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str) -> int:
     per_param = 4 if weights == "fp32" else 2
     kept = sum(counts) * per_param * len(formats)
     transient = max(counts) * 4 * (1 if "onnx" in formats else 2)
+    if modes:
+        kept += sum(counts) * len(modes) * len(formats)
+        if "onnx" in formats and any(m in quant.NEEDS_CALIBRATION for m in modes):
+            transient = max(transient, counts[1] * 4 + counts[1] * 2)
     return int(SAFETY * (kept + transient))
 
 
@@ -409,7 +422,10 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  force: bool = False, progress: ProgressCallback | None = None,
                  disk_free: Callable[[Path], int] | None = None,
                  exporter: str = "torchscript", release_modules: bool = True,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, quantize: Iterable[str] = (),
+                 calibration_prompts: str | os.PathLike | list[str] | None = None,
+                 calibration_size: int = CALIBRATION_SIZE,
+                 calibration_steps: int = CALIBRATION_STEPS) -> Path:
     """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
 
     formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
@@ -418,6 +434,11 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     disk_free: free-bytes query (tests simulate a full disk). release_modules:
     set each torch module on ``loaded`` to None once exported, so peak memory
     holds one component at a time (the caller must hold no other reference).
+    quantize: any of "int8-weights", "int8", "hybrid" (see export/quantize.py):
+    each adds a variant beside fp32. int8 and hybrid calibrate on the UNet
+    inputs of ``calibration_size`` prompts (the first ones of
+    ``calibration_prompts``: a file, a list, or None for the shipped list) run
+    for ``calibration_steps`` steps each (export/calibrate.py).
     Returns the absolute OUT_DIR."""
     formats = tuple(dict.fromkeys(formats))
     if not formats or any(f not in FORMATS for f in formats):
@@ -426,6 +447,17 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
         raise InvalidArgument(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
     if exporter not in ("torchscript", "dynamo"):
         raise InvalidArgument(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
+    modes = quant.check_modes(quantize)
+    if modes and weights != "fp32":
+        raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
+    prompts = None
+    if any(m in quant.NEEDS_CALIBRATION for m in modes):  # a bad prompt file fails before any work
+        from .calibrate import read_prompts, select_prompts
+        given = calibration_prompts
+        all_prompts = list(given) if isinstance(given, (list, tuple)) else read_prompts(given)
+        prompts = select_prompts([str(p) for p in all_prompts], calibration_size)
+        if not isinstance(calibration_steps, int) or not 1 <= calibration_steps <= 1000:
+            raise InvalidArgument(f"calibration steps must be between 1 and 1000, got {calibration_steps!r}")
     for attr in ("text_encoder", "unet", "vae"):
         if getattr(loaded, attr, None) is None:
             raise InvalidArgument(f"the loaded model has no {attr} (already exported and released?)")
@@ -438,7 +470,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
         for msg in recover(out_dir):
             steps.info(f"[export] {msg}")
         _check_target(out_dir)
-        needed = estimate_bytes(loaded, formats, weights)
+        needed = estimate_bytes(loaded, formats, weights, modes)
         free = int(disk_free(parent))
         if free < needed:
             raise DiskSpaceError(
@@ -453,7 +485,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                                   hint="choose an OUT_DIR in a writable folder") from None
         try:
             _build(loaded, staging, formats=formats, weights=weights, force=force,
-                   steps=steps, exporter=exporter, release_modules=release_modules, seed=seed)
+                   steps=steps, exporter=exporter, release_modules=release_modules, seed=seed,
+                   modes=modes, prompts=prompts, calibration_steps=calibration_steps)
             _crash_point("staged")
             _move_into_place(staging, out_dir)
         except BaseException:
@@ -463,7 +496,9 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
 
 
 def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str, force: bool,
-           steps: _Steps, exporter: str, release_modules: bool, seed: int) -> None:
+           steps: _Steps, exporter: str, release_modules: bool, seed: int,
+           modes: tuple[str, ...] = (), prompts: list[str] | None = None,
+           calibration_steps: int = CALIBRATION_STEPS) -> None:
     te_cfg = loaded.text_encoder.config
     vae_cfg = loaded.vae.config
     # Everything read from the torch modules is read now, before they are released.
@@ -479,9 +514,13 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     }
     last_user = {spec.source_attr: name for name, spec in specs.items()}
     steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats)) + 1
-    steps.info(f"[export] {loaded.name}: {', '.join(formats)}, {weights} weights -> {len(specs)} components")
+    if modes:  # quantize + validate per file, calibration
+        steps.total += 2 * quant.count_jobs(modes, formats, specs) + (prompts is not None)
+    steps.info(f"[export] {loaded.name}: {', '.join(formats)}, {weights} weights -> {len(specs)} components"
+               + (f"; quantized variants: {', '.join(modes)}" if modes else ""))
 
     components: dict[str, Any] = {}
+    checks: dict[str, quant.Check] = {}  # parity inputs + torch outputs, kept for the quantized variants
     exporters_used: list[str] = []
     all_passed = True
     for name in COMPONENT_ORDER:
@@ -524,6 +563,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         if "onnx" not in formats:  # an intermediate only
             for p in onnx_files:
                 p.unlink(missing_ok=True)
+        if modes:
+            checks[name] = quant.Check(feeds, ref)  # small: the parity inputs are a few latents
         del ref, feeds
         gc.collect()
 
@@ -536,29 +577,88 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         }}
         components[name] = comp
 
+    manifest = {
+        "name": str(loaded.name),
+        "family": str(loaded.family),
+        "prediction_type": str(loaded.prediction_type),
+        "random_weights": bool(loaded.random_weights),
+        "validated": bool(all_passed),
+        "scheduler": _jsonable(dict(loaded.scheduler_config)),
+        "latent": latent,
+        "default_size": {"width": int(loaded.default_size), "height": int(loaded.default_size)},
+        "tokenizer": tokenizer,
+        "components": components,
+        "files": record_all_files(staging),
+        "source": _jsonable(dict(loaded.source)),
+        "export": {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "tools": tool_versions(),
+            "formats": list(formats),
+            "weights_dtype": weights,
+            "forced": bool(force),
+            "onnx_exporter": "+".join(exporters_used),
+        },
+    }
+    if modes:
+        all_passed = _add_quantized(staging, manifest, modes=modes, formats=formats, checks=checks,
+                                    prompts=prompts, calibration_steps=calibration_steps, seed=seed,
+                                    force=force, steps=steps) and all_passed
+        manifest["validated"] = bool(all_passed)
     with steps.step(None, "manifest"):
-        manifest = {
-            "name": str(loaded.name),
-            "family": str(loaded.family),
-            "prediction_type": str(loaded.prediction_type),
-            "random_weights": bool(loaded.random_weights),
-            "validated": bool(all_passed),
-            "scheduler": _jsonable(dict(loaded.scheduler_config)),
-            "latent": latent,
-            "default_size": {"width": int(loaded.default_size), "height": int(loaded.default_size)},
-            "tokenizer": tokenizer,
-            "components": components,
-            "files": record_all_files(staging),
-            "source": _jsonable(dict(loaded.source)),
-            "export": {
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "tools": tool_versions(),
-                "formats": list(formats),
-                "weights_dtype": weights,
-                "forced": bool(force),
-                "onnx_exporter": "+".join(exporters_used),
-            },
-        }
         write_manifest(staging, manifest)
     if not all_passed:
         steps.info("[export] WARNING: parity gate failed; kept because of --force (validated: false)")
+
+
+def _add_quantized(staging: Path, manifest: dict, *, modes: tuple[str, ...], formats: tuple[str, ...],
+                   checks: Mapping[str, Any], prompts: list[str] | None, calibration_steps: int, seed: int,
+                   force: bool, steps: _Steps) -> bool:
+    """Quantized variants, added after the fp32 files are complete and checked.
+
+    Order (the manifest stays the last write of the folder):
+    1. an interim fp32-only manifest is written into the staging folder, so the
+       cpuflow runtime can load the staged export (the torch modules are gone);
+    2. calibration: the model's own sampling loop on the prompts, capturing the
+       UNet inputs (export/calibrate.py), when int8 or hybrid is asked for;
+    3. each quantized file is written from the fp32 files and checked
+       (export/quantize.py); the variants go into ``manifest``'s components;
+    4. the caller writes the final manifest (fp32 file records reused, the new
+       files hashed), replacing the interim one, and only then moves the
+       staging folder into place.
+    Returns whether every quantized file passed its (loose) gate."""
+    from .calibrate import capture
+
+    fp32_files = dict(manifest["files"])
+    write_manifest(staging, manifest)
+    calibration = None
+    if prompts is not None:
+        backend = "openvino" if "openvino" in formats else "onnxruntime"
+        with steps.step("unet", "calibration"):
+            calibration = capture(staging, prompts, steps=calibration_steps, backend=backend, seed=seed,
+                                  progress=lambda msg: steps.info(f"[unet] {msg}", "unet"))
+        steps.info(f"[unet] calibration: {calibration.info['samples']} UNet inputs from "
+                   f"{calibration.info['prompts']} prompts x {calibration_steps} steps "
+                   f"({calibration.info['sampler']}, {calibration.info['width']}x{calibration.info['height']}, "
+                   f"{backend} {calibration.info['precision']}) in {calibration.info['seconds']:.1f} s", "unet")
+    outcome = quant.add_variants(staging, manifest["components"], modes=modes, formats=formats,
+                                 calibration=calibration, checks=checks, force=force,
+                                 step=steps.step, info=lambda msg, comp=None: steps.info(msg, comp))
+    cal_info = dict(calibration.info) if calibration is not None else None
+    del calibration
+    gc.collect()
+    # Record exactly the files the variants name; anything else a tool left behind goes.
+    named = {p for comp in manifest["components"].values() for var in comp["variants"].values()
+             for paths in var["files"].values() for p in paths}
+    files = dict(fp32_files)
+    for path in sorted(staging.rglob("*")):
+        rel = path.relative_to(staging).as_posix()
+        if not path.is_file() or path.name == MANIFEST_NAME or rel in fp32_files:
+            continue
+        if rel in named:
+            files[rel] = file_record(staging, rel)
+        else:
+            path.unlink()
+    manifest["files"] = files
+    manifest["export"]["quantize"] = {"modes": list(modes), "calibration": cal_info,
+                                      "tolerance": quant.QUANT_TOLERANCE.to_json()}
+    return outcome.all_passed

@@ -13,6 +13,10 @@ import click
 
 from cpuflow.errors import CpuflowError, InvalidArgument
 
+from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
+from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
+from .quantize import MODES as QUANTIZE_MODES
+
 EXAMPLES = """
 \b
 Examples:
@@ -25,6 +29,11 @@ Examples:
       --tokenizer clip-tokenizer/
   # random weights of the SD 1.5 architecture, for latency work (no download)
   cpuflow export --random-weights --arch sd15 exported/sd15-random
+  # add int8 variants beside fp32 (the runtime then prefers int8; --variant fp32 still works)
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --quantize int8 --quantize int8-weights
+  # calibrate on your own prompts (one a line), 32 of them, 12 steps each
+  cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
+      --calibration-size 32 --calibration-steps 12
 
 \b
 The export is checked against torch before anything is kept: every component
@@ -32,6 +41,16 @@ must reproduce the float32 torch output within its tolerance (figures are
 printed and stored in cpuflow.json), else nothing is written and the exit code
 is non-zero. OUT_DIR appears only complete; a previous export there is replaced
 atomically; a folder that is not a cpuflow export is never replaced.
+
+\b
+--quantize MODE (repeatable) adds a variant beside the fp32 files, never instead:
+  int8-weights  weights stored as int8, compute in float (smaller files, speed near fp32)
+  int8          UNet weights and activations int8 (calibrated); text encoder int8
+  hybrid        optimum-intel's recipe: UNet convolutions (and, in OpenVINO, attention)
+                int8 with activations, linear layers int8 weights only
+int8 and hybrid calibrate on the UNet inputs of real runs: the model's own sampler
+on --calibration-size prompts for --calibration-steps steps. The PSNR of every
+variant against torch fp32 is printed and stored in cpuflow.json.
 """
 
 FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx", "openvino")}
@@ -59,9 +78,18 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v"]), default=None,
               help="Architecture for --random-weights (or to force one for a single-file SOURCE).")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed for --random-weights and for the parity-check inputs.")
+              help="Seed for --random-weights, the parity-check inputs and the calibration runs.")
+@click.option("--quantize", "quantize", multiple=True, type=click.Choice(QUANTIZE_MODES),
+              help="Add a quantized variant beside fp32 (repeatable): int8-weights, int8 or hybrid.")
+@click.option("--calibration-prompts", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
+              help="Text file of calibration prompts, one a line (default: the shipped list of 64).")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=CALIBRATION_SIZE, show_default=True,
+              help="How many prompts (the first ones of the list) calibrate int8 / hybrid.")
+@click.option("--calibration-steps", type=click.IntRange(1, 1000), default=CALIBRATION_STEPS, show_default=True,
+              help="Sampler steps per calibration prompt (one UNet input captured per call).")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
-                   random_weights, arch, seed):
+                   random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
+                   calibration_steps):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id) into an exported model folder
     OUT_DIR that `cpuflow generate` runs without torch."""
@@ -69,7 +97,9 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
         source, out_dir = _split_paths(paths, random_weights)
         _run(source, out_dir, formats=FORMAT_CHOICES[fmt], weights=weights, force=force,
              allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
-             random_weights=random_weights, arch=arch, seed=seed)
+             random_weights=random_weights, arch=arch, seed=seed,
+             quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
+                           calibration_size=calibration_size, calibration_steps=calibration_steps))
     except CpuflowError as e:
         if os.environ.get("CPUFLOW_DEBUG"):
             raise
@@ -95,7 +125,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
-         random_weights, arch, seed) -> None:
+         random_weights, arch, seed, quantize=None) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -104,6 +134,15 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     from .build import ConsoleProgress, export_model, preflight
     from .sources import load_source
 
+    quantize = dict(quantize or {})
+    if quantize.get("quantize"):  # a bad prompt file or size fails before the (slow) load
+        if weights != "fp32":
+            raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
+        if any(m in ("int8", "hybrid") for m in quantize["quantize"]):
+            from .calibrate import read_prompts, select_prompts
+            select_prompts(read_prompts(quantize.get("calibration_prompts")), quantize["calibration_size"])
+    elif quantize.get("calibration_prompts") is not None:
+        raise InvalidArgument("--calibration-prompts needs --quantize int8 or --quantize hybrid")
     out_dir = preflight(out_dir)  # a bad OUT_DIR fails before the (slow) load
 
     progress = ConsoleProgress()
@@ -112,7 +151,7 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
                          progress=lambda msg: click.echo(f"[source] {msg}", err=True))
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
-                           progress=progress, seed=seed)
+                           progress=progress, seed=seed, **quantize)
     finally:
         progress.close()
     del loaded

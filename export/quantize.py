@@ -1,0 +1,741 @@
+"""Quantized variants written beside the fp32 files of an export.
+
+``--quantize MODE`` (repeatable) adds variant MODE to the manifest's components;
+the fp32 files are only read, never rewritten. What each mode quantizes:
+
+=============  ===========================================  ===========================================
+mode           OpenVINO (NNCF)                              ONNX Runtime (onnxruntime.quantization)
+=============  ===========================================  ===========================================
+int8-weights   every component: ``nncf.compress_weights``   unet, text_encoder: weight-only int8 (uint8
+               INT8_ASYM (per output channel, uint8 + zero  + zero point per output channel) behind a
+               point) of MatMul, Convolution, Embedding;    DequantizeLinear, for MatMul / Gemm / Gather
+               compute stays float                          weights (not Conv, see below); VAE: none
+int8           unet: ``nncf.quantize`` (model type          unet: ``quantize_static`` QDQ of Conv, Gemm
+               TRANSFORMER, preset MIXED, SmoothQuant as    and the MatMuls with a weight (attention's
+               NNCF's default) = int8 weights AND           weightless MatMuls stay float, see below),
+               activations; other components as in          weights int8 symmetric per channel, activations
+               int8-weights                                 uint8 asymmetric per tensor (MinMax);
+                                                            text_encoder: ``quantize_dynamic`` (MatMul);
+                                                            VAE: none, runs fp32 (see below)
+hybrid         unet: optimum-intel's hybrid recipe (below);  unet: static QDQ of Conv + weight-only
+               other components as in int8-weights          MatMul / Gemm (the recipe minus attention,
+                                                            see below); text_encoder as in int8-weights;
+                                                            VAE: none
+=============  ===========================================  ===========================================
+
+optimum-intel's hybrid recipe (``_hybrid_quantization`` / ``_mixed_quantization``
+in optimum/intel/openvino/quantization.py, read for this port):
+1. weight-only INT8_ASYM compression of every weighted layer EXCEPT Convolution
+   (``ignored_scope types=["Convolution"]``): the MatMuls with a constant
+   weight (linear layers, attention projections, time embedding) and embeddings;
+2. ``nncf.quantize`` of that model, model type TRANSFORMER, preset MIXED,
+   fast bias correction, SmoothQuant off for MatMul (alpha -1, their weights are
+   already compressed), with ``ignored_scope names=`` all MatMuls that have a
+   constant weight and all embedding Gathers. So activations (and weights) are
+   quantized for the Convolutions and for the weightless MatMuls (attention
+   scores Q.K^T and probabilities.V); linear layers stay weight-only.
+In ONNX terms that would be ``quantize_static`` over Conv and MatMul with the
+weighted MatMuls excluded, then weight-only for those. But ORT runs the
+attention MatMuls badly in QDQ: quantizing the (batch x heads x 4096 x 4096)
+score / probability tensors every call costs more than the int8 product saves.
+Measured on a tiny SD UNet at 64x64 latents, 2 threads, ORT 1.32: fp32 1.22 s,
+QDQ Conv+MatMul+Gemm all 1.90 s, the same without the weightless MatMuls
+0.67 s, Conv only 0.63 s, at the same PSNR (30-47 dB). So for ONNX the
+attention MatMuls stay float in both int8 and hybrid, and hybrid is: Conv
+static int8 (weights + activations), linear layers weight-only (MatMulNBits).
+
+ONNX Runtime and weight-only int8 (measured here, ORT 1.32): a DequantizeLinear
+in front of a MatMul weight is fused into MatMulNBits (an 8-bit weight kernel),
+but in front of a Conv weight it stays a per-call dequantization AND takes the
+Conv off ORT's NCHWc kernels (the tiny VAE decoder at 512x512 ran 14% slower).
+So ORT weight-only covers MatMul / Gemm / Gather only and Conv weights stay
+float. The VAE is almost all Conv: in ORT it keeps its fp32 files in every
+mode (no variant: the runtime runs fp32 for it). Static int8 for the VAE is not
+worth it either: its activations at 512x512 span a wide range ending in pixels
+(quantization error shows as banding), and it runs once per image against 20+
+UNet calls.
+
+ORT data types follow quantize_static's guidance for x86-64 CPUs with VNNI
+(Cascade Lake and later, AMD Zen 4): uint8 activations, int8 weights per
+channel, reduce_range off (on CPUs without VNNI the U8S8 kernels can saturate
+int16 sums; ORT suggests 7-bit weights there, at an accuracy cost everywhere).
+int8 activations gave the same PSNR here. ``quant_pre_process`` (symbolic shape
+inference + ORT's basic optimizations) is not run: on the tiny SD UNet it
+changed neither the QDQ nodes placed on Conv / MatMul nor the PSNR, and on the
+full UNet it would hold two more copies of the weights in memory.
+
+Every produced file is run by the backend the runtime uses on the component's
+seeded parity inputs and compared with the torch fp32 reference: the figures go
+into the manifest. UNet variants made with calibration are also compared with
+the fp32 export (itself within 1e-3 of torch) on a held-out sampling run: real
+latents, timesteps and text embeddings of a prompt not calibrated on. The gate
+is loose on purpose (PSNR >= 20 dB, QUANT_TOLERANCE): normal int8 error passes,
+a broken quantization (wrong ranges, garbage weights: PSNR near 0) fails the
+export (or, with --force, is kept marked validated: false). It is taken on the
+held-out run where there is one: activation ranges calibrated on real CLIP
+embeddings (channels reaching +-30) are coarse for the seeded N(0, 1) parity
+inputs, so their PSNR understates the error on real inputs and is reported only.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
+
+from . import validate
+
+MODES = ("int8-weights", "int8", "hybrid")
+QUANT_TOLERANCE = validate.Tolerance(rel_max=1.0, psnr_db=20.0)
+# kind of file -> file-name stem (model_<stem>.onnx, openvino_model_<stem>.xml)
+STEMS = {"weights": "int8-weights", "static": "int8", "dynamic": "int8", "hybrid": "hybrid"}
+PRECISION = {"weights": "int8-weights", "static": "int8", "dynamic": "int8-dynamic", "hybrid": "int8-hybrid"}
+NEEDS_CALIBRATION = ("int8", "hybrid")
+
+ORT_STATIC_OPS = ("Conv", "MatMul", "Gemm")      # int8 (weightless attention MatMuls excluded by name)
+ORT_HYBRID_OPS = ("Conv",)                       # hybrid: + weight-only MatMul / Gemm afterwards
+WEIGHT_ONLY_OPS = ("MatMul", "Gemm", "Gather")   # ORT weight-only (Conv: see the module docstring)
+MIN_WEIGHT_ELEMENTS = 256                        # smaller float initializers stay float (biases, scalars)
+HYBRID_WC_IGNORED_TYPES = ("Convolution",)
+
+
+def kind_for(mode: str, component: str, fmt: str) -> str | None:
+    """Which file a component gets in ``mode`` for ``fmt`` (None: no variant, fp32 runs)."""
+    if fmt == "onnx" and component.startswith("vae"):
+        return None
+    if mode == "int8-weights":
+        return "weights"
+    if component == "unet":
+        return "static" if mode == "int8" else "hybrid"
+    if mode == "int8" and fmt == "onnx":
+        return "dynamic"
+    return "weights"
+
+
+def check_modes(modes: Iterable[str]) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(modes))
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise InvalidArgument(f"unknown quantization mode(s) {bad}: choose from {list(MODES)}")
+    return tuple(m for m in MODES if m in modes)  # fixed order: int8 calibrates ORT ranges hybrid reuses
+
+
+def file_paths(component: str, fmt: str, kind: str) -> list[str]:
+    stem = STEMS[kind]
+    if fmt == "openvino":
+        return [f"{component}/openvino_model_{stem}.xml", f"{component}/openvino_model_{stem}.bin"]
+    return [f"{component}/model_{stem}.onnx", f"{component}/model_{stem}.onnx_data"]
+
+
+# --- quiet third-party chatter ------------------------------------------------------
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """NNCF logs every ignored node at INFO and ORT's quantizer warns about
+    pre-processing; keep warnings, drop the rest. NNCF's progress bars (rich,
+    on stdout) go to stderr with our own progress lines."""
+    root = logging.getLogger()
+    nncf_log = logging.getLogger("nncf")
+    levels = (root.level, nncf_log.level)
+    root.setLevel(logging.ERROR)
+    nncf_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        root.setLevel(levels[0])
+        nncf_log.setLevel(levels[1])
+
+
+@contextlib.contextmanager
+def _tempdir_in(folder: Path) -> Iterator[None]:
+    """ORT's quantize_static writes an augmented copy of the model to a temp
+    folder: keep it on the export's disk (checked for space), not in /tmp."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+
+
+# --- OpenVINO through NNCF ------------------------------------------------------------
+def _nncf():
+    try:
+        import nncf
+    except ImportError as e:
+        raise ExportError(f"--quantize with --format openvino needs NNCF ({e})",
+                          hint="pip install nncf (part of the `export` extra)") from None
+    return nncf
+
+
+def _ov_tools() -> dict:
+    import openvino as ov
+    return {"tool": "nncf", "version": _nncf().__version__, "openvino": ov.__version__.split("-")[0]}
+
+
+def _const_source(op, port: int):
+    """The Constant feeding ``op``'s input ``port`` through Convert / FakeQuantize /
+    Reshape (how optimum-intel finds weighted ops), or None."""
+    node = op.input_value(port).get_node()
+    seen = 0
+    while node is not None and seen < 16:
+        kind = node.get_type_name()
+        if kind == "Constant":
+            return node
+        if kind not in ("Convert", "FakeQuantize", "Reshape") or not node.inputs():
+            return None
+        node = node.input_value(0).get_node()
+        seen += 1
+    return None
+
+
+def ov_weighted_ops(model) -> list[str]:
+    """Friendly names of MatMuls with a constant operand and of float embedding
+    Gathers: the ops optimum-intel's hybrid mode keeps weight-only."""
+    names = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind == "MatMul" and (_const_source(op, 0) is not None or _const_source(op, 1) is not None):
+            names.append(op.get_friendly_name())
+        elif (kind == "Gather" and op.input_value(0).get_element_type().get_type_name() in ("f16", "f32", "f64")
+              and _const_source(op, 0) is not None):
+            names.append(op.get_friendly_name())
+    return names
+
+
+def _count_ops(model, kinds: tuple[str, ...]) -> dict[str, int]:
+    out = dict.fromkeys(kinds, 0)
+    for op in model.get_ops():
+        k = op.get_type_name()
+        if k in out:
+            out[k] += 1
+    return out
+
+
+def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -> dict:
+    """Write ``dst_xml`` (+ .bin) from the fp32 IR ``src_xml``; returns the recipe."""
+    import openvino as ov
+    nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+    recipe: dict[str, Any] = dict(_ov_tools())
+    core = ov.Core()
+    model = core.read_model(str(src_xml))
+    try:
+        with _quiet():
+            if kind == "weights":
+                out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+                recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",
+                              activations="float", layers="MatMul, Convolution, Embedding")
+            elif kind == "static":
+                out = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                                    subset_size=len(samples))
+                sq = AdvancedSmoothQuantParameters()
+                recipe.update(method="nncf.quantize", model_type="transformer", preset="mixed (default)",
+                              weights="int8 symmetric per output channel",
+                              activations="int8 asymmetric per tensor (mixed preset), MatMul / Convolution inputs",
+                              fast_bias_correction=True, smooth_quant={"matmul": sq.matmul,
+                                                                       "convolution": sq.convolution},
+                              subset_size=len(samples), ignored_scope=None)
+            elif kind == "hybrid":
+                weighted = ov_weighted_ops(model)
+                compressed = nncf.compress_weights(
+                    model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                    ignored_scope=nncf.IgnoredScope(types=list(HYBRID_WC_IGNORED_TYPES)))
+                del model
+                model = compressed
+                out = nncf.quantize(
+                    model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                    subset_size=len(samples), fast_bias_correction=True,
+                    ignored_scope=nncf.IgnoredScope(names=weighted),
+                    advanced_parameters=nncf.AdvancedQuantizationParameters(
+                        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+                recipe.update(
+                    method="nncf.compress_weights + nncf.quantize (optimum-intel hybrid)",
+                    weight_compression={"mode": "int8_asym", "ignored_scope": {"types": list(HYBRID_WC_IGNORED_TYPES)}},
+                    weights="MatMul / Embedding: int8_asym weight-only; Convolution: int8 symmetric per channel",
+                    activations="int8 asymmetric per tensor: Convolution and weightless (attention) MatMul inputs",
+                    model_type="transformer", preset="mixed (default)", fast_bias_correction=True,
+                    smooth_quant={"matmul": -1},
+                    ignored_scope={"names": len(weighted),
+                                   "what": "MatMuls with a constant weight and embedding Gathers (weight-only)"},
+                    subset_size=len(samples))
+            else:
+                raise ValueError(kind)
+        recipe["ops"] = {k: v for k, v in _count_ops(out, ("FakeQuantize", "Convolution", "MatMul")).items()}
+        dst_xml.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(out, str(dst_xml), compress_to_fp16=False)
+    finally:
+        model = out = None  # noqa: F841 - release the graphs before the next job
+        gc.collect()
+    return recipe
+
+
+# --- ONNX Runtime -----------------------------------------------------------------------
+def _ort_tools() -> dict:
+    import onnxruntime as ort
+    return {"tool": "onnxruntime.quantization", "version": ort.__version__}
+
+
+def _initializers(model) -> dict:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _weight_axis(node, inits: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(initializer name, output-channel axis) of a node's float weight, or None."""
+    from onnx import TensorProto
+
+    op = node.op_type
+    if op == "Conv" and len(node.input) > 1:
+        name, axis = node.input[1], 0
+    elif op == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
+        name = node.input[1]
+        axis = len(inits[name].dims) - 1           # x @ W: W is [.., K, N], N = output
+    elif op == "Gemm" and len(node.input) > 1:
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        name, axis = node.input[1], (0 if trans_b else 1)
+    elif op == "Gather" and node.input and node.input[0] in inits:
+        name, axis = node.input[0], 0                # embedding table: one scale per row
+    else:
+        return None
+    t = inits.get(name)
+    if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
+        return None
+    n = 1
+    for d in t.dims:
+        n *= d
+    return (name, axis) if n >= MIN_WEIGHT_ELEMENTS else None
+
+
+def onnx_weight_targets(model, op_types: Iterable[str] = WEIGHT_ONLY_OPS) -> dict[str, int]:
+    """Float weights of ``op_types`` nodes -> their output-channel axis (a weight
+    shared by nodes that disagree on the axis is left float)."""
+    inits = _initializers(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    ops = set(op_types)
+    out: dict[str, int] = {}
+    conflict: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in ops:
+            continue
+        hit = _weight_axis(node, inits)
+        if hit is None or hit[0] in graph_inputs:
+            continue
+        name, axis = hit
+        if out.get(name, axis) != axis:
+            conflict.add(name)
+        out[name] = axis
+    for name in conflict:
+        out.pop(name, None)
+    return out
+
+
+def quantize_per_axis_uint8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 per slice along ``axis`` (the range always holds 0, as
+    ONNX / NNCF asymmetric schemes do): w ~ (q - zp) * scale."""
+    w = np.asarray(w, dtype=np.float32)
+    flat = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    lo = np.minimum(flat.min(axis=1), 0.0)
+    hi = np.maximum(flat.max(axis=1), 0.0)
+    scale = ((hi - lo) / 255.0).astype(np.float32)
+    scale[scale == 0] = 1.0
+    zp = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)) + zp.reshape(shape).astype(np.float32), 0, 255)
+    return q.astype(np.uint8), scale, zp
+
+
+def rewrite_onnx(src: Path, dst: Path, *, weight_only: Mapping[str, int] | None = None) -> list[Path]:
+    """Write ``src`` (weights inline or in any external files beside it) as
+    ``dst`` + ``dst.name + "_data"`` (one external data file), streaming one
+    tensor at a time; every weight named in ``weight_only`` (name -> axis) is
+    stored as uint8 + per-channel scale / zero point behind a DequantizeLinear
+    whose output keeps the weight's name, so no consumer changes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .to_onnx import EXTERNAL_THRESHOLD, _append, _clear_inline, _graph_tensors, _read_tensor_bytes, _set_external
+
+    model = onnx.load(str(src), load_external_data=False)
+    base = src.parent
+    data_name = dst.name + "_data"
+    data_path = dst.parent / data_name
+    weight_only = dict(weight_only or {})
+    graph = model.graph
+    dq_nodes = []
+    new_inits = []
+    drop = set()
+    align = 4096
+
+    def external(t: TensorProto, buf: bytes, data) -> None:
+        _clear_inline(t)
+        _set_external(t, data_name, _append(data, buf, align), len(buf))
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_path, "wb") as data:
+        for t in graph.initializer:
+            axis = weight_only.get(t.name)
+            if axis is None:
+                continue
+            w = np.frombuffer(_read_tensor_bytes(t, base), dtype="<f4").reshape(tuple(t.dims))
+            q, scale, zp = quantize_per_axis_uint8(w, axis)
+            del w
+            qt = TensorProto(name=t.name + "_q8", data_type=TensorProto.UINT8, dims=list(q.shape))
+            external(qt, q.tobytes(), data)
+            del q
+            st = numpy_helper.from_array(scale, t.name + "_scale")
+            zt = numpy_helper.from_array(zp, t.name + "_zero_point")
+            for small in (st, zt):
+                if small.ByteSize() >= EXTERNAL_THRESHOLD:
+                    external(small, small.raw_data, data)
+            new_inits += [qt, st, zt]
+            dq_nodes.append(helper.make_node("DequantizeLinear", [qt.name, st.name, zt.name], [t.name],
+                                             name=t.name + "_dq8", axis=int(axis)))
+            drop.add(t.name)
+        kept = [t for t in graph.initializer if t.name not in drop]
+        del graph.initializer[:]
+        graph.initializer.extend(kept + new_inits)
+        new_names = {n.name for n in new_inits}
+        for t in _graph_tensors(graph):
+            if t.name in new_names:
+                continue
+            is_ext = t.data_location == TensorProto.EXTERNAL
+            if not is_ext and (t.data_type == TensorProto.STRING or t.ByteSize() < EXTERNAL_THRESHOLD):
+                continue
+            external(t, _read_tensor_bytes(t, base), data)
+        size = data.tell()
+    if dq_nodes:  # DequantizeLinear reads only initializers: first is topological
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(dq_nodes + nodes)
+        if not any((o.domain in ("", "ai.onnx")) and o.version >= 13 for o in model.opset_import):
+            raise ExportError(f"{src}: per-channel DequantizeLinear needs opset >= 13")
+    onnx.save_model(model, str(dst))
+    files = [dst]
+    if size == 0:
+        data_path.unlink()
+    else:
+        files.append(data_path)
+    try:
+        onnx.checker.check_model(str(dst))
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"quantized {dst} fails the ONNX checker: {e}") from e
+    return files
+
+
+def _samples_reader(samples: list[Mapping[str, np.ndarray]]):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = samples
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(self.items):
+                return None
+            self.i += 1
+            return dict(self.items[self.i - 1])
+
+        def __len__(self):
+            return len(self.items)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.items = samples[start_index:end_index]
+            self.i = 0
+
+    return Reader()
+
+
+def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch: Path) -> dict:
+    """Write ``dst`` (+ ``_data``) from the fp32 ONNX file ``src``; returns the recipe."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    recipe: dict[str, Any] = dict(_ort_tools())
+    work = scratch / f"{dst.parent.name}-{STEMS[kind]}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    # ORT writes a small shape-inferred copy of the graph (`model-inferred.onnx`, no
+    # weights) beside its input for a moment; the export removes any leftover.
+    inp = src
+    raw = work / "quantized.onnx"
+    try:
+        if kind == "weights":
+            targets = onnx_weight_targets(onnx.load(str(src), load_external_data=False))
+            rewrite_onnx(src, dst, weight_only=targets)
+            recipe.update(tool="cpuflow", method="weight-only DequantizeLinear",
+                          weights="uint8 asymmetric per output channel (zero point)", activations="float",
+                          op_types=list(WEIGHT_ONLY_OPS), tensors=len(targets))
+            return recipe
+        with _quiet(), _tempdir_in(work):
+            if kind == "dynamic":
+                quantize_dynamic(str(inp), str(raw), op_types_to_quantize=["MatMul"], per_channel=False,
+                                 weight_type=QuantType.QInt8, use_external_data_format=True)
+                recipe.update(method="quantize_dynamic", op_types=["MatMul"], weights="int8 per tensor",
+                              activations="uint8, range computed per call (dynamic)")
+            else:
+                exclude: list[str] = []
+                ops = ORT_STATIC_OPS
+                if kind == "hybrid":
+                    ops = ORT_HYBRID_OPS
+                else:
+                    exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
+                ranges = scratch / "ort-unet-ranges.json"
+                if not ranges.exists():  # int8 and hybrid share one calibration
+                    ort_calibrate(inp, samples, work, ranges)
+                quantize_static(
+                    str(inp), str(raw), None, quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(ops), per_channel=True, reduce_range=False,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude, use_external_data_format=True,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges))
+                recipe.update(
+                    method="quantize_static", format="QDQ", op_types=list(ops),
+                    weights="int8 symmetric per output channel", activations="uint8 asymmetric per tensor",
+                    calibrate_method="MinMax", reduce_range=False, calibration_samples=len(samples),
+                    pre_process="not run (measured: same QDQ nodes and PSNR on a tiny SD UNet; it would hold "
+                                "two extra copies of the model in memory)")
+                if exclude:
+                    recipe["excluded_nodes"] = {"count": len(exclude),
+                                                "what": "MatMuls without a weight (attention scores and "
+                                                        "probabilities x values): float, faster in ORT"}
+                if kind == "hybrid":
+                    recipe["deviation"] = ("optimum-intel's hybrid also quantizes the attention MatMuls' "
+                                           "activations; in ORT that is slower than float, so they stay float")
+        if kind == "hybrid":
+            targets = onnx_weight_targets(onnx.load(str(raw), load_external_data=False))
+            rewrite_onnx(raw, dst, weight_only=targets)
+            recipe["weight_only"] = {"tensors": len(targets), "weights": "uint8 asymmetric per output channel"}
+        else:
+            rewrite_onnx(raw, dst)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return recipe
+
+
+def ort_calibrate(src: Path, samples: list, work: Path, cache: Path) -> None:
+    """Activation ranges (MinMax) of every Conv / MatMul / Gemm tensor of the
+    fp32 model over ``samples``, saved as ORT's calibration cache.
+
+    Run apart from ``quantize_static`` on purpose: given a data reader it keeps
+    its own copy of the model loaded while the calibrator holds another one and
+    an InferenceSession a third (3 x 3.4 GB for the SD 1.5 UNet); given the
+    cache it skips calibration, so at most two copies are ever held. The ranges
+    cover ORT_STATIC_OPS, a superset of what int8 and hybrid quantize."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(src, list(ORT_STATIC_OPS), augmented_model_path=str(work / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                                   extra_options={"max_intermediate_outputs": 32})
+    try:
+        calibrator.collect_data(_samples_reader(samples))
+        ranges = calibrator.compute_data()
+    finally:
+        calibrator = None  # noqa: F841 - free the session and the augmented graph now
+        gc.collect()
+    save_tensors_data(ranges, cache, smooth_quant=False)
+    for p in work.glob("augmented.onnx*"):
+        p.unlink()
+
+
+def onnx_weightless_matmuls(model) -> list[str]:
+    """Names of MatMul nodes with no constant (initializer) operand: attention's."""
+    inits = _initializers(model)
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and not any(i in inits for i in n.input[:2])]
+
+
+# --- parity ---------------------------------------------------------------------------
+def run_many(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs of the file at ``path`` for each feed, compiled / loaded ONCE
+    (validate's runners compile per call), the way validate runs it: OpenVINO
+    with the f32 precision hint, ONNX Runtime on the CPU provider."""
+    if fmt == "openvino":
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        try:
+            req = compiled.create_infer_request()
+            outs = []
+            for feeds in feeds_list:
+                res = req.infer(dict(feeds))
+                outs.append({name: np.array(v, copy=True) for port, v in res.items() for name in port.get_names()})
+            return outs
+        finally:
+            del compiled
+            gc.collect()
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        names = [o.name for o in sess.get_outputs()]
+        return [dict(zip(names, sess.run(names, dict(f)))) for f in feeds_list]
+    finally:
+        del sess
+        gc.collect()
+
+
+def parity_entry(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray],
+                 tol: validate.Tolerance = QUANT_TOLERANCE) -> dict:
+    """Figures of a quantized output against the torch fp32 reference, gated loosely."""
+    per = {}
+    passed = True
+    for name, r in ref.items():
+        f = validate.figures(r, out[name]) if name in out else {
+            "max_abs": float("inf"), "mean_abs": float("inf"), "rel_max": float("inf"),
+            "psnr_db": float("-inf"), "finite": False}
+        per[name] = f
+        passed = passed and f["finite"] and f["rel_max"] <= tol.rel_max and f["psnr_db"] >= tol.psnr_db
+    worst = min(per.values(), key=lambda f: f["psnr_db"])
+    entry = {k: validate._json_num(worst[k]) for k in ("max_abs", "mean_abs", "rel_max", "psnr_db")}
+    entry["finite"] = all(f["finite"] for f in per.values())
+    entry["reference"] = "torch fp32"
+    entry["tolerance"] = tol.to_json()
+    entry["passed"] = bool(passed)
+    return entry
+
+
+def held_out_entry(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict:
+    figs = [validate.figures(r, o) for r, o in zip(refs, outs)]
+    return {"reference": "fp32 export", "inputs": "held-out sampling run (real latents, embeddings)",
+            "points": len(figs), "finite": all(f["finite"] for f in figs),
+            "psnr_db": validate._json_num(min(f["psnr_db"] for f in figs)),
+            "psnr_db_mean": validate._json_num(float(np.mean([f["psnr_db"] for f in figs]))),
+            "rel_max": validate._json_num(max(f["rel_max"] for f in figs))}
+
+
+def _line(component: str, fmt: str, kind: str, entry: Mapping, size: int, fp32_size: int) -> str:
+    held = entry.get("held_out")
+    held_s = f", {held['psnr_db']:.1f} dB vs fp32 on a held-out run" if held else ""
+    verdict = "ok" if entry["passed"] else "FAILED"
+    gate = "held-out" if entry.get("gate") == "held_out" else "vs torch"
+    return (f"[{component}] {fmt} {STEMS[kind]} ({PRECISION[kind]}): PSNR {entry['psnr_db']:.1f} dB vs torch"
+            f"{held_s} (gate {gate} >= {entry['tolerance']['psnr_db']:g}: {verdict}), "
+            f"rel_max {entry['rel_max']:.3g}; {size / 1e6:.2f} MB (fp32 {fp32_size / 1e6:.2f} MB)")
+
+
+# --- orchestration ---------------------------------------------------------------------
+@dataclass
+class Check:
+    """What the parity of a component's variants is measured with."""
+    feeds: dict[str, np.ndarray]
+    ref: dict[str, np.ndarray]
+
+
+@dataclass
+class Outcome:
+    all_passed: bool = True
+    lines: list[str] = field(default_factory=list)
+    jobs: int = 0
+
+
+def count_jobs(modes: Iterable[str], formats: Iterable[str], component_names: Iterable[str]) -> int:
+    jobs = {(c, f, kind_for(m, c, f)) for m in modes for f in formats for c in component_names}
+    return sum(1 for j in jobs if j[2] is not None)
+
+
+def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str, ...],
+                 formats: tuple[str, ...], calibration, checks: Mapping[str, Check], force: bool,
+                 step: Callable[[str | None, str], Any], info: Callable[[str, str | None], None]) -> Outcome:
+    """Produce every file ``modes`` need from the fp32 files in ``staging``, check
+    it, and add the variants to ``components`` (the manifest's, edited in place).
+    ``step(component, stage)`` is a context manager for progress;
+    ``info(message, component)`` prints a line."""
+    outcome = Outcome()
+    scratch = staging / ".quantize-scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    samples = calibration.samples if calibration is not None else None
+    held_refs: dict[str, list[np.ndarray]] = {}
+    try:
+        for fmt in formats:
+            for comp in [c for c in components if c in checks]:
+                kinds = []
+                for mode in modes:
+                    k = kind_for(mode, comp, fmt)
+                    if k is not None and k not in kinds:
+                        kinds.append(k)
+                fp32 = components[comp]["variants"]["fp32"]
+                src = staging / fp32["files"][fmt][0]
+                fp32_size = sum((staging / p).stat().st_size for p in fp32["files"][fmt])
+                done: dict[str, tuple[list[str], dict, dict]] = {}
+                for kind in kinds:
+                    if kind in ("static", "hybrid") and not samples:
+                        raise ExportError(f"{comp}: {STEMS[kind]} quantization needs calibration data")
+                    rels = file_paths(comp, fmt, kind)
+                    dst = staging / rels[0]
+                    with step(comp, f"{fmt} quantize {STEMS[kind]}"):
+                        t0 = time.perf_counter()
+                        if fmt == "openvino":
+                            recipe = ov_quantize(src, dst, kind, samples)
+                        else:
+                            recipe = onnx_quantize(src, dst, kind, samples, scratch)
+                        recipe["seconds"] = round(time.perf_counter() - t0, 2)
+                        rels = [r for r in rels if (staging / r).exists()]
+                    with step(comp, f"{fmt} validate {STEMS[kind]}"):
+                        check = checks[comp]
+                        held = calibration.held_out if (comp == "unet" and calibration is not None) else []
+                        outs = run_many(fmt, staging / rels[0], [check.feeds, *held])
+                        entry = parity_entry(check.ref, outs[0])
+                        entry["inputs"] = {k: list(v.shape) for k, v in check.feeds.items()}
+                        if held:
+                            if fmt not in held_refs:
+                                held_refs[fmt] = [o["out_sample"] for o in run_many(fmt, src, held)]
+                            ho = held_out_entry(held_refs[fmt], [o["out_sample"] for o in outs[1:]])
+                            entry["held_out"] = ho
+                            entry["passed"] = bool(entry["finite"] and ho["finite"]
+                                                   and ho["psnr_db"] >= QUANT_TOLERANCE.psnr_db)
+                        entry["gate"] = "held_out" if held else "torch"
+                        del outs
+                    size = sum((staging / r).stat().st_size for r in rels)
+                    line = _line(comp, fmt, kind, entry, size, fp32_size)
+                    info(line, comp)
+                    outcome.lines.append(line)
+                    if not entry["passed"]:
+                        outcome.all_passed = False
+                        if not force:
+                            raise ValidationFailed(
+                                line, hint="the quantized file is broken (a normal int8 error stays above "
+                                           f"{QUANT_TOLERANCE.psnr_db:g} dB); report a bug, or pass --force")
+                    if kind in ("static", "hybrid"):
+                        recipe["calibration"] = {k: calibration.info[k] for k in
+                                                 ("samples", "prompts", "prompts_sha256", "steps", "sampler",
+                                                  "width", "height", "guidance", "seed") if k in calibration.info}
+                    recipe["precision"] = PRECISION[kind]
+                    done[kind] = (rels, entry, dict(recipe, size=size))
+                    outcome.jobs += 1
+                for mode in modes:
+                    kind = kind_for(mode, comp, fmt)
+                    if kind is None:
+                        continue
+                    rels, entry, recipe = done[kind]
+                    var = components[comp]["variants"].setdefault(
+                        mode, {"precision": None, "quantization": {}, "files": {}, "parity": {}, "size": {}})
+                    var["files"][fmt] = list(rels)
+                    var["parity"][fmt] = entry
+                    var["quantization"][fmt] = dict(recipe, mode=mode)
+                    var["size"][fmt] = recipe["size"]
+        for comp in components.values():
+            for vname, var in comp["variants"].items():
+                if vname == "fp32":
+                    continue
+                precisions = list(dict.fromkeys(q["precision"] for q in var["quantization"].values()))
+                var["precision"] = "+".join(precisions)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        gc.collect()
+    return outcome

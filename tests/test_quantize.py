@@ -1,0 +1,297 @@
+"""Quantized variants at export time (`cpuflow export --quantize ...`).
+
+One tiny SD 1.x model is exported once with every mode on both formats
+(calibration kept small: 2 prompts x 3 steps); the tests read that folder, load
+each variant with the runtime, and compare the fp32 files with a plain export
+of the same weights. Random tiny weights: the PSNR figures prove the plumbing
+and catch broken quantization (PSNR near 0), they say nothing about images.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("nncf")
+pytest.importorskip("onnxruntime.quantization")
+
+from click.testing import CliRunner  # noqa: E402
+from helpers_tiny import save_tiny_diffusers_folder  # noqa: E402
+
+from cpuflow import Pipeline  # noqa: E402
+from cpuflow.errors import InvalidArgument, ValidationFailed  # noqa: E402
+from cpuflow.manifest import MANIFEST_NAME, load_manifest  # noqa: E402
+from export import quantize as quant  # noqa: E402
+from export import validate  # noqa: E402
+from export.build import export_model  # noqa: E402
+from export.calibrate import read_prompts, select_prompts  # noqa: E402
+from export.cli import export_command  # noqa: E402
+from export.sources import load_source  # noqa: E402
+
+MODES = ("int8-weights", "int8", "hybrid")
+FORMATS = ("onnx", "openvino")
+BACKEND_OF = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+class Lines:
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, ev):
+        if ev.message:
+            self.lines.append(ev.message)
+
+
+@pytest.fixture(scope="module")
+def plain(request, tmp_path_factory):
+    """(diffusers source folder, its export WITHOUT --quantize)."""
+    try:
+        t = request.getfixturevalue("tiny_export")("sd1")
+        return Path(t.src), Path(t.model)
+    except pytest.FixtureLookupError:
+        base = tmp_path_factory.mktemp("quant-plain")
+        src = save_tiny_diffusers_folder(base / "src", "sd1", seed=0)
+        return Path(src), export_model(load_source(str(src)), base / "model", progress=lambda ev: None)
+
+
+@pytest.fixture(scope="module")
+def quantized(plain, tmp_path_factory):
+    """(model folder exported with every mode, progress lines)."""
+    src, _ = plain
+    rec = Lines()
+    out = export_model(load_source(str(src)), tmp_path_factory.mktemp("quant") / "model",
+                       quantize=MODES, calibration_size=2, calibration_steps=3, progress=rec)
+    return out, rec.lines
+
+
+def _raw(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_text())
+
+
+# --- what the export writes --------------------------------------------------------------
+def test_each_mode_adds_a_variant_on_both_formats(quantized):
+    folder, _ = quantized
+    m = load_manifest(folder, verify="sha256")  # every new file recorded, hashes right
+    assert m.validated
+    unet = m.components["unet"]
+    for mode in MODES:
+        var = unet.variants[mode]
+        assert set(var.files) == set(FORMATS), mode
+        for fmt in FORMATS:
+            stem = quant.STEMS[quant.kind_for(mode, "unet", fmt)]
+            assert var.files[fmt][0] == (f"unet/model_{stem}.onnx" if fmt == "onnx"
+                                         else f"unet/openvino_model_{stem}.xml")
+            recipe = var.quantization[fmt]
+            assert recipe["mode"] == mode and recipe["version"] and recipe["tool"]
+            assert recipe["size"] == sum(m.files[p]["size"] for p in var.files[fmt])
+            par = var.parity[fmt]
+            assert par["passed"] and par["reference"] == "torch fp32"
+            assert par["psnr_db"] >= quant.QUANT_TOLERANCE.psnr_db
+            assert par["held_out"]["psnr_db"] >= 20 and par["held_out"]["points"] >= 2
+            assert par["gate"] == "held_out" and par["finite"]
+        assert m.raw["components"]["unet"]["variants"][mode]["size"]
+    # activation modes carry their calibration; the weight-only one does not need any
+    for mode in ("int8", "hybrid"):
+        for fmt in FORMATS:
+            cal = unet.variants[mode].quantization[fmt]["calibration"]
+            assert cal["prompts"] == 2 and cal["steps"] == 3 and cal["samples"] >= 6
+            assert len(cal["prompts_sha256"]) == 16
+    assert "calibration" not in unet.variants["int8-weights"].quantization["openvino"]
+    hybrid_ov = unet.variants["hybrid"].quantization["openvino"]
+    assert hybrid_ov["weight_compression"]["ignored_scope"] == {"types": ["Convolution"]}
+    assert hybrid_ov["ignored_scope"]["names"] > 0 and hybrid_ov["ops"]["FakeQuantize"] > 0
+    assert unet.variants["int8"].precision == "int8"
+    # the other components: OpenVINO weight-compressed in every mode (one shared file);
+    # ONNX Runtime: text encoder dynamic int8 in int8, the VAE stays fp32
+    te = m.components["text_encoder"]
+    assert te.variants["int8"].quantization["onnx"]["method"] == "quantize_dynamic"
+    assert te.variants["int8"].files["openvino"] == te.variants["int8-weights"].files["openvino"]
+    assert te.variants["int8"].parity["onnx"]["gate"] == "torch" and te.variants["int8"].parity["onnx"]["passed"]
+    for vae in ("vae_decoder", "vae_encoder"):
+        comp = m.components[vae]
+        for mode in MODES:
+            assert set(comp.variants[mode].files) == {"openvino"}
+    assert m.raw["export"]["quantize"]["modes"] == list(MODES)
+    assert m.raw["export"]["quantize"]["calibration"]["backend"] == "openvino"
+
+
+def test_quantized_files_are_smaller(quantized):
+    folder, _ = quantized
+    m = load_manifest(folder)
+    size = lambda paths: sum(m.files[p]["size"] for p in paths)  # noqa: E731
+    for fmt in FORMATS:
+        fp32 = size(m.components["unet"].variants["fp32"].files[fmt])
+        for mode in MODES:
+            assert size(m.components["unet"].variants[mode].files[fmt]) < fp32, (fmt, mode)
+
+
+def _auto_names(xml: bytes) -> bytes:
+    """OpenVINO numbers the names of unnamed nodes (``Constant_4103``) from a
+    process-wide counter, so two exports in one process differ there and only
+    there; everything else (graph, shapes, offsets) must match byte for byte."""
+    return re.sub(rb'(name|names)="([A-Za-z]+)(_[0-9]+)+"', rb'\1="\2_N"', xml)
+
+
+def test_fp32_files_are_byte_identical_to_a_plain_export(plain, quantized):
+    _, ref = plain
+    folder, _ = quantized
+    a, b = _raw(ref), _raw(folder)
+    for name, comp in a["components"].items():
+        assert b["components"][name]["variants"]["fp32"]["files"] == comp["variants"]["fp32"]["files"]
+        for paths in comp["variants"]["fp32"]["files"].values():
+            for p in paths:
+                if p.endswith(".xml"):
+                    assert _auto_names((ref / p).read_bytes()) == _auto_names((folder / p).read_bytes()), p
+                else:
+                    assert a["files"][p]["sha256"] == b["files"][p]["sha256"], p
+    # and quantizing did not touch them: the manifest's fp32 records were taken
+    # before quantization began
+    load_manifest(folder, verify="sha256")
+    # nothing else beside them: every file in the folder is recorded
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST_NAME} == set(b["files"])
+
+
+def test_export_prints_psnr_per_variant(quantized):
+    _, lines = quantized
+    for fmt in FORMATS:
+        for stem in ("int8-weights", "int8", "hybrid"):
+            hits = [ln for ln in lines if ln.startswith(f"[unet] {fmt} {stem} (") and "PSNR" in ln]
+            assert len(hits) == 1, (fmt, stem, lines[-20:])
+            assert "dB vs torch" in hits[0] and "held-out" in hits[0] and "MB" in hits[0]
+    assert any("calibration:" in ln and "UNet inputs" in ln for ln in lines)
+
+
+# --- the runtime ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_runtime_loads_each_variant(quantized, fmt):
+    folder, _ = quantized
+    for mode in MODES:
+        with Pipeline.load(folder, backend=BACKEND_OF[fmt], variant=mode, precision="f32",
+                           use_cache=False) as pipe:
+            res = pipe.txt2img("a red car", steps=3, seed=5)
+        img = np.asarray(res.images[0], dtype=np.float32)
+        assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+        assert res.records[0]["variant"]["unet"] == mode
+
+
+def test_default_variant_is_int8_and_recorded(quantized):
+    folder, _ = quantized
+    for fmt in FORMATS:
+        with Pipeline.load(folder, backend=BACKEND_OF[fmt], precision="f32", use_cache=False) as pipe:
+            res = pipe.txt2img("a cat", steps=2, seed=1)
+        variants = res.records[0]["variant"]
+        assert variants["unet"] == "int8" and variants["text_encoder"] == "int8"
+        # ONNX Runtime has no quantized VAE: it runs fp32; OpenVINO's is weight-compressed
+        assert variants["vae_decoder"] == ("fp32" if fmt == "onnx" else "int8")
+
+
+# --- pieces --------------------------------------------------------------------------------------
+def test_weight_only_int8_error_is_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 5, 3, 3)).astype(np.float32) * np.arange(1, 7, dtype=np.float32)[:, None, None, None]
+    q, scale, zp = quant.quantize_per_axis_uint8(w, 0)
+    assert q.dtype == np.uint8 and scale.shape == (6,) and zp.shape == (6,)
+    back = (q.astype(np.float32) - zp[:, None, None, None]) * scale[:, None, None, None]
+    assert np.all(np.abs(back - w) <= scale[:, None, None, None] * 0.5 + 1e-6)
+    q1, s1, _ = quant.quantize_per_axis_uint8(w.reshape(6, 45).T.copy(), 1)  # MatMul layout: axis = last
+    assert np.allclose(s1, scale)
+
+
+def test_gate_is_loose_but_catches_garbage():
+    rng = np.random.default_rng(1)
+    ref = {"out": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    ok = quant.parity_entry(ref, {"out": ref["out"] + 0.02 * rng.standard_normal(ref["out"].shape)})
+    assert ok["passed"] and 30 < ok["psnr_db"] < 60
+    for bad in (np.zeros_like(ref["out"]), rng.standard_normal(ref["out"].shape), ref["out"] * np.nan):
+        assert not quant.parity_entry(ref, {"out": bad.astype(np.float32)})["passed"]
+
+
+def test_broken_quantization_fails_the_export_unless_forced(plain, tmp_path, monkeypatch):
+    """add_variants on a copy of a finished export, with a weight quantizer that
+    writes garbage scales: ValidationFailed, or with force a variant marked failed."""
+    _, ref = plain
+    folder = tmp_path / "m"
+    shutil.copytree(ref, folder)
+    raw = _raw(folder)
+    comps = {"text_encoder": raw["components"]["text_encoder"]}
+    te = comps["text_encoder"]["variants"]["fp32"]["files"]["onnx"][0]
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 300, (2, 77), dtype=np.int64)}
+    checks = {"text_encoder": quant.Check(feeds, validate.run_onnx(folder / te, feeds))}
+    real = quant.quantize_per_axis_uint8
+    monkeypatch.setattr(quant, "quantize_per_axis_uint8",  # a mirrored code book: garbage weights
+                        lambda w, axis: (lambda q, s, z: (255 - q, s, z))(*real(w, axis)))
+    kwargs = dict(modes=("int8-weights",), formats=("onnx",), calibration=None, checks=checks,
+                  step=lambda *a: _null(), info=lambda *a: None)
+    with pytest.raises(ValidationFailed, match="PSNR"):
+        quant.add_variants(folder, comps, force=False, **kwargs)
+    out = quant.add_variants(folder, comps, force=True, **kwargs)
+    assert not out.all_passed
+    assert comps["text_encoder"]["variants"]["int8-weights"]["parity"]["onnx"]["passed"] is False
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_bad_quantize_arguments_fail_before_any_work(tmp_path):
+    with pytest.raises(InvalidArgument, match="more than the 64 prompts"):
+        export_model(object(), tmp_path / "x", quantize=["int8"], calibration_size=65)
+    with pytest.raises(InvalidArgument, match="unknown quantization mode"):
+        export_model(object(), tmp_path / "x", quantize=["int4"])
+    with pytest.raises(InvalidArgument, match="--weights fp32"):
+        export_model(object(), tmp_path / "x", weights="fp16", quantize=["int8-weights"])
+    empty = tmp_path / "p.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(InvalidArgument, match="no prompt"):
+        read_prompts(empty)
+    assert len(read_prompts()) == 64 and len(set(read_prompts())) == 64
+    assert select_prompts(["a", "b", "c"], 2) == ["a", "b"]
+    runner = CliRunner()
+    res = runner.invoke(export_command, ["src", str(tmp_path / "o"), "--calibration-prompts", str(empty)])
+    assert res.exit_code == 2 and "needs --quantize" in res.output
+    res = runner.invoke(export_command, ["src", str(tmp_path / "o"), "--quantize", "int8",
+                                         "--calibration-size", "100"])
+    assert res.exit_code == 2 and "64 prompts" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+# --- slow tier: the full-size UNet ------------------------------------------------------------
+@pytest.mark.slow
+def test_full_size_random_sd15_quantized_export(tmp_path):
+    """Every mode on the full SD 1.5 architecture (random weights, small
+    calibration): fits in memory, passes its gates, the runtime picks int8."""
+    import os
+    import resource
+    import time
+
+    tok = Path(os.environ.get("CPUFLOW_CLIP_TOKENIZERS", ".cache/clip-tokenizers")) / "sd1"
+    if not (tok / "vocab.json").exists():
+        pytest.skip("needs the CLIP tokenizer files: bash scripts/fetch_clip_vocab.sh")
+    rec = Lines()
+    t0 = time.perf_counter()
+    out = export_model(load_source(None, random_weights=True, arch="sd15", tokenizer=tok), tmp_path / "sd15",
+                       quantize=MODES, calibration_size=4, calibration_steps=5, progress=rec)
+    seconds = time.perf_counter() - t0
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"full-size quantized export: {seconds:.0f} s, peak RSS {peak_gb:.1f} GiB")
+    print("\n".join(ln for ln in rec.lines if "PSNR" in ln or "calibration" in ln or "quantize" in ln))
+    m = load_manifest(out, verify="sha256")
+    assert m.validated
+    for mode in MODES:
+        for fmt in FORMATS:
+            assert m.components["unet"].variants[mode].parity[fmt]["passed"], (mode, fmt)
+    with Pipeline.load(out, backend="openvino") as pipe:
+        res = pipe.txt2img("a photo", steps=2, width=256, height=256, seed=0)
+    assert res.records[0]["variant"]["unet"] == "int8"
+    assert np.isfinite(np.asarray(res.images[0], np.float32)).all()
