@@ -23,6 +23,7 @@ Schema version 1 (a JSON object)::
     files             relative path -> {size, sha256}   (every file of the folder but the manifest)
     source            {kind, name, sha256}
     export            {created, tools: {name: version}, formats, weights_dtype, forced}
+    defaults          optional: the model's own generation defaults {steps, guidance, variant}
 
 A Component::
 

@@ -17,6 +17,12 @@ reloads it and checks every tensor, and evaluates it with diffusers'
 
     python export/train_default.py --out .cache/default-model [--minutes 40] [--seed 0]
     python export/train_default.py --out .cache/default-model --eval-only
+
+Fine-tuning an existing model (VAE kept, so the latent space is unchanged):
+``--init-from DIR`` with ``--caption-dropout``, ``--guidance-distill K`` (distil the
+loaded model into one whose guidance w samples like the original's w / K) and
+``--extrap-prob/--extrap-max/--extrap-k`` (latent-extrapolation augmentation);
+see bench/default_model_training.md (v2).
 """
 
 from __future__ import annotations
@@ -257,7 +263,7 @@ def vae_roundtrip_accuracy(vae, mean, attrs, n: int = 336) -> dict:
 def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, deadline,
                scaling, dropout=0.1, ema_decay=0.999, snr_gamma=5.0, out=None,
                save_fn=None, init=None, extrap_prob=0.0, extrap_max=3.0, extrap_k=1.0,
-               warmup=300, save_every=2000):
+               warmup=300, save_every=2000, teacher=None, guidance_div=1.0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -326,6 +332,16 @@ def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, dead
         else:
             noisy = sched.add_noise(lat, noise, t)
             target = noise
+        if teacher is not None:
+            # guidance-scale distillation: the student's conditional branch
+            # learns teacher_u + (teacher_c - teacher_u) / guidance_div and its
+            # unconditional branch teacher_u, so the student at guidance w
+            # samples like the teacher at w / guidance_div
+            with torch.no_grad():
+                t_unet, t_text = teacher
+                eu = t_unet(noisy, t, t_text(empty.expand_as(ids))[0]).sample
+                ec = t_unet(noisy, t, t_text(ids)[0]).sample
+                target = eu + (ec - eu) / guidance_div
         cond = text(ids)[0]
         pred = unet(noisy, t, cond).sample
         per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
@@ -488,6 +504,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extrap-max", type=float, default=3.0, help="largest extrapolation s")
     ap.add_argument("--extrap-k", type=float, default=1.0, help="cap s - 1 <= k / sqrt(snr)")
     ap.add_argument("--save-every", type=int, default=2000)
+    ap.add_argument("--guidance-distill", type=float, default=0.0,
+                    help="with --init-from: distil the loaded model (teacher) into a student "
+                         "whose guidance w samples like the teacher's w / this (0 = off)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -582,11 +601,15 @@ def finetune(args, out: Path, t_start: float, deadline: float) -> int:
         save_pipeline(out, vae, t, u, tok_dir)
         log(f"saved {why} to {out}")
 
+    teacher = None
+    if args.guidance_distill > 0:
+        teacher = (copy.deepcopy(unet).eval().requires_grad_(False),
+                   copy.deepcopy(text).eval().requires_grad_(False))
     seed_all(args.seed + 1)
     unet, text, unet_info = train_unet(
         lat_mean, lat_std, attrs, tok, text_vocab, args.unet_steps, args.unet_batch,
         args.unet_lr, deadline, scaling, dropout=args.caption_dropout, save_fn=save_fn,
-        init=(unet, text), extrap_prob=args.extrap_prob, extrap_max=args.extrap_max,
+        init=(unet, text), teacher=teacher, guidance_div=args.guidance_distill or 1.0, extrap_prob=args.extrap_prob, extrap_max=args.extrap_max,
         extrap_k=args.extrap_k, warmup=args.unet_warmup, save_every=args.save_every)
     train_seconds = time.time() - t_start
     log(f"unet done: steps {unet_info['steps']} loss {unet_info['final_loss']:.4f}")

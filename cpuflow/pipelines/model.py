@@ -91,6 +91,9 @@ class LoadedModel:
                 all_v = sorted({v for c in self.manifest.components.values() for v in c.variants})
                 raise ModelError(f"variant {self.config.variant!r} is not in this model (it has: {', '.join(all_v)})")
             return "fp32"  # this component has no such variant: it runs in fp32
+        preferred = self.manifest.raw.get("defaults", {}).get("variant")
+        if preferred in usable:
+            return preferred   # the model's author chose (e.g. quality over speed for a tiny model)
         for v in VARIANT_PREFERENCE:
             if v in usable:
                 return v
