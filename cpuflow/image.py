@@ -769,7 +769,8 @@ def _umask() -> int:
     return 0o022  # conservative default rather than racing os.umask() across threads
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder so a rename in it survives a crash (POSIX; a no-op elsewhere)."""
     if os.name != "posix":
         return
     try:
@@ -831,7 +832,7 @@ def save_png_atomic(
         if isinstance(e, OSError):
             raise _write_error(path, e) from None
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 

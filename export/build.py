@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from cpuflow.errors import DiskSpaceError, ExportError, InvalidArgument, SourceError
+from cpuflow.image import fsync_dir as _fsync_dir
 from cpuflow.manifest import FORMATS, MANIFEST_NAME, file_record, record_all_files, write_manifest
 
 from . import quantize as quant
@@ -238,19 +239,6 @@ def _backup_path(out_dir: Path) -> Path:
 
 def _staging_prefix(out_dir: Path) -> str:
     return f".{out_dir.name}.staging-"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def recover(out_dir: Path) -> list[str]:
