@@ -6,14 +6,13 @@ traceback reaches a user unless CPUFLOW_DEBUG=1.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import CpuflowError, InvalidArgument, MissingDependency
+from .errors import InvalidArgument, MissingDependency
 
 EXAMPLES_GENERATE = """
 \b
@@ -31,16 +30,9 @@ class CpuflowGroup(click.Group):
     """Maps CpuflowError to a one-line message and its exit code."""
 
     def invoke(self, ctx):
-        try:
+        from .cli_errors import exit_on_error
+        with exit_on_error():
             return super().invoke(ctx)
-        except CpuflowError as e:
-            if os.environ.get("CPUFLOW_DEBUG"):
-                raise
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written", err=True)
-            ctx.exit(130)
 
 
 @click.group(cls=CpuflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -5,13 +5,11 @@ openvino are imported inside the command), so `cpuflow --help` stays fast.
 """
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import click
 
-from cpuflow.errors import CpuflowError, InvalidArgument
+from cpuflow.errors import InvalidArgument
 
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
@@ -93,23 +91,14 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id) into an exported model folder
     OUT_DIR that `cpuflow generate` runs without torch."""
-    try:
+    from cpuflow.cli_errors import exit_on_error
+    with exit_on_error("interrupted: nothing was written (a previous export, if any, is untouched)"):
         source, out_dir = _split_paths(paths, random_weights)
         _run(source, out_dir, formats=FORMAT_CHOICES[fmt], weights=weights, force=force,
              allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
              random_weights=random_weights, arch=arch, seed=seed,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps))
-    except CpuflowError as e:
-        if os.environ.get("CPUFLOW_DEBUG"):
-            raise
-        click.echo(f"error: {e}", err=True)
-        # SystemExit, not ctx.exit: the top-level CLI runs this command with
-        # standalone_mode=False, where click would turn ctx.exit into a return value.
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written (a previous export, if any, is untouched)", err=True)
-        sys.exit(130)
 
 
 def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:

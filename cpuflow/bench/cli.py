@@ -5,13 +5,12 @@ command runs, so `cpuflow --help` stays fast and torch-free.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import click
 
-from ..errors import CpuflowError, InvalidArgument
+from ..errors import InvalidArgument
 
 EXAMPLES = """
 \b
@@ -78,16 +77,9 @@ is that process's high-water mark (VmHWM).
 def bench_command(**opts):
     """Measure per-stage latency and peak memory of MODEL_DIR (or --arch), for
     every backend x variant x precision asked for, optionally against torch."""
-    try:
+    from ..cli_errors import exit_on_error
+    with exit_on_error("interrupted: no result written"):
         _run(**opts)
-    except CpuflowError as e:
-        if os.environ.get("CPUFLOW_DEBUG"):
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: no result written", err=True)
-        sys.exit(130)
 
 
 def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
