@@ -235,13 +235,17 @@ def _mount_export():
 
 
 def _load_export_command():
-    try:
-        import torch  # noqa: F401
-        import diffusers  # noqa: F401
-    except ImportError as e:
-        raise MissingDependency(f"`cpuflow export` needs the export extra ({e.name} is missing)",
-                                hint="pip install 'cpuflow[export]' torch==2.13.0 "
-                                     "(a CPU build of torch is enough)") from None
+    # Look the export extra up without importing it: the runtime never imports torch itself.
+    import importlib.util
+    for name in ("torch", "diffusers"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingDependency(f"`cpuflow export` needs the export extra ({name} is missing)",
+                                    hint="pip install 'cpuflow[export]' torch==2.13.0 "
+                                         "(a CPU build of torch is enough)")
     try:
         from cpuflow_export.cli import export_command
     except ImportError:

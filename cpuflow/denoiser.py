@@ -102,11 +102,17 @@ def vp_x0_eps(
 def vp_x0(model_output: np.ndarray, x: np.ndarray, alpha_prod_t: np.float32, prediction_type: str) -> np.ndarray:
     """x0 only (LCMScheduler.step's ``predicted_original_sample``)."""
     a = _f32(alpha_prod_t)
-    sa, sb = _f32(np.sqrt(a)), _f32(np.sqrt(_f32(_ONE - a)))
+    return _x0(model_output, x, _f32(np.sqrt(a)), _f32(np.sqrt(_f32(_ONE - a))), prediction_type)
+
+
+def _x0(model_output: np.ndarray, x: np.ndarray, alpha: np.float32, sigma: np.float32,
+        prediction_type: str) -> np.ndarray:
+    """x0 from x_t = alpha x0 + sigma eps: epsilon -> (x - sigma eps) / alpha;
+    v = alpha eps - sigma x0 -> alpha x - sigma v (Salimans & Ho 2022, sec. 4)."""
     if prediction_type == "epsilon":
-        return (x - sb * model_output) / sa
+        return (x - sigma * model_output) / alpha
     if prediction_type == "v_prediction":
-        return sa * x - sb * model_output
+        return alpha * x - sigma * model_output
     if prediction_type == "sample":
         return model_output
     raise InvalidArgument(f"prediction_type {prediction_type!r} is not known; valid: {', '.join(PREDICTION_TYPES)}")
@@ -137,10 +143,4 @@ def vp_sigma_x0(model_output: np.ndarray, x: np.ndarray, sigma: np.float32, pred
     """x0 for DPM-Solver++ (Lu et al. 2022, sec. 3: the data-prediction model
     ``x_theta = (x_t - sigma_t eps) / alpha_t``; DPMSolverMultistepScheduler.convert_model_output)."""
     alpha_t, sigma_t = vp_alpha_sigma(sigma)
-    if prediction_type == "epsilon":
-        return (x - sigma_t * model_output) / alpha_t
-    if prediction_type == "v_prediction":
-        return alpha_t * x - sigma_t * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise InvalidArgument(f"prediction_type {prediction_type!r} is not known; valid: {', '.join(PREDICTION_TYPES)}")
+    return _x0(model_output, x, alpha_t, sigma_t, prediction_type)
