@@ -11,7 +11,7 @@ Schema version 1 (a JSON object)::
     schema_version    1
     complete          true            (false/absent: an export that never finished)
     name              human name
-    family            "sd1" | "sd2"
+    family            "sd1" | "sd2" | "sdxl"
     prediction_type   "epsilon" | "v_prediction"
     random_weights    bool            (true: latency work only, images are noise)
     validated         bool            (false: exported with --force past a failed parity gate)
@@ -24,6 +24,11 @@ Schema version 1 (a JSON object)::
     source            {kind, name, sha256}
     export            {created, tools: {name: version}, formats, weights_dtype, forced}
     defaults          optional: the model's own generation defaults {steps, guidance, variant}
+    tokenizer_2       SDXL only (family "sdxl"): the second tokenizer, as ``tokenizer``
+    sdxl              SDXL only: {force_zeros_for_empty_prompt, requires_aesthetics_score,
+                      aesthetic_score, negative_aesthetic_score}; components then also hold
+                      text_encoder_2, the text encoders output penultimate_hidden_states
+                      (+ text_embeds) and the unet takes text_embeds and time_ids
 
 A Component::
 
@@ -47,7 +52,7 @@ from .errors import IncompatibleModelError, IntegrityError, ManifestError, Unsaf
 MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
 SCHEMA_VERSION = 1
-COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2")
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 FORMATS = ("onnx", "openvino")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
@@ -251,13 +256,22 @@ def parse_manifest(root: Path, data: Mapping[str, Any]) -> Manifest:
 
 def check_compatible(m: Manifest) -> None:
     """Refuse components that don't fit together, naming both sides and values."""
-    te = m.components["text_encoder"].output("last_hidden_state")
     unet = m.components["unet"]
     ehs = unet.input("encoder_hidden_states")
-    if te.shape[-1] != ehs.shape[-1]:
-        raise IncompatibleModelError(
-            f"text_encoder width {te.shape[-1]} does not match unet cross-attention width {ehs.shape[-1]}"
-        )
+    if m.family == "sdxl":  # two text encoders, concatenated (cpuflow/pipelines/sdxl.py)
+        if "text_encoder_2" not in m.components or "tokenizer_2" not in m.raw:
+            raise ManifestError(f"SDXL model folder {m.root} has no text_encoder_2 / tokenizer_2", hint=_REEXPORT)
+        widths = [m.components[n].output("penultimate_hidden_states").shape[-1]
+                  for n in ("text_encoder", "text_encoder_2")]
+        if sum(widths) != ehs.shape[-1]:
+            raise IncompatibleModelError(f"text encoder widths {widths[0]} + {widths[1]} do not match unet "
+                                         f"cross-attention width {ehs.shape[-1]}")
+    else:
+        te = m.components["text_encoder"].output("last_hidden_state")
+        if te.shape[-1] != ehs.shape[-1]:
+            raise IncompatibleModelError(
+                f"text_encoder width {te.shape[-1]} does not match unet cross-attention width {ehs.shape[-1]}"
+            )
     sample = unet.input("sample")
     if sample.shape[1] != m.latent_channels:
         raise IncompatibleModelError(

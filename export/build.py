@@ -42,7 +42,7 @@ from . import quantize as quant
 from . import validate
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
-from .components import COMPONENT_ORDER, component_specs, run_torch, torch_inputs, wrap_for_export
+from .components import component_specs, run_torch, torch_inputs, wrap_for_export
 from .to_onnx import export_onnx
 from .to_openvino import convert_onnx_to_openvino
 
@@ -159,7 +159,8 @@ def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: 
     vae = loaded.vae
     enc = _param_count(getattr(vae, "encoder", None)) + _param_count(getattr(vae, "quant_conv", None))
     dec = _param_count(vae) - enc
-    counts = [_param_count(loaded.text_encoder), _param_count(loaded.unet), dec, enc]
+    counts = [_param_count(loaded.text_encoder), _param_count(loaded.unet), dec, enc,
+              _param_count(getattr(loaded, "text_encoder_2", None))]  # SDXL's second text encoder
     per_param = 4 if weights == "fp32" else 2
     kept = sum(counts) * per_param * len(formats)
     transient = max(counts) * 4 * (1 if "onnx" in formats else 2)
@@ -493,6 +494,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     tokenizer = copy_tokenizer(Path(loaded.tokenizer_dir), staging / "tokenizer",
                                int(te_cfg.max_position_embeddings))
     specs = component_specs(loaded, tokenizer["max_length"])
+    # model-specific manifest keys (SDXL: tokenizer_2, prompt options), read before modules are released
+    extras = loaded.manifest_extras(staging) if hasattr(loaded, "manifest_extras") else {}
     latent = {
         "channels": int(vae_cfg.latent_channels),
         "downscale": 2 ** (len(vae_cfg.block_out_channels) - 1),
@@ -511,7 +514,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     checks: dict[str, quant.Check] = {}  # parity inputs + torch outputs, kept for the quantized variants
     exporters_used: list[str] = []
     all_passed = True
-    for name in COMPONENT_ORDER:
+    for name in specs:  # in export order (COMPONENT_ORDER, or SDXL's with text_encoder_2)
         spec = specs[name]
         comp_dir = staging / name
         module = wrap_for_export(loaded, spec)
@@ -576,6 +579,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         "default_size": {"width": int(loaded.default_size), "height": int(loaded.default_size)},
         "tokenizer": tokenizer,
         "components": components,
+        **extras,
         "files": record_all_files(staging),
         "source": _jsonable(dict(loaded.source)),
         "export": {

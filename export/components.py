@@ -250,7 +250,10 @@ def _vae_config(vae: Any) -> dict[str, Any]:
 
 
 def component_specs(loaded: Any, max_length: int) -> dict[str, ComponentSpec]:
-    """All four component specs of a loaded model, in export order."""
+    """All four component specs of a loaded model (five for SDXL), in export order."""
+    if getattr(loaded, "family", None) == "sdxl":
+        from .components_sdxl import component_specs as sdxl_specs
+        return sdxl_specs(loaded, max_length)
     return {
         "text_encoder": text_encoder_spec(loaded.text_encoder, max_length),
         "unet": unet_spec(loaded.unet, max_length),

@@ -58,6 +58,7 @@ ARCHES: dict[str, tuple[str, str, int, str]] = {
     "sd15": ("sd1", "epsilon", 512, "sd15"),
     "sd21": ("sd2", "epsilon", 512, "sd21-base"),
     "sd21-v": ("sd2", "v_prediction", 768, "sd21-v"),
+    "sdxl": ("sdxl", "epsilon", 1024, "sdxl"),   # random weights only (export/sources_sdxl.py)
 }
 VENDORED = ("sd15", "sd21-base", "sd21-v")
 
@@ -171,7 +172,9 @@ def detect_family(sd: Mapping, where: str = "the checkpoint") -> tuple[str, str,
     if not keys:
         raise SourceError(f"{where} holds no tensors; expected {_EXPECTED}")
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise SourceError(f"{where} is an SDXL checkpoint; only SD 1.x and 2.x are supported")
+        raise SourceError(f"{where} is an SDXL single-file checkpoint: not supported yet. Convert it to a "
+                          "diffusers folder first (diffusers' StableDiffusionXLPipeline.from_single_file(...)"
+                          ".save_pretrained(DIR)), then export DIR")
     if any("joint_blocks." in k or "double_blocks." in k for k in keys[:2000]):
         raise SourceError(f"{where} is an SD3/Flux-style transformer checkpoint; only SD 1.x and 2.x are supported")
     has_unet = f"{UNET_PREFIX}input_blocks.0.0.weight" in sd

@@ -12,8 +12,10 @@
   components built offline from the vendored configs in ``export/configs/``;
 * a **Hugging Face hub id** (``"stabilityai/sd-turbo"``): downloaded with
   ``huggingface_hub.snapshot_download`` (safetensors only), then loaded like a folder;
-* ``random_weights=True`` with ``arch`` in ``sd15 / sd21 / sd21-v`` and no source:
+* ``random_weights=True`` with ``arch`` in ``sd15 / sd21 / sd21-v / sdxl`` and no source:
   the full-size architecture with seeded random weights (latency work only).
+
+SDXL diffusers folders (and ``arch="sdxl"``) are handed to :mod:`.sources_sdxl`.
 
 Weights are always read with :mod:`.safe_load` (content-sniffed, safetensors or a
 sandboxed ``weights_only`` unpickle) and loaded STRICTLY: a missing, extra or
@@ -61,7 +63,8 @@ HUB_TOKENIZERS: dict[str, list[tuple[str, str]]] = {
 
 _HUB_ALLOW = ["model_index.json", "scheduler/*", "tokenizer/*", "unet/*.json", "vae/*.json", "text_encoder/*.json",
               "unet/diffusion_pytorch_model*.safetensors", "vae/diffusion_pytorch_model*.safetensors",
-              "text_encoder/model*.safetensors"]
+              "text_encoder/model*.safetensors",
+              "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/model*.safetensors"]  # SDXL
 _HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -375,7 +378,7 @@ def _resolve_tokenizer(tokenizer: str | Path | None, own: Path | None, family: s
 
 # ------------------------------------------------------------------ diffusers folders
 _WEIGHT_BASES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
-                 "text_encoder": ("model", "pytorch_model")}
+                 "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 
 
 def _component_weight_files(folder: Path, component: str) -> list[Path]:
@@ -418,7 +421,10 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     index = _read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
     if "XL" in cls or "text_encoder_2" in index:
-        raise SourceError(f"{folder} is an SDXL pipeline ({cls}); only SD 1.x and 2.x are supported")
+        from . import sources_sdxl
+        return sources_sdxl.load_folder(folder, kind=kind, name=name, allow_pickle=allow_pickle,
+                                        prediction_type=prediction_type, tokenizer=tokenizer, arch=arch,
+                                        progress=progress)
     for comp in ("unet", "vae", "text_encoder", "scheduler"):
         if comp not in index and not (folder / comp).is_dir():
             raise SourceError(f"{folder} is not a Stable Diffusion pipeline folder: no {comp} in model_index.json")
@@ -600,6 +606,9 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
     _need_torch()
     import torch
 
+    if arch == "sdxl":
+        from . import sources_sdxl
+        return sources_sdxl.load_random(seed, prediction_type, tokenizer, progress)
     family, pt, size, vendored = detect.ARCHES[arch]
     if prediction_type:
         pt = detect.normalize_prediction_type(prediction_type)

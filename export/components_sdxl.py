@@ -1,0 +1,124 @@
+"""The SDXL components: wrappers and I/O contract (see :mod:`.components` for the SD ones).
+
+SDXL conditions the UNet on two CLIP text encoders and two extra inputs:
+
+* ``text_encoder`` (CLIPTextModel): input_ids -> ``penultimate_hidden_states``
+  (``hidden_states[-2]``, NOT last_hidden_state: diffusers' ``encode_prompt`` with
+  ``clip_skip=None``);
+* ``text_encoder_2`` (CLIPTextModelWithProjection): input_ids ->
+  ``penultimate_hidden_states`` and ``text_embeds`` (the projected pooled output);
+* ``unet``: sample, timestep, encoder_hidden_states (both penultimate states
+  concatenated on the channels, 768 + 1280 = 2048 at full size), ``text_embeds``
+  [batch, 1280] and ``time_ids`` [batch, 6] (original size, crop top-left, target
+  size; 5 with the aesthetic score of refiner-style models) -> out_sample;
+* ``vae_decoder`` / ``vae_encoder``: as SD (the SDXL VAE, scaling factor 0.13025,
+  exported and run in float32).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import components as base
+
+COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+class PenultimateTextEncoderWrapper(torch.nn.Module):
+    """input_ids int64 [batch, 77] -> penultimate_hidden_states [batch, 77, hidden]."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
+
+
+class PooledTextEncoderWrapper(torch.nn.Module):
+    """input_ids -> (penultimate_hidden_states [batch, 77, hidden], text_embeds [batch, projection])."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
+
+
+class SDXLUNetWrapper(torch.nn.Module):
+    """(sample, timestep, encoder_hidden_states, text_embeds, time_ids) -> out_sample."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         return_dict=False)[0]
+
+
+def _ids_maker(vocab: int, max_length: int):
+    def make(dims, rng):
+        return {"input_ids": rng.integers(0, vocab, size=(dims["batch"], max_length), dtype=np.int64)}
+    return make
+
+
+def text_encoder_spec(text_encoder: Any, max_length: int, *, name: str, pooled: bool) -> base.ComponentSpec:
+    cfg = text_encoder.config
+    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+    inp = base._spec("input_ids", "int64", ["batch", max_length])
+    outs = [base._spec("penultimate_hidden_states", "float32", ["batch", max_length, hidden])]
+    config = {"hidden_size": hidden, "vocab_size": vocab, "max_position_embeddings": int(cfg.max_position_embeddings),
+              "num_hidden_layers": int(cfg.num_hidden_layers), "hidden_states_layer": -2}
+    if pooled:
+        proj = int(cfg.projection_dim)
+        outs.append(base._spec("text_embeds", "float32", ["batch", proj]))
+        config["projection_dim"] = proj
+    return base.ComponentSpec(
+        name=name, source_attr=name, wrap=PooledTextEncoderWrapper if pooled else PenultimateTextEncoderWrapper,
+        inputs=[inp], outputs=outs, dynamic_axes={s.name: base._axes(s) for s in [inp, *outs]},
+        trace_dims={"batch": 1}, check_dims={"batch": 2}, config=config, make_inputs=_ids_maker(vocab, max_length),
+    )
+
+
+def unet_spec(unet: Any, max_length: int, text_embeds_dim: int) -> base.ComponentSpec:
+    spec = base.unet_spec(unet, max_length)
+    cfg = unet.config
+    td = int(cfg.addition_time_embed_dim)
+    n_ids = (int(cfg.projection_class_embeddings_input_dim) - text_embeds_dim) // td
+    te = base._spec("text_embeds", "float32", ["batch", text_embeds_dim])
+    ti = base._spec("time_ids", "float32", ["batch", n_ids])
+    make_sd = spec.make_inputs
+
+    def make(dims, rng):
+        feeds = make_sd(dims, rng)
+        b = dims["batch"]
+        feeds["text_embeds"] = rng.standard_normal((b, text_embeds_dim), dtype=np.float32)
+        # sizes and crop offsets in pixels, as the pipeline passes them
+        feeds["time_ids"] = rng.integers(0, 1025, size=(b, n_ids)).astype(np.float32)
+        return feeds
+
+    spec.wrap = SDXLUNetWrapper
+    spec.inputs = [*spec.inputs, te, ti]
+    spec.dynamic_axes = dict(spec.dynamic_axes, text_embeds=base._axes(te), time_ids=base._axes(ti))
+    spec.make_inputs = make
+    spec.config = dict(spec.config, addition_embed_type="text_time", addition_time_embed_dim=td,
+                       text_embeds_dim=text_embeds_dim, time_ids=n_ids)
+    return spec
+
+
+def component_specs(loaded: Any, max_length: int) -> dict[str, base.ComponentSpec]:
+    """All five SDXL component specs, in export order."""
+    proj = int(loaded.text_encoder_2.config.projection_dim)
+    return {
+        "text_encoder": text_encoder_spec(loaded.text_encoder, max_length, name="text_encoder", pooled=False),
+        "text_encoder_2": text_encoder_spec(loaded.text_encoder_2, max_length, name="text_encoder_2", pooled=True),
+        "unet": unet_spec(loaded.unet, max_length, proj),
+        "vae_decoder": base.vae_decoder_spec(loaded.vae),
+        "vae_encoder": base.vae_encoder_spec(loaded.vae),
+    }
