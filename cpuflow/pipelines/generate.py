@@ -19,6 +19,7 @@ from ..config import MAX_SEED, GenerationRequest
 from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
 from ..rng import make_generator
+from . import sdxl
 from .model import LoadedModel, StageTimer
 from .stages import TILE_LATENTS, decode_latents, decode_tiled, denoise, encode_image, encode_prompt, guided_model_fn
 
@@ -86,16 +87,25 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
             if do_cfg:
                 _encode_cached(model, negative, cache, timer)
         model.release("text_encoder")
+        model.release("text_encoder_2")
     k = 0
+    xl = sdxl.is_sdxl(model)
     for prompt, negative in zip(req.prompts, req.negative_prompts):
         cond = _encode_cached(model, prompt, cache, timer)
-        uncond = _encode_cached(model, negative, cache, timer) if do_cfg else None
+        if xl and do_cfg:  # SDXL: an empty negative prompt may mean zeros (cpuflow/pipelines/sdxl.py)
+            uncond = sdxl.negative_conditioning(model, negative, cond,
+                                                lambda: _encode_cached(model, negative, cache, timer))
+        else:
+            uncond = _encode_cached(model, negative, cache, timer) if do_cfg else None
         for note, enc in (("prompt", cond), ("negative prompt", uncond)):
             if enc is not None and enc.truncated:
                 warnings.append(f"{note} is longer than the text encoder's {model.max_length} tokens; "
                                 f"dropped: {enc.dropped_text!r}")
-        model_fn = guided_model_fn(model, cond.embeddings, None if uncond is None else uncond.embeddings,
-                                   r["guidance"], dims, timer)
+        if xl:
+            model_fn = sdxl.guided_model_fn(model, cond, uncond, r["guidance"], dims, timer, r["width"], r["height"])
+        else:
+            model_fn = guided_model_fn(model, cond.embeddings, None if uncond is None else uncond.embeddings,
+                                       r["guidance"], dims, timer)
         for _ in range(req.n_samples):
             seed = (req.seed + k) % (MAX_SEED + 1)
             gen = make_generator(req.rng, seed)
@@ -134,7 +144,7 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
 
 def _encode_cached(model, text, cache, timer):
     if text not in cache:
-        cache[text] = encode_prompt(model, text, timer)
+        cache[text] = (sdxl.encode_prompt if sdxl.is_sdxl(model) else encode_prompt)(model, text, timer)
     return cache[text]
 
 

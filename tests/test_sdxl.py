@@ -1,0 +1,200 @@
+"""SDXL end to end: a tiny random SDXL (tests/helpers_sdxl.py) saved as a diffusers
+folder, exported once to both formats (the export's gate checks every component
+against torch), then cpuflow's images compared with diffusers'
+StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline on the same weights,
+float32, >= 50 dB PSNR, both backends.
+
+Random weights: these prove plumbing and numerics, not image quality.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from helpers_sdxl import save_tiny_sdxl_folder  # noqa: E402
+
+from cpuflow import Pipeline  # noqa: E402
+from cpuflow.errors import InvalidArgument, SourceError  # noqa: E402
+
+PSNR_MIN = 50.0
+SIZE = 64
+STEPS = 5
+PROMPT = "a photo of a red car"
+BACKENDS = ["openvino", "onnxruntime"]
+
+REFERENCE = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": ("DDIMScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(diffusers folder, exported folder, diffusers pipeline): exported once for the module."""
+    from export.build import export_model
+    from export.sources import load_source
+
+    base = tmp_path_factory.mktemp("tiny-sdxl")
+    src = save_tiny_sdxl_folder(base / "src", seed=0)
+    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                       progress=lambda *a, **k: None)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return src, out, pipe
+
+
+_PIPES: dict = {}
+
+
+def _cpuflow(out, backend):
+    key = (str(out), backend)
+    if key not in _PIPES:
+        _PIPES[key] = Pipeline.load(out, backend=backend, precision="f32", threads=1, use_cache=False)
+    return _PIPES[key]
+
+
+def _reference(pipe, sampler, *, negative=None, guidance=5.0, init=None, strength=0.6, seed=3):
+    cls_name, overrides = REFERENCE[sampler]
+    sched = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+    kw = dict(prompt=PROMPT, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=guidance,
+              generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    comps = dict(pipe.components, scheduler=sched)
+    if init is None:
+        p = diffusers.StableDiffusionXLPipeline(**comps, add_watermarker=False)
+        p.register_to_config(force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)
+        p.set_progress_bar_config(disable=True)
+        img = p(height=SIZE, width=SIZE, **kw).images[0]
+    else:
+        p = diffusers.StableDiffusionXLImg2ImgPipeline(**comps, add_watermarker=False)
+        p.register_to_config(force_zeros_for_empty_prompt=pipe.config.force_zeros_for_empty_prompt)
+        p.set_progress_bar_config(disable=True)
+        img = p(image=init, strength=strength, **kw).images[0]
+    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def test_export_manifest(sdxl):
+    _, out, _ = sdxl
+    m = json.loads((out / "cpuflow.json").read_text())
+    assert m["family"] == "sdxl" and m["validated"] is True
+    assert set(m["components"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    assert m["default_size"] == {"width": SIZE, "height": SIZE}           # unet sample_size 8 x VAE 8
+    assert m["latent"]["scaling_factor"] == pytest.approx(0.13025)
+    assert m["sdxl"]["force_zeros_for_empty_prompt"] is True
+    assert m["sdxl"]["requires_aesthetics_score"] is False
+    assert m["tokenizer"]["pad_token_id"] != m["tokenizer_2"]["pad_token_id"]   # tokenizer_2 pads with "!"
+    unet = {s["name"]: s["shape"] for s in m["components"]["unet"]["inputs"]}
+    assert unet["encoder_hidden_states"] == ["batch", 77, 96]               # 32 + 64
+    assert unet["text_embeds"] == ["batch", 32] and unet["time_ids"] == ["batch", 6]
+    te2 = [s["name"] for s in m["components"]["text_encoder_2"]["outputs"]]
+    assert te2 == ["penultimate_hidden_states", "text_embeds"]
+    for comp in m["components"].values():
+        for fmt in ("onnx", "openvino"):
+            assert comp["variants"]["fp32"]["parity"][fmt]["passed"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_txt2img_negative_prompt_matches_diffusers(sdxl, backend):
+    _, out, pipe = sdxl
+    ref = _reference(pipe, "euler", negative="blurry, ugly")
+    res = _cpuflow(out, backend).txt2img(PROMPT, negative_prompt="blurry, ugly", steps=STEPS, sampler="euler",
+                                         guidance=5.0, width=SIZE, height=SIZE, seed=3)
+    p = psnr(np.asarray(res.images[0]), ref)
+    assert p >= PSNR_MIN, f"{backend}: {p:.1f} dB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_txt2img_empty_negative_is_zeros_as_diffusers(sdxl, backend):
+    """cpuflow's empty negative prompt = diffusers' none given: zeros (force_zeros_for_empty_prompt)."""
+    _, out, pipe = sdxl
+    ref = _reference(pipe, "euler", negative=None)
+    res = _cpuflow(out, backend).txt2img(PROMPT, steps=STEPS, sampler="euler", guidance=5.0, width=SIZE,
+                                         height=SIZE, seed=3)
+    p = psnr(np.asarray(res.images[0]), ref)
+    assert p >= PSNR_MIN, f"{backend}: {p:.1f} dB"
+    # and it differs from encoding "" (what a model without force_zeros does)
+    other = _reference(pipe, "euler", negative="")
+    assert psnr(other, ref) < PSNR_MIN
+
+
+@pytest.mark.parametrize("sampler", [s for s in REFERENCE if s != "euler"])
+def test_samplers_match_diffusers(sdxl, sampler):
+    _, out, pipe = sdxl
+    ref = _reference(pipe, sampler, negative="blurry")
+    res = _cpuflow(out, "onnxruntime").txt2img(PROMPT, negative_prompt="blurry", steps=STEPS, sampler=sampler,
+                                               guidance=5.0, width=SIZE, height=SIZE, seed=3)
+    p = psnr(np.asarray(res.images[0]), ref)
+    assert p >= PSNR_MIN, f"{sampler}: {p:.1f} dB"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(sdxl, backend, sampler):
+    from PIL import Image
+    _, out, pipe = sdxl
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    ref = _reference(pipe, sampler, negative="blurry", init=init, strength=0.6)
+    res = _cpuflow(out, backend).img2img(PROMPT, init, negative_prompt="blurry", strength=0.6, steps=STEPS,
+                                         sampler=sampler, guidance=5.0, seed=3)
+    p = psnr(np.asarray(res.images[0]), ref)
+    assert p >= PSNR_MIN, f"img2img {sampler} {backend}: {p:.1f} dB"
+
+
+def test_no_guidance_runs_the_unet_at_batch_1(sdxl):
+    _, out, pipe = sdxl
+    ref = _reference(pipe, "euler", guidance=1.0)
+    with Pipeline.load(out, backend="onnxruntime", threads=1, use_cache=False) as cf:
+        res = cf.txt2img(PROMPT, steps=STEPS, sampler="euler", guidance=1.0, seed=3)   # default size
+        unet_dims = [dict(d) for (name, d) in cf.model._sessions if name == "unet"]
+    assert res.images[0].size == (SIZE, SIZE)
+    assert psnr(np.asarray(res.images[0]), ref) >= PSNR_MIN
+    assert all(d["batch"] == 1 for d in unet_dims)
+
+
+def test_cli_generates_from_an_sdxl_folder(sdxl, tmp_path):
+    from click.testing import CliRunner
+
+    from cpuflow.cli import main
+    _, out, _ = sdxl
+    png = tmp_path / "x.png"
+    r = CliRunner().invoke(main, ["generate", "--model", str(out), PROMPT, "--steps", "2", "--seed", "1",
+                                  "--backend", "onnxruntime", "--out", str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.is_file()
+
+
+def test_single_file_sdxl_is_refused_with_advice(tmp_path):
+    from safetensors.torch import save_file
+
+    from export.sources import load_source
+    f = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.1.model.positional_embedding": torch.zeros(2)}, str(f))
+    with pytest.raises(SourceError, match="SDXL single-file.*not supported yet.*diffusers folder"):
+        load_source(f)
+
+
+def test_sdxl_folder_with_wrong_arch_is_refused(sdxl):
+    from export.sources import load_source
+    src, _, _ = sdxl
+    with pytest.raises(SourceError, match="SDXL.*arch=sd15"):
+        load_source(str(src), arch="sd15")
+
+
+def test_bad_size_is_a_clear_error(sdxl):
+    _, out, _ = sdxl
+    with pytest.raises(InvalidArgument, match="multiple of 8"):
+        _cpuflow(out, "onnxruntime").txt2img(PROMPT, steps=1, width=60, height=64)
