@@ -437,6 +437,9 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     if exporter not in ("torchscript", "dynamo"):
         raise InvalidArgument(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
     modes = quant.check_modes(quantize)
+    if getattr(loaded, "family", None) == "sdxl" and any(m in quant.NEEDS_CALIBRATION for m in modes):
+        raise InvalidArgument("--quantize int8 / hybrid (calibrated) is not supported for SDXL yet; "
+                              "use --quantize int8-weights")
     if modes and weights != "fp32":
         raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
     prompts = None

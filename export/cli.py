@@ -27,6 +27,10 @@ Examples:
       --tokenizer clip-tokenizer/
   # random weights of the SD 1.5 architecture, for latency work (no download)
   cpuflow export --random-weights --arch sd15 exported/sd15-random
+  # SDXL base: a diffusers folder (or hub id); generates at 1024x1024 by default
+  cpuflow export stabilityai/stable-diffusion-xl-base-1.0 exported/sdxl
+  # full SDXL base architecture with random weights (the CLIP tokenizer serves both)
+  cpuflow export --random-weights --arch sdxl exported/sdxl-random --tokenizer clip-tokenizer/
   # add int8 variants beside fp32 (the runtime then prefers int8; --variant fp32 still works)
   cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --quantize int8 --quantize int8-weights
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
@@ -73,7 +77,7 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--random-weights", is_flag=True,
               help="Build the --arch architecture with random weights (no SOURCE): for latency work, "
                    "images are noise.")
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v"]), default=None,
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl"]), default=None,
               help="Architecture for --random-weights (or to force one for a single-file SOURCE).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for --random-weights, the parity-check inputs and the calibration runs.")
@@ -89,8 +93,9 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
                    calibration_steps):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
-    .safetensors file, or a Hugging Face hub id) into an exported model folder
-    OUT_DIR that `cpuflow generate` runs without torch."""
+    .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
+    diffusers folder / hub id) into an exported model folder OUT_DIR that
+    `cpuflow generate` runs without torch."""
     from cpuflow.cli_errors import exit_on_error
     with exit_on_error("interrupted: nothing was written (a previous export, if any, is untouched)"):
         source, out_dir = _split_paths(paths, random_weights)
@@ -118,7 +123,7 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
-        raise InvalidArgument("--random-weights needs --arch (sd15, sd21 or sd21-v)")
+        raise InvalidArgument("--random-weights needs --arch (sd15, sd21, sd21-v or sdxl)")
 
     from .build import ConsoleProgress, export_model, preflight
     from .sources import load_source

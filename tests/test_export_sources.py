@@ -207,7 +207,7 @@ def test_vendored_configs_build_full_size_architectures():
 
 def test_arch_and_argument_validation():
     with pytest.raises(InvalidArgument, match="sd15"):
-        sources.load_source(None, random_weights=True, arch="sdxl")
+        sources.load_source(None, random_weights=True, arch="sd3")
     with pytest.raises(InvalidArgument, match="arch"):
         sources.load_source(None, random_weights=True)
     with pytest.raises(InvalidArgument):

@@ -198,3 +198,48 @@ def test_bad_size_is_a_clear_error(sdxl):
     _, out, _ = sdxl
     with pytest.raises(InvalidArgument, match="multiple of 8"):
         _cpuflow(out, "onnxruntime").txt2img(PROMPT, steps=1, width=60, height=64)
+
+
+def test_vendored_sdxl_configs_are_sdxl_base():
+    """export/configs/sdxl builds SDXL base's modules: the published parameter counts."""
+    from accelerate import init_empty_weights
+
+    from export.sources_sdxl import _text_model, load_vendored
+    cfg = load_vendored()
+    counts = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+    with init_empty_weights():
+        for comp, n in counts.items():
+            assert sum(p.numel() for p in _text_model(comp, cfg[comp], empty=True).parameters()) == n, comp
+    assert cfg["vae"]["scaling_factor"] == 0.13025
+    assert cfg["unet"]["sample_size"] * 8 == 1024
+    assert cfg["model_index"]["force_zeros_for_empty_prompt"] is True
+
+
+def test_random_weights_arch_sdxl(monkeypatch, tmp_path):
+    """--random-weights --arch sdxl: the vendored configs (here swapped for the tiny ones, the
+    full size takes ~14 GB), tokenizer_2 made from the given tokenizer with SDXL's "!" padding."""
+    from helpers_sdxl import tiny_sdxl_configs
+    from helpers_tiny import write_tiny_tokenizer
+
+    from cpuflow.tokenizer import ClipTokenizer
+    from export import sources_sdxl
+    from export.components import component_specs
+    from export.sources import load_source
+    tiny = tiny_sdxl_configs()
+    tiny["model_index"] = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
+    monkeypatch.setattr(sources_sdxl, "load_vendored", lambda: tiny)
+    tok = write_tiny_tokenizer(tmp_path / "tok", "sd1")
+    m = load_source(None, random_weights=True, arch="sdxl", tokenizer=tok, seed=1)
+    assert m.family == "sdxl" and m.random_weights and m.default_size == SIZE
+    assert type(m.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    t1, t2 = ClipTokenizer.from_dir(m.tokenizer_dir), ClipTokenizer.from_dir(m.tokenizer_2_dir)
+    assert t2.pad_id == t1.vocab["!"] and t1.pad_id == t1.eos_id
+    assert list(component_specs(m, 77)) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+
+
+def test_calibrated_quantization_is_refused_for_sdxl(sdxl, tmp_path):
+    from export.build import export_model
+    from export.sources import load_source
+    src, _, _ = sdxl
+    with pytest.raises(InvalidArgument, match="not supported for SDXL yet"):
+        export_model(load_source(str(src)), tmp_path / "q", quantize=("int8",), progress=lambda *a, **k: None)
