@@ -18,7 +18,7 @@ Built in-process with diffusers / transformers, no downloads, well under a secon
 
 API::
 
-    save_tiny_sdxl_folder(path, seed=0, force_zeros_for_empty_prompt=True) -> Path
+    save_tiny_sdxl_folder(path, seed=0, force_zeros_for_empty_prompt=True, requires_aesthetics_score=False) -> Path
         loads with StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.1
              "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 
 
-def tiny_sdxl_configs() -> dict[str, dict]:
+def tiny_sdxl_configs(requires_aesthetics_score: bool = False) -> dict[str, dict]:
     vocab, _ = tiny_vocab_and_merges()
 
     def text(hidden: int, act: str, pad: str) -> dict:
@@ -58,23 +58,28 @@ def tiny_sdxl_configs() -> dict[str, dict]:
         "attention_head_dim": [2, 4], "use_linear_projection": True, "norm_num_groups": 32,
         "cross_attention_dim": 32 + 64, "addition_embed_type": "text_time",
         "addition_time_embed_dim": TIME_EMBED_DIM,
-        "projection_class_embeddings_input_dim": TIME_EMBED_DIM * N_TIME_IDS + TEXT_EMBEDS,
+        # 6 time ids (sizes, crop), 5 with the aesthetic score (refiner-style img2img models)
+        "projection_class_embeddings_input_dim": TIME_EMBED_DIM * (N_TIME_IDS - requires_aesthetics_score)
+        + TEXT_EMBEDS,
     }
     vae = dict(tiny_configs("sd1")["vae"], scaling_factor=0.13025, force_upcast=True)
     return {"unet": unet, "vae": vae, "text_encoder": text(32, "quick_gelu", EOS),
             "text_encoder_2": text(64, "gelu", "!"), "scheduler": dict(SCHEDULER)}
 
 
-def save_tiny_sdxl_folder(path: str | os.PathLike, seed: int = 0, *,
-                          force_zeros_for_empty_prompt: bool = True) -> Path:
-    """A complete SDXL diffusers folder with tiny random weights (same seed -> same weights)."""
+def save_tiny_sdxl_folder(path: str | os.PathLike, seed: int = 0, *, force_zeros_for_empty_prompt: bool = True,
+                          requires_aesthetics_score: bool = False) -> Path:
+    """A complete SDXL diffusers folder with tiny random weights (same seed -> same weights).
+
+    ``requires_aesthetics_score``: a StableDiffusionXLImg2ImgPipeline folder whose UNet
+    takes 5 time ids (sizes, crop, aesthetic score), as the refiner's."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_sdxl_configs()
+    cfg = tiny_sdxl_configs(requires_aesthetics_score)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfg["unet"])
@@ -97,8 +102,10 @@ def save_tiny_sdxl_folder(path: str | os.PathLike, seed: int = 0, *,
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2) + "\n")
     (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": diffusers.__version__,
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if requires_aesthetics_score else "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
         "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+        **({"requires_aesthetics_score": True} if requires_aesthetics_score else {}),
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

@@ -243,3 +243,39 @@ def test_calibrated_quantization_is_refused_for_sdxl(sdxl, tmp_path):
     src, _, _ = sdxl
     with pytest.raises(InvalidArgument, match="not supported for SDXL yet"):
         export_model(load_source(str(src)), tmp_path / "q", quantize=("int8",), progress=lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, backend):
+    """A model whose config requires_aesthetics_score (5 time ids: sizes, crop, aesthetic
+    score 6.0 / negative 2.5), no force_zeros: StableDiffusionXLImg2ImgPipeline's time ids."""
+    from PIL import Image
+
+    from export.build import export_model
+    from export.sources import load_source
+    global _AESTHETIC
+    if _AESTHETIC is None:
+        base = tmp_path_factory.mktemp("tiny-sdxl-aesthetic")
+        src = save_tiny_sdxl_folder(base / "src", seed=1, force_zeros_for_empty_prompt=False,
+                                    requires_aesthetics_score=True)
+        out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                           progress=lambda *a, **k: None)
+        _AESTHETIC = (src, out)
+    src, out = _AESTHETIC
+    m = json.loads((out / "cpuflow.json").read_text())
+    assert m["sdxl"]["requires_aesthetics_score"] is True
+    assert {s["name"]: s["shape"] for s in m["components"]["unet"]["inputs"]}["time_ids"] == ["batch", 5]
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(src, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.requires_aesthetics_score
+    init = Image.fromarray(np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    ref = pipe(prompt=PROMPT, image=init, strength=0.7, num_inference_steps=STEPS, guidance_scale=5.0,
+               generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
+    ref = np.round(np.clip(ref, 0, 1) * 255).astype(np.uint8)
+    res = _cpuflow(out, backend).img2img(PROMPT, init, strength=0.7, steps=STEPS, sampler="euler", guidance=5.0,
+                                         seed=3)
+    p = psnr(np.asarray(res.images[0]), ref)
+    assert p >= PSNR_MIN, f"aesthetic img2img {backend}: {p:.1f} dB"
+
+
+_AESTHETIC = None
