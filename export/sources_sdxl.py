@@ -146,16 +146,9 @@ def _tokenizer_2(tokenizer_2, own: Path | None, fallback: Path, vocab_size: int,
     if tokenizer_2 is not None or (own is not None and own.is_dir()
                                    and src._tokenizer_files(own, configs) is not None):
         return src._resolve_tokenizer(tokenizer_2, own, "sd2", "sd21-base", vocab_size, progress)
+    # only the BPE files are passed, so the configs come from the vendored ones (never the first tokenizer's)
     files = {f: fallback / f for f in src.TOKENIZER_REQUIRED}
     d = src._assemble_tokenizer(files, configs, vocab_size, str(fallback))
-    if d == fallback:  # never reuse the first tokenizer's configs: the pad token differs
-        out = src._temp_dir("cpuflow-tokenizer-")
-        import shutil
-        for f in src.TOKENIZER_REQUIRED:
-            shutil.copyfile(fallback / f, out / f)
-        for f, key in (("tokenizer_config.json", "tokenizer_config"), ("special_tokens_map.json", "special_tokens_map")):
-            (out / f).write_text(json.dumps(configs[key], indent=2) + "\n")
-        d = out
     return d, f"{fallback} (BPE) with SDXL's tokenizer_2 configs (pad '!')"
 
 

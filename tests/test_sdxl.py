@@ -279,3 +279,42 @@ def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, back
 
 
 _AESTHETIC = None
+
+
+def test_low_memory_mode_gives_the_same_image(sdxl):
+    """--low-memory: both text encoders leave memory before the UNet comes in; same image."""
+    _, out, _ = sdxl
+    kw = dict(negative_prompt="blurry", steps=2, sampler="euler", guidance=5.0, seed=5)
+    a = _cpuflow(out, "onnxruntime").txt2img(PROMPT, **kw)
+    with Pipeline.load(out, backend="onnxruntime", precision="f32", threads=1, use_cache=False,
+                       low_memory=True) as cf:
+        b = cf.txt2img(PROMPT, **kw)
+        left = {name for (name, _) in cf.model._sessions}
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert not left & {"text_encoder", "text_encoder_2", "unet"}
+
+
+def test_server_serves_an_sdxl_model(sdxl):
+    """`cpuflow serve --model SDXL_DIR`: a job over the JSON API gives the API's image."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from cpuflow.config import GenerationRequest
+    from cpuflow.server.app import create_app
+    _, out, _ = sdxl
+    pipe = _cpuflow(out, "onnxruntime")
+    c = TestClient(create_app({"xl": pipe}), base_url="http://127.0.0.1:7860")
+    r = c.post("/api/generate", json={"prompt": PROMPT, "steps": 2, "seed": 4, "sampler": "euler"})
+    assert r.status_code == 202, r.text
+    t0 = time.time()
+    while (job := c.get(f"/api/jobs/{r.json()['id']}").json())["status"] not in ("done", "failed", "cancelled"):
+        assert time.time() - t0 < 120, job
+        time.sleep(0.05)
+    assert job["status"] == "done", job
+    png = Image.open(io.BytesIO(c.get(job["images"][0]["url"]).content)).convert("RGB")
+    direct = pipe(GenerationRequest(prompt=PROMPT, steps=2, seed=4, sampler="euler")).images[0]
+    assert np.array_equal(np.asarray(png), np.asarray(direct))

@@ -447,6 +447,9 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
 
     model_dir = Path(model_dir).resolve()
     m = load_manifest(model_dir, verify="size")
+    if m.family == "sdxl":
+        raise InvalidArgument("cpuflow bench does not measure SDXL models yet",
+                              hint="time `cpuflow generate --model MODEL_DIR` instead (its PNG records the timings)")
     width = settings.width or m.default_width
     height = settings.height or m.default_height
     ref = None
