@@ -318,3 +318,19 @@ def test_server_serves_an_sdxl_model(sdxl):
     png = Image.open(io.BytesIO(c.get(job["images"][0]["url"]).content)).convert("RGB")
     direct = pipe(GenerationRequest(prompt=PROMPT, steps=2, seed=4, sampler="euler")).images[0]
     assert np.array_equal(np.asarray(png), np.asarray(direct))
+
+
+def test_export_cli_arch_sdxl(tmp_path, monkeypatch):
+    """`cpuflow export --random-weights --arch sdxl` is accepted; without a tokenizer (offline,
+    none cached) it stops with one clear line before building anything."""
+    from click.testing import CliRunner
+
+    from export import sources
+    from export.cli import export_command
+    monkeypatch.setattr(sources, "_cached_tokenizer", lambda family: None)   # never build the full size here
+    r = CliRunner().invoke(export_command, ["--help"])
+    assert r.exit_code == 0 and "--arch sdxl" in r.output
+    r = CliRunner().invoke(export_command, ["--random-weights", "--arch", "sdxl", str(tmp_path / "m")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "no CLIP tokenizer" in r.output and "--tokenizer" in r.output
+    assert not (tmp_path / "m").exists()
