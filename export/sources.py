@@ -565,7 +565,7 @@ def _hub_download(repo_id: str, progress: ProgressFn | None) -> Path:
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE))
         missing = []
-        for comp in ("unet", "vae", "text_encoder"):
+        for comp in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if (path / "text_encoder_2").is_dir() else ()):
             try:
                 _component_weight_files(path, comp)
             except SourceError:
