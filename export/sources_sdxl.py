@@ -30,6 +30,7 @@ from . import sources as src
 FAMILY = "sdxl"
 ARCH = "sdxl"
 CONFIG_DIR = detect.CONFIGS_DIR / "sdxl"
+DEFAULT_GUIDANCE = 5.0
 DEFAULT_AESTHETIC_SCORE = 6.0            # diffusers' StableDiffusionXLImg2ImgPipeline defaults
 DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
@@ -43,13 +44,15 @@ class SDXLLoadedModel(src.LoadedModel):
 
     def manifest_extras(self, staging: Path) -> dict:
         """What the manifest holds beyond the SD keys: the second tokenizer (copied
-        into ``staging/tokenizer_2``) and the pipeline's prompt / time-id options."""
+        into ``staging/tokenizer_2``), the pipeline's prompt / time-id options and
+        the generation defaults diffusers uses for SDXL."""
         from .build import copy_tokenizer
 
         te2 = self.text_encoder_2.config
         tok2 = copy_tokenizer(Path(self.tokenizer_2_dir), staging / "tokenizer_2",
                               int(te2.max_position_embeddings))
-        return {"tokenizer_2": tok2, "sdxl": dict(self.pipeline_config)}
+        # guidance 5: StableDiffusionXLPipeline's default (SD's is 7.5)
+        return {"tokenizer_2": tok2, "sdxl": dict(self.pipeline_config), "defaults": {"guidance": DEFAULT_GUIDANCE}}
 
 
 def is_sdxl_index(index: dict) -> bool:

@@ -96,6 +96,7 @@ def test_export_manifest(sdxl):
     assert m["latent"]["scaling_factor"] == pytest.approx(0.13025)
     assert m["sdxl"]["force_zeros_for_empty_prompt"] is True
     assert m["sdxl"]["requires_aesthetics_score"] is False
+    assert m["defaults"] == {"guidance": 5.0}                               # diffusers' SDXL default
     assert m["tokenizer"]["pad_token_id"] != m["tokenizer_2"]["pad_token_id"]   # tokenizer_2 pads with "!"
     unet = {s["name"]: s["shape"] for s in m["components"]["unet"]["inputs"]}
     assert unet["encoder_hidden_states"] == ["batch", 77, 96]               # 32 + 64
@@ -174,7 +175,11 @@ def test_cli_generates_from_an_sdxl_folder(sdxl, tmp_path):
     r = CliRunner().invoke(main, ["generate", "--model", str(out), PROMPT, "--steps", "2", "--seed", "1",
                                   "--backend", "onnxruntime", "--out", str(png)])
     assert r.exit_code == 0, r.output
-    assert png.is_file()
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size == (SIZE, SIZE)
+        rec = json.loads(im.info["cpuflow"])
+    assert rec["guidance"] == 5.0 and rec["steps"] == 2
 
 
 def test_single_file_sdxl_is_refused_with_advice(tmp_path):
