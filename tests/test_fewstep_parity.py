@@ -119,6 +119,7 @@ def test_lcm_export_has_the_guidance_input(lcm):
     assert unet["inputs"][3] == {"name": "timestep_cond", "dtype": "float32", "shape": ["batch", TIME_COND_PROJ_DIM]}
     assert unet["config"]["time_cond_proj_dim"] == TIME_COND_PROJ_DIM
     assert m["scheduler"]["_class_name"] == "LCMScheduler"
+    assert m["defaults"] == {"steps": 4, "guidance": 8.5}     # export/fewstep_defaults.py
     for fmt in ("onnx", "openvino"):
         assert unet["variants"]["fp32"]["parity"][fmt]["passed"]
 
@@ -155,6 +156,8 @@ def test_lcm_guidance_changes_the_image_and_matches_the_lcm_pipeline(lcm):
     b = cf.txt2img(PROMPT, steps=4, guidance=2.0, width=SIZE, height=SIZE, seed=7)
     assert psnr(a.images[0], ref) >= PSNR_MIN
     assert psnr(a.images[0], b.images[0]) < PSNR_MIN   # tiny random UNet: a small but real change
+    c = cf.txt2img(PROMPT, width=SIZE, height=SIZE, seed=7)   # the manifest's defaults: 4 steps, guidance 8.5
+    assert (c.records[0]["steps"], c.records[0]["guidance"], c.records[0]["sampler"]) == (4, 8.5, "lcm")
 
 
 # --- Turbo -----------------------------------------------------------------------------------------
@@ -236,6 +239,25 @@ def test_lora_export_matches_diffusers_fused_lora(lora, fmt, backend):
     assert psnr(base.images[0], res.images[0]) < 45
 
 
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_lcm_lora_style_sampling_matches_diffusers(lora, guidance):
+    """The LCM-LoRA recipe: a LoRA merged into a plain model, then the lcm sampler
+    at low guidance (diffusers: LCMScheduler.from_config(pipe.scheduler.config))."""
+    plain, files, models, refs = lora
+    key = ("lcm", guidance)
+    if key not in refs:
+        pipe = _diffusers_pipe(plain.src)
+        pipe.load_lora_weights(str(files["diffusers"]))
+        pipe.fuse_lora(lora_scale=LORA_SCALE)
+        pipe.unload_lora_weights()
+        refs[key] = _reference(pipe, steps=4, guidance=guidance,
+                               scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
+    res = _cpuflow(models["diffusers"], "openvino").txt2img(PROMPT, steps=4, sampler="lcm", guidance=guidance,
+                                                           width=SIZE, height=SIZE, seed=7)
+    p = psnr(res.images[0], refs[key])
+    assert p >= PSNR_MIN, f"LCM-LoRA style, guidance {guidance}: {p:.1f} dB"
+
+
 def test_lora_is_recorded_and_changes_the_weights(lora):
     plain, files, models, _ = lora
     from export.lora import sha256_file
@@ -243,7 +265,7 @@ def test_lora_is_recorded_and_changes_the_weights(lora):
     assert m["source"]["loras"] == [{"file": files["diffusers"].name, "sha256": sha256_file(files["diffusers"]),
                                      "scale": LORA_SCALE}]
     p = json.loads((plain.model / "cpuflow.json").read_text())
-    assert "loras" not in p["source"]
+    assert "loras" not in p["source"] and "defaults" not in p
     for comp in ("unet", "text_encoder"):
         f = m["components"][comp]["variants"]["fp32"]["files"]["onnx"][-1]
         assert m["files"][f]["sha256"] != p["files"][f]["sha256"], comp
