@@ -43,6 +43,7 @@ from . import validate
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
+from .fewstep_defaults import few_step_defaults
 from .to_onnx import export_onnx
 from .to_openvino import convert_onnx_to_openvino
 
@@ -594,6 +595,9 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
             "onnx_exporter": "+".join(exporters_used),
         },
     }
+    defaults = few_step_defaults(loaded.scheduler_config, specs["unet"].config)
+    if defaults:  # LCM: 4 steps (export/fewstep_defaults.py)
+        manifest["defaults"] = {**manifest.get("defaults", {}), **defaults}
     if modes:
         all_passed = _add_quantized(staging, manifest, modes=modes, formats=formats, checks=checks,
                                     prompts=prompts, calibration_steps=calibration_steps, seed=seed,

@@ -33,6 +33,9 @@ Examples:
   cpuflow export --random-weights --arch sdxl exported/sdxl-random --tokenizer clip-tokenizer/
   # add int8 variants beside fp32 (the runtime then prefers int8; --variant fp32 still works)
   cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --quantize int8 --quantize int8-weights
+  # merge LoRAs into the UNet and text encoder first (FILE[:SCALE], repeatable; diffusers or kohya format)
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15-lcm --lora lcm-lora-sdv1-5.safetensors
+  cpuflow export sd15.safetensors exported/sd15-style --lora style.safetensors:0.8 --lora detail.safetensors:0.5
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
@@ -89,9 +92,12 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="How many prompts (the first ones of the list) calibrate int8 / hybrid.")
 @click.option("--calibration-steps", type=click.IntRange(1, 1000), default=CALIBRATION_STEPS, show_default=True,
               help="Sampler steps per calibration prompt (one UNet input captured per call).")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Merge a LoRA .safetensors file (diffusers/peft or kohya format) into the UNet and text "
+                   "encoder before export, at SCALE (default 1.0). Repeatable; recorded in cpuflow.json.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps):
+                   calibration_steps, loras):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -103,7 +109,8 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
              allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
              random_weights=random_weights, arch=arch, seed=seed,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
-                           calibration_size=calibration_size, calibration_steps=calibration_steps))
+                           calibration_size=calibration_size, calibration_steps=calibration_steps),
+             loras=loras)
 
 
 def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:
@@ -119,7 +126,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
-         random_weights, arch, seed, quantize=None) -> None:
+         random_weights, arch, seed, quantize=None, loras=()) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -138,11 +145,16 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     elif quantize.get("calibration_prompts") is not None:
         raise InvalidArgument("--calibration-prompts needs --quantize int8 or --quantize hybrid")
     out_dir = preflight(out_dir)  # a bad OUT_DIR fails before the (slow) load
+    if loras:  # so does a missing or non-LoRA file
+        from .lora import merge_loras, preflight_loras
+        loras = preflight_loras(loras)
 
     progress = ConsoleProgress()
     loaded = load_source(source, arch=arch, random_weights=random_weights, allow_pickle=allow_pickle,
                          prediction_type=prediction_type, tokenizer=tokenizer_dir, seed=seed,
                          progress=lambda msg: click.echo(f"[source] {msg}", err=True))
+    if loras:
+        merge_loras(loaded, loras, progress=lambda msg: click.echo(f"[lora] {msg}", err=True))
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
                            progress=progress, seed=seed, **quantize)

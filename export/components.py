@@ -182,9 +182,7 @@ def unet_spec(unet: Any, max_length: int) -> ComponentSpec:
     config = {"in_channels": cin, "out_channels": cout, "cross_attention_dim": cross,
               "sample_size": cfg.sample_size, "block_out_channels": list(cfg.block_out_channels),
               "upsample_factor": up}
-    if getattr(cfg, "time_cond_proj_dim", None) is not None:
-        config["time_cond_proj_dim"] = int(cfg.time_cond_proj_dim)
-    return ComponentSpec(
+    spec = ComponentSpec(
         name="unet", source_attr="unet", wrap=UNetWrapper,
         inputs=[sample, timestep, ehs], outputs=[out],
         dynamic_axes={s.name: _axes(s) for s in (sample, timestep, ehs, out)},
@@ -198,6 +196,10 @@ def unet_spec(unet: Any, max_length: int) -> ComponentSpec:
         check_dims={"batch": 2, "latent_height": 2 * up, "latent_width": 3 * up - 1},
         config=config, make_inputs=make,
     )
+    if getattr(cfg, "time_cond_proj_dim", None) is not None:  # LCM: guidance as an input
+        from .guidance_unet import add_guidance_embedding_input
+        add_guidance_embedding_input(spec, int(cfg.time_cond_proj_dim))
+    return spec
 
 
 def vae_decoder_spec(vae: Any) -> ComponentSpec:

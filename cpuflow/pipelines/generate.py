@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .. import __version__, samplers
+from .. import __version__, guidance_embedding, samplers
 from ..config import MAX_SEED, GenerationRequest
 from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
@@ -70,7 +70,8 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
         init_pixels = image_to_array(img)
     plan = samplers.make_plan(r["sampler"], model.scheduler_config(), r["steps"], schedule=req.schedule,
                               strength=req.strength if is_img2img else 1.0)
-    do_cfg = r["guidance"] > 1.0
+    # an LCM UNet takes the guidance as an embedding: no negative branch (diffusers does the same)
+    do_cfg = r["guidance"] > 1.0 and guidance_embedding.embedding_dim(model.manifest) is None
     dims = model.latent_dims(r["width"], r["height"], 1)
     shape = (1, model.manifest.latent_channels, dims["latent_height"], dims["latent_width"])
 

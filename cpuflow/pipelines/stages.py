@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import samplers
+from .. import guidance_embedding, samplers
 from ..errors import NumericalError
 from ..image import check_finite
 from .model import LoadedModel, StageTimer
@@ -43,7 +43,14 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     """The UNet with classifier-free guidance (Ho & Salimans 2022):
     out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
     the batch ordered [uncond, cond] as diffusers does. Without guidance
-    (uncond None) the UNet runs once per step at batch 1: half the work."""
+    (uncond None) the UNet runs once per step at batch 1: half the work.
+    A UNet that takes the guidance as an embedding (LCM, cpuflow/guidance_embedding.py)
+    gets it there and never runs an unconditional branch, as in diffusers."""
+    extra = {}
+    emb_dim = guidance_embedding.embedding_dim(model.manifest)
+    if emb_dim is not None:
+        uncond = None
+        extra[guidance_embedding.INPUT_NAME] = guidance_embedding.guidance_embedding(guidance, emb_dim)
     batch = 1 if uncond is None else 2
     dims = dict(latent_dims, batch=batch)
     ehs = cond if uncond is None else np.concatenate([uncond, cond], axis=0)
@@ -54,7 +61,8 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
         inp = x if batch == 1 else np.concatenate([x, x], axis=0)
         ts = np.full((batch,), t, dtype=np.float32)
         t0 = time.perf_counter()
-        out = model.run("unet", dims, {"sample": inp, "timestep": ts, "encoder_hidden_states": ehs})["out_sample"]
+        out = model.run("unet", dims, {"sample": inp, "timestep": ts, "encoder_hidden_states": ehs,
+                                       **extra})["out_sample"]
         timer.add("unet", time.perf_counter() - t0)
         calls[0] += 1
         check_finite(f"unet output (call {calls[0]}, timestep {t:g})", out)
