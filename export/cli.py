@@ -80,8 +80,10 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--random-weights", is_flag=True,
               help="Build the --arch architecture with random weights (no SOURCE): for latency work, "
                    "images are noise.")
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl"]), default=None,
-              help="Architecture for --random-weights (or to force one for a single-file SOURCE).")
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl", "sd15-lcm", "sd21-turbo"]), default=None,
+              help="Architecture for --random-weights (or to force one for a single-file SOURCE). sd15-lcm "
+                   "(LCM-Dreamshaper-v7: guidance-embedding UNet, LCMScheduler) and sd21-turbo (SD-Turbo: Euler, "
+                   "trailing timesteps) are latency variants for --random-weights only.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for --random-weights, the parity-check inputs and the calibration runs.")
 @click.option("--quantize", "quantize", multiple=True, type=click.Choice(QUANTIZE_MODES),
@@ -130,7 +132,10 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
-        raise InvalidArgument("--random-weights needs --arch (sd15, sd21, sd21-v or sdxl)")
+        raise InvalidArgument("--random-weights needs --arch (sd15, sd21, sd21-v, sdxl, sd15-lcm or sd21-turbo)")
+    if arch in ("sd15-lcm", "sd21-turbo") and not random_weights:
+        raise InvalidArgument(f"--arch {arch} is a random-weights latency variant: use it with --random-weights "
+                              "(a real LCM / Turbo model is exported from its folder or hub id, no --arch needed)")
 
     from .build import ConsoleProgress, export_model, preflight
     from .sources import load_source

@@ -59,7 +59,25 @@ ARCHES: dict[str, tuple[str, str, int, str]] = {
     "sd21": ("sd2", "epsilon", 512, "sd21-base"),
     "sd21-v": ("sd2", "v_prediction", 768, "sd21-v"),
     "sdxl": ("sdxl", "epsilon", 1024, "sdxl"),   # random weights only (export/sources_sdxl.py)
+    # few-step latency variants (random weights only): a base arch's configs with ARCH_OVERRIDES applied
+    "sd15-lcm": ("sd1", "epsilon", 512, "sd15"),
+    "sd21-turbo": ("sd2", "epsilon", 512, "sd21-base"),
 }
+_SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "trained_betas": None}
+# What differs from the base arch, as in the published models: LCM-Dreamshaper-v7 (a UNet with a
+# 256-wide guidance embedding, LCMScheduler) and SD-Turbo (SD 2.1 base UNet, Euler with trailing timesteps).
+ARCH_OVERRIDES: dict[str, dict[str, dict]] = {
+    "sd15-lcm": {"unet": {"time_cond_proj_dim": 256},
+                 "scheduler": {"_class_name": "LCMScheduler", **_SCALED_LINEAR, "clip_sample": False,
+                               "original_inference_steps": 50, "set_alpha_to_one": True, "thresholding": False,
+                               "timestep_scaling": 10.0, "timestep_spacing": "leading",
+                               "rescale_betas_zero_snr": False}},
+    "sd21-turbo": {"scheduler": {"_class_name": "EulerDiscreteScheduler", **_SCALED_LINEAR,
+                                 "interpolation_type": "linear", "use_karras_sigmas": False,
+                                 "timestep_spacing": "trailing"}},
+}
+RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo")
 VENDORED = ("sd15", "sd21-base", "sd21-v")
 
 SD1_UNET_HEADS = 8          # v1-inference.yaml num_heads

@@ -613,6 +613,8 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
     if prediction_type:
         pt = detect.normalize_prediction_type(prediction_type)
     cfgs = detect.load_vendored(vendored)
+    for comp, changes in detect.ARCH_OVERRIDES.get(arch, {}).items():
+        cfgs[comp] = dict(changes) if comp == "scheduler" else {**cfgs[comp], **changes}
     tok_dir, tok_why = _resolve_tokenizer(tokenizer, None, family, vendored, cfgs["text_encoder"]["vocab_size"],
                                           progress)
     models = {}

@@ -609,3 +609,28 @@ def test_random_weights_full_size_sd15(tok_dirs):
     del lm
     again = sources.load_source(None, random_weights=True, arch="sd15", seed=3, tokenizer=tok_dirs["sd1"])
     assert torch.equal(first, again.unet.conv_in.weight)
+
+
+@pytest.mark.parametrize("arch, cls, proj", [("sd15-lcm", "LCMScheduler", 256), ("sd21-turbo", "EulerDiscreteScheduler", None)])
+def test_few_step_latency_arches_apply_their_overrides(monkeypatch, tmp_path, arch, cls, proj):
+    """--random-weights --arch sd15-lcm / sd21-turbo: the base arch's vendored configs (swapped for
+    tiny ones here: full size is slow) with the published models' differences applied."""
+    from helpers_tiny import tiny_configs, write_tiny_tokenizer
+
+    from export import detect
+    kind = "sd1" if arch == "sd15-lcm" else "sd2"
+    real = detect.load_vendored
+
+    def tiny(name):
+        cfgs = real(name)
+        cfgs.update({k: v for k, v in tiny_configs(kind).items()})
+        return cfgs
+
+    monkeypatch.setattr(detect, "load_vendored", tiny)
+    m = sources.load_source(None, random_weights=True, arch=arch, tokenizer=write_tiny_tokenizer(tmp_path / "t", kind))
+    assert m.scheduler_config["_class_name"] == cls
+    assert m.unet.config.time_cond_proj_dim == proj
+    if arch == "sd21-turbo":
+        assert m.scheduler_config["timestep_spacing"] == "trailing"
+    else:
+        assert m.scheduler_config["original_inference_steps"] == 50
