@@ -29,6 +29,9 @@ Examples:
   cpuflow export --random-weights --arch sd15 exported/sd15-random
   # add int8 variants beside fp32 (the runtime then prefers int8; --variant fp32 still works)
   cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --quantize int8 --quantize int8-weights
+  # add the tiny autoencoder (TAESD) for fast previews and --decoder taesd
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --taesd madebyollin/taesd
+  cpuflow export --random-weights --arch sd15 exported/sd15-random --taesd random
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
@@ -85,9 +88,13 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="How many prompts (the first ones of the list) calibrate int8 / hybrid.")
 @click.option("--calibration-steps", type=click.IntRange(1, 1000), default=CALIBRATION_STEPS, show_default=True,
               help="Sampler steps per calibration prompt (one UNet input captured per call).")
+@click.option("--taesd", "taesd", default=None, metavar="TAESD_SOURCE",
+              help="Also export the tiny autoencoder (AutoencoderTiny) as taesd_decoder / taesd_encoder, for "
+                   "`generate --decoder taesd` and per-step previews: a diffusers AutoencoderTiny folder, a hub "
+                   "id (madebyollin/taesd for SD 1.x/2.x), or random (with --random-weights). Never quantized.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps):
+                   calibration_steps, taesd):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id) into an exported model folder
     OUT_DIR that `cpuflow generate` runs without torch."""
@@ -96,7 +103,7 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
         source, out_dir = _split_paths(paths, random_weights)
         _run(source, out_dir, formats=FORMAT_CHOICES[fmt], weights=weights, force=force,
              allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
-             random_weights=random_weights, arch=arch, seed=seed,
+             random_weights=random_weights, arch=arch, seed=seed, taesd=taesd,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps))
 
@@ -114,7 +121,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
-         random_weights, arch, seed, quantize=None) -> None:
+         random_weights, arch, seed, quantize=None, taesd=None) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -133,11 +140,19 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     elif quantize.get("calibration_prompts") is not None:
         raise InvalidArgument("--calibration-prompts needs --quantize int8 or --quantize hybrid")
     out_dir = preflight(out_dir)  # a bad OUT_DIR fails before the (slow) load
+    tiny = None
+    if taesd is not None:  # small, and a bad TAESD_SOURCE fails before the (slow) load too
+        from .taesd import load_taesd
+        tiny = load_taesd(taesd, random_weights=random_weights, seed=seed,
+                          progress=lambda msg: click.echo(f"[taesd] {msg}", err=True))
 
     progress = ConsoleProgress()
     loaded = load_source(source, arch=arch, random_weights=random_weights, allow_pickle=allow_pickle,
                          prediction_type=prediction_type, tokenizer=tokenizer_dir, seed=seed,
                          progress=lambda msg: click.echo(f"[source] {msg}", err=True))
+    if tiny is not None:
+        from .taesd import attach_taesd
+        attach_taesd(loaded, *tiny)
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
                            progress=progress, seed=seed, **quantize)
