@@ -13,7 +13,7 @@ TAESDXL for SDXL) as two extra components of an export.
   (diffusers' img2img does the same).
 
 They go through the same ONNX / OpenVINO conversion and the same parity gate
-as the other components. They are not quantized (about 1.2 M parameters per
+as the other components. They are not quantized (1.2 M parameters per
 half: int8 would save a few MB and cost accuracy); the manifest says so.
 
 TAESD_SOURCE: a diffusers folder of an AutoencoderTiny (``config.json`` +
@@ -37,7 +37,7 @@ from .components import ComponentSpec, _axes, _spec
 
 TAESD_COMPONENTS = ("taesd_decoder", "taesd_encoder")
 HUB_ALLOW = ["config.json", "diffusion_pytorch_model*.safetensors*"]
-NOT_QUANTIZED = "the tiny autoencoder stays fp32 (about 1 M parameters per half: int8 would gain little)"
+NOT_QUANTIZED = "the tiny autoencoder stays fp32 (1.2 M parameters per half for TAESD: int8 would gain little)"
 
 
 # --- wrappers ----------------------------------------------------------------------
@@ -172,7 +172,8 @@ def _hub_download(repo_id: str) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     except ImportError:
-        raise MissingDependency("downloading from the hub needs huggingface_hub: pip install 'cpuflow[export]'") from None
+        raise MissingDependency("downloading from the hub needs huggingface_hub: "
+                                "pip install 'cpuflow[export]'") from None
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_ALLOW))
     except GatedRepoError:

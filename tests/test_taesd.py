@@ -328,3 +328,23 @@ def test_bench_taesd_stage_and_e2e_decoder(taesd_export, tmp_path):
     assert "TAESD decode" in r.output and data["settings"]["decoder"] == "taesd"
     r = CliRunner().invoke(bench_command, [str(taesd_export.plain), "--stages", "taesd", "-q"])
     assert r.exit_code == 2 and "--taesd" in r.output
+
+
+def test_cli_export_with_taesd_and_quantize_keeps_the_tiny_autoencoder_fp32(taesd_export, tmp_path):
+    from export.cli import export_command
+
+    out = tmp_path / "q"
+    r = CliRunner().invoke(export_command, [str(taesd_export.src), str(out), "--format", "openvino",
+                                            "--quantize", "int8-weights", "--taesd", str(taesd_export.taesd_dir)])
+    assert r.exit_code == 0, r.output
+    assert "[taesd] not quantized" in r.output
+    m = load_manifest(out, verify="sha256")
+    assert set(m.components["unet"].variants) == {"fp32", "int8-weights"}
+    assert set(m.components["taesd_decoder"].variants) == {"fp32"}
+    assert set(m.components["taesd_encoder"].variants) == {"fp32"}
+    assert m.raw["export"]["taesd"]["quantized"] is False
+    with Pipeline.load(out, backend="openvino", precision="f32", threads=1, use_cache=False,
+                       variant="int8-weights") as pipe:
+        res = pipe.txt2img("a red circle", steps=2, width=SIZE, height=SIZE, seed=1, decoder="taesd")
+    assert res.records[0]["variant"]["taesd_decoder"] == "fp32"
+    assert res.records[0]["variant"]["unet"] == "int8-weights"

@@ -117,7 +117,8 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
     m = load_manifest(model_dir, verify="size")
     if ("taesd" in settings.stages or decoder == "taesd") and "taesd_decoder" not in m.components:
         raise InvalidArgument(f"{model_dir} has no tiny autoencoder (taesd_decoder) for the taesd stage or "
-                              "--decoder taesd", hint="re-export it with `cpuflow export ... --taesd madebyollin/taesd`")
+                              "--decoder taesd",
+                              hint="re-export it with `cpuflow export ... --taesd madebyollin/taesd`")
     configs, notes = runner.make_configs(m, backends or ("openvino",), variants or (None,),
                                          precisions or ("auto",), device)
     for n in notes:

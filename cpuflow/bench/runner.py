@@ -413,7 +413,8 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
             else:
                 jobs.append(Job(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
         if reference is not None and stage != "taesd" and not (stage == "e2e" and settings.decoder == "taesd"):
-            # (no torch reference for the tiny autoencoder) every reference process checks its weights against the export (after measuring)
+            # (none for the tiny autoencoder: the torch reference has the full VAE only)
+            # every reference process checks its weights against the export (after measuring)
             spec = dict(base, **reference, kind="torch", stage=stage, check_weights=True)
             if stage == "load":
                 for i in range(n_starts):
@@ -515,7 +516,8 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
                   "build": build_record},
         "settings": {"width": width, "height": height, "steps": settings.steps, "guidance": float(settings.guidance),
                      "threads": settings.threads, "repeat": settings.repeat, "warmup": settings.warmup,
-                     "stages": list(settings.stages), "decoder": settings.decoder, "prompt": settings.prompt, "seed": settings.gen_seed,
+                     "stages": list(settings.stages), "decoder": settings.decoder, "prompt": settings.prompt,
+                     "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
                      "unet_batch": unet_batch({"guidance": settings.guidance}), "reference": reference},
         "configs": columns,
