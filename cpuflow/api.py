@@ -14,6 +14,7 @@ from typing import Any
 from .config import GenerationRequest, LoadConfig
 from .pipelines.generate import GenerationResult, ProgressFn, generate
 from .pipelines.model import LoadedModel
+from .previews import PreviewFn, with_previews
 
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 _LOAD_FIELDS = {f.name for f in fields(LoadConfig)}
@@ -40,23 +41,30 @@ class Pipeline:
     def manifest(self):
         return self.model.manifest
 
-    def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
-        return generate(self.model, request, progress)
+    def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None, *,
+                 preview: PreviewFn | None = None, preview_every: int = 1) -> GenerationResult:
+        return generate(self.model, request, with_previews(self.model, progress, preview, preview_every))
 
-    def txt2img(self, prompt, *, progress: ProgressFn | None = None, **params: Any) -> GenerationResult:
+    def txt2img(self, prompt, *, progress: ProgressFn | None = None, preview: PreviewFn | None = None,
+                preview_every: int = 1, **params: Any) -> GenerationResult:
         """Text to image. ``params``: negative_prompt, steps, sampler, schedule,
-        guidance, width, height, seed, n_samples, eta, rng."""
+        guidance, width, height, seed, n_samples, eta, rng, decoder ("full" or
+        "taesd": the tiny autoencoder, when the folder was exported with --taesd).
+        ``preview(image, info)`` gets a PIL preview every ``preview_every`` steps
+        (through the tiny autoencoder when the folder has it, else a cheap
+        latent -> RGB approximation at 1/8 size; see cpuflow/previews.py)."""
         if "init_image" in params:
             from .errors import InvalidArgument
             raise InvalidArgument("txt2img takes no init_image; use img2img")
-        return generate(self.model, _request(prompt, params), progress)
+        return self(_request(prompt, params), progress, preview=preview, preview_every=preview_every)
 
     def img2img(self, prompt, init_image, *, strength: float = 0.8, progress: ProgressFn | None = None,
-                **params: Any) -> GenerationResult:
+                preview: PreviewFn | None = None, preview_every: int = 1, **params: Any) -> GenerationResult:
         """Image to image: the same loop started part-way down the noise
-        schedule (``strength`` 1 ignores the image, 0 returns it re-encoded)."""
-        return generate(self.model, _request(prompt, dict(params, init_image=init_image, strength=strength)),
-                        progress)
+        schedule (``strength`` 1 ignores the image, 0 returns it re-encoded).
+        With ``decoder="taesd"`` the tiny autoencoder encodes and decodes."""
+        return self(_request(prompt, dict(params, init_image=init_image, strength=strength)), progress,
+                    preview=preview, preview_every=preview_every)
 
     def close(self) -> None:
         self.model.close()

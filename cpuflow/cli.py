@@ -23,6 +23,9 @@ Examples:
   cpuflow generate --model exported/sd15 "a watercolor of a fox" \\
       --init-image photo.jpg --strength 0.6 --out fox.png
   cpuflow generate "a green square on a white background" --n-samples 4 --grid --out grid.png
+  # the tiny autoencoder (a folder exported with --taesd): fast decode, and a preview every 5 steps
+  # written beside the image: lighthouse.preview-0005.png, lighthouse.preview-0010.png, ...
+  cpuflow generate --model exported/sd15 "a lighthouse" --decoder taesd --preview-every 5 --out lighthouse.png
 """
 
 
@@ -89,10 +92,17 @@ def _samplers_help() -> str:
 @click.option("--no-cache", is_flag=True, help="Do not use the compiled-model cache.")
 @click.option("--low-memory", is_flag=True,
               help="One model component in memory at a time and tiled VAE decoding: less RAM, a little slower.")
+@click.option("--decoder", type=click.Choice(["full", "taesd"]), default="full", show_default=True,
+              help="Decode (and, for img2img, encode) with the full VAE or the tiny autoencoder (TAESD: much "
+                   "faster, a little less detail; needs a folder exported with --taesd).")
+@click.option("--preview-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Write a preview of the image every N steps beside the output, as OUT.preview-0005.png "
+                   "(image-00000.preview-0005.png in a folder): through the tiny autoencoder when the folder "
+                   "has one, else a rough 1/8-size colour approximation of the latents.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
              n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
-             no_cache, low_memory, quiet):
+             no_cache, low_memory, decoder, preview_every, quiet):
     """Generate images from PROMPT (txt2img, or img2img with --init-image)."""
     from .config import GenerationRequest, LoadConfig
     from .image import make_grid, save_png_atomic
@@ -103,7 +113,7 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
     req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
                             schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
                             height=height, n_samples=n_samples, init_image=init_image, strength=strength,
-                            rng=rng).with_seed()
+                            rng=rng, decoder=decoder).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
@@ -121,8 +131,14 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
         bars[0].set_description(f"image {ev['image'] + 1}/{ev['n_images']}")
         bars[0].update(1)
 
+    def save_preview(img, info):
+        path = paths["images"][info["image"]]
+        save_png_atomic(img, path.with_name(f"{path.stem}.preview-{info['step']:04d}.png"))
+
+    from .previews import with_previews
     try:
-        result = run(loaded, req, None if quiet else progress)
+        result = run(loaded, req, with_previews(loaded, None if quiet else progress,
+                                                save_preview if preview_every else None, preview_every or 1))
     finally:
         for b in bars:
             b.close()
@@ -142,7 +158,8 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
                + f" | {rec0['backend']} {rec0['device']} {rec0['precision']}"
                + f" | load {t.get('load_compile', 0):.1f}s, text {t.get('text_encoder', 0):.2f}s, "
                f"unet {t.get('unet', 0):.1f}s ({t.get('unet_per_call', 0):.3f}s/call), "
-               f"vae {t.get('vae_decoder', 0):.2f}s, total {t.get('total', 0):.1f}s")
+               + (f"taesd {t.get('taesd_decoder', 0):.2f}s" if decoder == "taesd"
+                  else f"vae {t.get('vae_decoder', 0):.2f}s") + f", total {t.get('total', 0):.1f}s")
     click.echo(summary, err=True)
     for p in written:
         click.echo(str(p))

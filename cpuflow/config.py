@@ -19,7 +19,7 @@ BACKENDS = ("openvino", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "f32")
 SCHEDULES = ("default", "karras")
-DECODERS = ("full",)
+DECODERS = ("full", "taesd")    # taesd: the tiny autoencoder (export --taesd)
 
 MAX_STEPS = 1000
 MAX_SAMPLES = 64
@@ -108,6 +108,7 @@ class GenerationRequest:
     init_image: Any = None             # path, bytes or PIL image: img2img
     strength: float = 0.8              # img2img only
     rng: str = "torch"                 # torch-compatible noise (same image as diffusers) | numpy
+    decoder: str = "full"              # full VAE | taesd (the tiny autoencoder; img2img encodes with it too)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -157,6 +158,7 @@ class GenerationRequest:
             raise InvalidArgument(f"strength must be between 0 and 1, got {st:g}")
         set_("strength", st)
         _choice("rng", self.rng, ("torch", "numpy"))
+        _choice("decoder", self.decoder, DECODERS)
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

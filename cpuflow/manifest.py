@@ -19,7 +19,8 @@ Schema version 1 (a JSON object)::
     latent            {channels, downscale, scaling_factor, shift_factor}
     default_size      {width, height}
     tokenizer         {path, files, max_length, bos_token_id, eos_token_id, pad_token_id}
-    components        name -> Component (text_encoder, unet, vae_decoder, vae_encoder)
+    components        name -> Component (text_encoder, unet, vae_decoder, vae_encoder; optional
+                      taesd_decoder, taesd_encoder: the tiny autoencoder, config.scaling_factor its own)
     files             relative path -> {size, sha256}   (every file of the folder but the manifest)
     source            {kind, name, sha256}
     export            {created, tools: {name: version}, formats, weights_dtype, forced}
@@ -52,7 +53,8 @@ from .errors import IncompatibleModelError, IntegrityError, ManifestError, Unsaf
 MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
 SCHEMA_VERSION = 1
-COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2")
+COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2",  # SDXL's second
+                   "taesd_decoder", "taesd_encoder")  # optional: the tiny autoencoder (export --taesd)
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 FORMATS = ("onnx", "openvino")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
@@ -282,6 +284,12 @@ def check_compatible(m: Manifest) -> None:
         raise IncompatibleModelError(
             f"vae_decoder takes {dec.shape[1]} latent channels but unet makes {m.latent_channels}"
         )
+    if "taesd_decoder" in m.components:
+        tiny = m.components["taesd_decoder"].input("latent_sample")
+        if tiny.shape[1] != m.latent_channels:
+            raise IncompatibleModelError(
+                f"taesd_decoder takes {tiny.shape[1]} latent channels but unet makes {m.latent_channels}"
+            )
 
 
 def load_manifest(root: str | os.PathLike, *, verify: bool | str = "size") -> Manifest:

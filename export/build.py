@@ -44,6 +44,9 @@ from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
 from .fewstep_defaults import few_step_defaults
+from .taesd import NOT_QUANTIZED as TAESD_NOT_QUANTIZED
+from .taesd import TAESD_COMPONENTS
+from .taesd import manifest_entry as taesd_entry
 from .to_onnx import export_onnx
 from .to_openvino import convert_onnx_to_openvino
 
@@ -163,7 +166,7 @@ def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: 
     counts = [_param_count(loaded.text_encoder), _param_count(loaded.unet), dec, enc,
               _param_count(getattr(loaded, "text_encoder_2", None))]  # SDXL's second text encoder
     per_param = 4 if weights == "fp32" else 2
-    kept = sum(counts) * per_param * len(formats)
+    kept = (sum(counts) + _param_count(getattr(loaded, "taesd", None))) * per_param * len(formats)
     transient = max(counts) * 4 * (1 if "onnx" in formats else 2)
     if modes:
         kept += sum(counts) * len(modes) * len(formats)
@@ -509,8 +512,9 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     }
     last_user = {spec.source_attr: name for name, spec in specs.items()}
     steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats)) + 1
+    quantizable = [n for n in specs if n not in TAESD_COMPONENTS]  # the tiny autoencoder stays fp32
     if modes:  # quantize + validate per file, calibration
-        steps.total += 2 * quant.count_jobs(modes, formats, specs) + (prompts is not None)
+        steps.total += 2 * quant.count_jobs(modes, formats, quantizable) + (prompts is not None)
     steps.info(f"[export] {loaded.name}: {', '.join(formats)}, {weights} weights -> {len(specs)} components"
                + (f"; quantized variants: {', '.join(modes)}" if modes else ""))
 
@@ -558,7 +562,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         if "onnx" not in formats:  # an intermediate only
             for p in onnx_files:
                 p.unlink(missing_ok=True)
-        if modes:
+        if modes and name in quantizable:
             checks[name] = quant.Check(feeds, ref)  # small: the parity inputs are a few latents
         del ref, feeds
         gc.collect()
@@ -598,6 +602,10 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     defaults = few_step_defaults(loaded.scheduler_config, specs["unet"].config)
     if defaults:  # LCM: 4 steps (export/fewstep_defaults.py)
         manifest["defaults"] = {**manifest.get("defaults", {}), **defaults}
+    if taesd_entry(getattr(loaded, "taesd_source", None)) is not None:
+        manifest["export"]["taesd"] = taesd_entry(loaded.taesd_source)
+        if modes:
+            steps.info(f"[taesd] not quantized: {TAESD_NOT_QUANTIZED}")
     if modes:
         all_passed = _add_quantized(staging, manifest, modes=modes, formats=formats, checks=checks,
                                     prompts=prompts, calibration_steps=calibration_steps, seed=seed,

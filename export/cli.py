@@ -36,6 +36,9 @@ Examples:
   # merge LoRAs into the UNet and text encoder first (FILE[:SCALE], repeatable; diffusers or kohya format)
   cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15-lcm --lora lcm-lora-sdv1-5.safetensors
   cpuflow export sd15.safetensors exported/sd15-style --lora style.safetensors:0.8 --lora detail.safetensors:0.5
+  # add the tiny autoencoder (TAESD) for fast previews and --decoder taesd
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --taesd madebyollin/taesd
+  cpuflow export --random-weights --arch sd15 exported/sd15-random --taesd random
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
@@ -99,7 +102,7 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
                    "encoder before export, at SCALE (default 1.0). Repeatable; recorded in cpuflow.json.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps, loras):
+                   calibration_steps, loras, taesd):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -109,7 +112,7 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
         source, out_dir = _split_paths(paths, random_weights)
         _run(source, out_dir, formats=FORMAT_CHOICES[fmt], weights=weights, force=force,
              allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
-             random_weights=random_weights, arch=arch, seed=seed,
+             random_weights=random_weights, arch=arch, seed=seed, taesd=taesd,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps),
              loras=loras)
@@ -128,7 +131,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
-         random_weights, arch, seed, quantize=None, loras=()) -> None:
+         random_weights, arch, seed, quantize=None, loras=(), taesd=None) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -153,6 +156,11 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if loras:  # so does a missing or non-LoRA file
         from .lora import merge_loras, preflight_loras
         loras = preflight_loras(loras)
+    tiny = None
+    if taesd is not None:  # small, and a bad TAESD_SOURCE fails before the (slow) load too
+        from .taesd import load_taesd
+        tiny = load_taesd(taesd, random_weights=random_weights, seed=seed,
+                          progress=lambda msg: click.echo(f"[taesd] {msg}", err=True))
 
     progress = ConsoleProgress()
     loaded = load_source(source, arch=arch, random_weights=random_weights, allow_pickle=allow_pickle,
@@ -160,6 +168,9 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
                          progress=lambda msg: click.echo(f"[source] {msg}", err=True))
     if loras:
         merge_loras(loaded, loras, progress=lambda msg: click.echo(f"[lora] {msg}", err=True))
+    if tiny is not None:
+        from .taesd import attach_taesd
+        attach_taesd(loaded, *tiny)
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
                            progress=progress, seed=seed, **quantize)

@@ -22,7 +22,8 @@ import torch
 
 from cpuflow.manifest import TensorSpec
 
-COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder",
+                   "taesd_decoder", "taesd_encoder")  # the last two only with --taesd (export/taesd.py)
 
 
 # --- wrappers ----------------------------------------------------------------
@@ -252,15 +253,18 @@ def _vae_config(vae: Any) -> dict[str, Any]:
 
 
 def component_specs(loaded: Any, max_length: int) -> dict[str, ComponentSpec]:
-    """All four component specs of a loaded model (five for SDXL), in export order."""
+    """All component specs of a loaded model, in export order (five for SDXL; the tiny
+    autoencoder's two more when one is attached: export/taesd.py)."""
+    from .taesd import taesd_specs
     if getattr(loaded, "family", None) == "sdxl":
         from .components_sdxl import component_specs as sdxl_specs
-        return sdxl_specs(loaded, max_length)
+        return {**sdxl_specs(loaded, max_length), **taesd_specs(getattr(loaded, "taesd", None))}
     return {
         "text_encoder": text_encoder_spec(loaded.text_encoder, max_length),
         "unet": unet_spec(loaded.unet, max_length),
         "vae_decoder": vae_decoder_spec(loaded.vae),
         "vae_encoder": vae_encoder_spec(loaded.vae),
+        **taesd_specs(getattr(loaded, "taesd", None)),
     }
 
 

@@ -84,6 +84,9 @@ class LoadedModel:
     random_weights: bool
     # How each fact was decided (family / prediction type / size evidence, notes).
     detection: dict = field(default_factory=dict)
+    # The tiny autoencoder (AutoencoderTiny) added with --taesd, and where it came from (export/taesd.py).
+    taesd: Any = None
+    taesd_source: dict | None = None
 
 
 # ------------------------------------------------------------------ small helpers

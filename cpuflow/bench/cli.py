@@ -24,10 +24,14 @@ Examples:
       --stages unet,vae --repeat 2
   # against torch on the weights the folder was exported from:
   cpuflow bench exported/sd15 --reference torch --reference-source runwayml/stable-diffusion-v1-5
+  # the tiny autoencoder (a folder exported with --taesd): its decode, and whole images decoded by it
+  cpuflow bench exported/sd15 --stages vae,taesd,e2e --decoder taesd
 
 \b
 Stages: text (one text-encoder call), unet (one UNet call, batch 2 with
-guidance), vae (one VAE decode), e2e (one whole image), load (load + compile:
+guidance), vae (one VAE decode), taesd (one decode by the tiny autoencoder, for
+folders exported with --taesd; not in the default set), e2e (one whole image,
+decoded with --decoder), load (load + compile:
 first start with an empty compiled cache, then second start on that cache).
 Every stage of every configuration runs in a process of its own: its peak RSS
 is that process's high-water mark (VmHWM).
@@ -65,7 +69,10 @@ is that process's high-water mark (VmHWM).
 @click.option("--repeat", type=int, default=3, show_default=True, help="Counted repetitions per stage.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Uncounted warm-up runs per stage.")
 @click.option("--stages", default="text,unet,vae,e2e,load", show_default=True,
-              help="Comma-separated stages to measure.")
+              help="Comma-separated stages to measure (also: taesd).")
+@click.option("--decoder", type=click.Choice(["full", "taesd"]), default="full", show_default=True,
+              help="Decoder of the e2e image: the full VAE or the tiny autoencoder (folders exported with "
+                   "--taesd; no torch reference for it).")
 @click.option("--prompt", default=None, help="Prompt for the text encoder and the image.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every number (and the machine, settings, versions) to this JSON file.")
@@ -84,7 +91,7 @@ def bench_command(**opts):
 
 def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
          reference_source, width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
-         chart_path, job_timeout, quiet):
+         chart_path, job_timeout, quiet, decoder="full"):
     from ..manifest import load_manifest
     from . import report, runner
 
@@ -99,7 +106,7 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
             raise InvalidArgument(f"folder {p.parent} does not exist (for {p.name})")
     settings = runner.BenchSettings(width=width, height=height, steps=steps, guidance=guidance, threads=threads,
                                     repeat=repeat, warmup=warmup, stages=stages,
-                                    prompt=prompt or runner.DEFAULT_PROMPT)
+                                    prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder)
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)
@@ -108,6 +115,10 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
     if arch is not None:
         model_dir, build = runner.ensure_arch_model(arch, rebuild=rebuild, tokenizer=tokenizer_dir, log=log)
     m = load_manifest(model_dir, verify="size")
+    if ("taesd" in settings.stages or decoder == "taesd") and "taesd_decoder" not in m.components:
+        raise InvalidArgument(f"{model_dir} has no tiny autoencoder (taesd_decoder) for the taesd stage or "
+                              "--decoder taesd",
+                              hint="re-export it with `cpuflow export ... --taesd madebyollin/taesd`")
     configs, notes = runner.make_configs(m, backends or ("openvino",), variants or (None,),
                                          precisions or ("auto",), device)
     for n in notes:

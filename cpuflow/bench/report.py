@@ -16,6 +16,7 @@ STAGE_ROWS = (
     ("text", "text encoder, 1 call"),
     ("unet", "UNet, 1 call"),
     ("vae", "VAE decode"),
+    ("taesd", "TAESD decode"),
     ("e2e", "image, end to end"),
     ("load_first", "load+compile, 1st start"),
     ("load_second", "load, 2nd start (cache)"),
@@ -124,9 +125,11 @@ def format_table(result: dict) -> str:
         if st and st.get("breakdown"):
             b = st["breakdown"]
             med = {k: sorted(row.get(k, 0.0) for row in b)[len(b) // 2] for k in ("text_encoder", "unet_per_call",
-                                                                                  "vae_decoder")}
+                                                                                  "vae_decoder", "taesd_decoder")}
+            dec = f"TAESD {fmt_s(med['taesd_decoder'])} s" if med["taesd_decoder"] else \
+                f"VAE {fmt_s(med['vae_decoder'])} s"
             lines.append(f"  {c['id']}: per image, text encoder {fmt_s(med['text_encoder'])} s, "
-                         f"UNet {fmt_s(med['unet_per_call'])} s/call, VAE {fmt_s(med['vae_decoder'])} s")
+                         f"UNet {fmt_s(med['unet_per_call'])} s/call, {dec}")
     for c in cols:
         starts = (c["stages"].get("load_first") or {}).get("starts") or []
         comp = next((s_["components"] for s_ in reversed(starts) if s_.get("components")), None)

@@ -39,14 +39,14 @@ from typing import Any, Callable, Iterable, Sequence
 from .. import __version__
 from ..config import BACKENDS, PRECISIONS, LoadConfig
 from ..errors import CpuflowError, InvalidArgument, MissingDependency
-from .worker import PROGRESS_PREFIX, STAGES, unet_batch
+from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
 ARCHES = ("sd15", "sd21", "sd21-v")
 ARCH_SEED = 0                     # the random weights' seed for --arch models (export and reference alike)
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
-STAGE_ORDER = ("load", "text", "unet", "vae", "e2e")   # load first: it fills the compiled cache
+STAGE_ORDER = ("load", "text", "unet", "vae", "taesd", "e2e")   # load first: it fills the compiled cache
 LogFn = Callable[[str], None]
 
 
@@ -74,12 +74,15 @@ class BenchSettings:
     threads: int | None = None
     repeat: int = 3
     warmup: int = 1
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     prompt: str = DEFAULT_PROMPT
     gen_seed: int = 0
+    decoder: str = "full"             # e2e's decoder: full VAE or taesd (the tiny autoencoder)
 
     def __post_init__(self):
         self.stages = parse_stages(self.stages)
+        if self.decoder not in ("full", "taesd"):
+            raise InvalidArgument(f"decoder must be full or taesd, got {self.decoder!r}")
         for name, lo in (("repeat", 1), ("warmup", 0), ("steps", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -385,7 +388,8 @@ def _summarise(stage_key: str, runs: list[dict], counted: list[bool]) -> dict[st
 def _base_spec(settings: BenchSettings, width: int, height: int, model_dir: Path) -> dict:
     return {"model": str(model_dir), "width": width, "height": height, "steps": settings.steps,
             "guidance": float(settings.guidance), "threads": settings.threads, "prompt": settings.prompt,
-            "gen_seed": settings.gen_seed, "warmup": settings.warmup, "repeat": settings.repeat}
+            "gen_seed": settings.gen_seed, "warmup": settings.warmup, "repeat": settings.repeat,
+            "decoder": settings.decoder}
 
 
 def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work: Path,
@@ -408,7 +412,8 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
                     jobs.append(Job(c.id, "load_second", spec, 1, counted=i >= settings.warmup))
             else:
                 jobs.append(Job(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
-        if reference is not None:
+        if reference is not None and stage != "taesd" and not (stage == "e2e" and settings.decoder == "taesd"):
+            # (none for the tiny autoencoder: the torch reference has the full VAE only)
             # every reference process checks its weights against the export (after measuring)
             spec = dict(base, **reference, kind="torch", stage=stage, check_weights=True)
             if stage == "load":
@@ -514,7 +519,8 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
                   "build": build_record},
         "settings": {"width": width, "height": height, "steps": settings.steps, "guidance": float(settings.guidance),
                      "threads": settings.threads, "repeat": settings.repeat, "warmup": settings.warmup,
-                     "stages": list(settings.stages), "prompt": settings.prompt, "seed": settings.gen_seed,
+                     "stages": list(settings.stages), "decoder": settings.decoder, "prompt": settings.prompt,
+                     "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
                      "unet_batch": unet_batch({"guidance": settings.guidance}), "reference": reference},
         "configs": columns,

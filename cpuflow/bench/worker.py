@@ -11,7 +11,7 @@ for the load stage -- so that
 SPEC is a JSON object (written by :mod:`cpuflow.bench.runner`)::
 
     kind        "cpuflow" | "torch"      (torch: the diffusers reference, see export/bench_reference.py)
-    stage       "text" | "unet" | "vae" | "e2e" | "load"
+    stage       "text" | "unet" | "vae" | "taesd" | "e2e" | "load"   (taesd: the tiny autoencoder's decode)
     model       exported model folder (cpuflow; torch: for the same-weights check)
     backend, device, precision, variant, threads, cache_dir      (cpuflow)
     source, arch, seed                                            (torch)
@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROGRESS_PREFIX = "@@cpuflow-bench-progress "
-STAGES = ("text", "unet", "vae", "e2e", "load")
+STAGES = ("text", "unet", "vae", "taesd", "e2e", "load")
+DEFAULT_STAGES = ("text", "unet", "vae", "e2e", "load")   # taesd only when asked: not every folder has it
 UNET_TIMESTEP = 500.0   # any value: latency does not depend on it
 
 
@@ -127,7 +128,7 @@ def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
     lat = model.latent_dims(w, h, 1)
     return {"text_encoder": {"batch": 1},
             "unet": dict(lat, batch=unet_batch(spec)),
-            "vae_decoder": dict(lat)}
+            "vae_decoder": dict(lat), "taesd_decoder": dict(lat)}
 
 
 def unet_batch(spec: dict) -> int:
@@ -135,7 +136,7 @@ def unet_batch(spec: dict) -> int:
     return 2 if float(spec["guidance"]) > 1.0 else 1
 
 
-STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",),
+STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",), "taesd": ("taesd_decoder",),
                     "e2e": ("text_encoder", "unet", "vae_decoder"),
                     "load": ("text_encoder", "unet", "vae_decoder")}
 
@@ -181,7 +182,10 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = LoadedModel(cfg)
     dims = session_dims(model, spec)
+    decoder = spec.get("decoder", "full")
     for comp in STAGE_COMPONENTS[stage]:
+        if comp == "vae_decoder" and stage == "e2e" and decoder == "taesd":
+            comp = "taesd_decoder"
         model.session(comp, dims[comp])
     load_s = time.perf_counter() - t0
     progress("load", load_s)
@@ -212,16 +216,23 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
         z = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
                                 dtype=np.float32)
         out.update(measure(lambda: decode_latents(model, z, w, h, timer), spec["warmup"], spec["repeat"], progress))
+    elif stage == "taesd":
+        from ..pipelines.taesd import decode_taesd
+        lat = model.latent_dims(w, h, 1)
+        z = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
+                                dtype=np.float32)
+        out.update(measure(lambda: decode_taesd(model, z, timer), spec["warmup"], spec["repeat"], progress))
     elif stage == "e2e":
         req = GenerationRequest(prompt=spec["prompt"], steps=int(spec["steps"]), guidance=float(spec["guidance"]),
-                                width=w, height=h, seed=int(spec.get("gen_seed", 0)))
+                                width=w, height=h, seed=int(spec.get("gen_seed", 0)), decoder=decoder)
         breakdown: list[dict] = []
-        keep = ("text_encoder", "unet", "unet_per_call", "vae_decoder")
+        keep = ("text_encoder", "unet", "unet_per_call", "vae_decoder", "taesd_decoder")
         out.update(measure(lambda: generate(model, req), spec["warmup"], spec["repeat"], progress,
                            on_result=lambda r: breakdown.append(
                                {k: round(float(v), 6) for k, v in r.timings.items() if k in keep})))
         out["breakdown"] = breakdown
         out["sampler"] = model.default_sampler()
+        out["decoder"] = decoder
     else:
         raise ValueError(f"unknown stage {stage!r}")
     out["sessions"] = session_facts(model)

@@ -22,6 +22,7 @@ from ..rng import make_generator
 from . import sdxl
 from .model import LoadedModel, StageTimer
 from .stages import TILE_LATENTS, decode_latents, decode_tiled, denoise, encode_image, encode_prompt, guided_model_fn
+from .taesd import decode_taesd, encode_taesd, require_taesd
 
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
@@ -58,6 +59,9 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     req = req.with_seed()
     r = _resolve(model, req)
     is_img2img = req.init_image is not None
+    tiny = req.decoder == "taesd"
+    if tiny:
+        require_taesd(model, img2img=is_img2img)
     timer = StageTimer()
     t_start = time.perf_counter()
     load_before = model.load_seconds
@@ -110,14 +114,19 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
         for _ in range(req.n_samples):
             seed = (req.seed + k) % (MAX_SEED + 1)
             gen = make_generator(req.rng, seed)
-            init_latents = encode_image(model, init_pixels, gen, timer) if is_img2img else None
+            init_latents = None
+            if is_img2img:  # the tiny encoder is deterministic: it draws nothing from gen
+                init_latents = encode_taesd(model, init_pixels, timer) if tiny else \
+                    encode_image(model, init_pixels, gen, timer)
             noise = gen.randn(shape)
             x = samplers.initial_latents(plan, noise, init_latents)
             cb = _step_callback(progress, k, n_images, plan)
             t0 = time.perf_counter()
             x = denoise(model, plan, model_fn, x, gen, req.eta, callback=cb)
             timer.add("sampling", time.perf_counter() - t0)
-            if low_memory:
+            if tiny:
+                decoded = decode_taesd(model, x, timer)   # small at any size: no tiling needed
+            elif low_memory:
                 # One component at a time: the UNet goes before the VAE comes in
                 # (with the compiled-model cache, bringing it back is a cache load).
                 model.release("unet")
@@ -183,6 +192,7 @@ def _record(model: LoadedModel, req: GenerationRequest, r: dict, prompt: str, ne
         "precision": unet_info.precision if unet_info else model.config.precision,
         "variant": {name: getattr(s, "variant", "fp32") for (name, _), s in model._sessions.items()},
         "threads": model.config.threads,
+        "decoder": req.decoder,
         "cpuflow_version": __version__,
     }
     if r["sampler"] == "ddim":

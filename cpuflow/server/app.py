@@ -73,6 +73,7 @@ class GenerateBody(BaseModel):
     strength: float = 0.8
     eta: float = 0.0
     rng: Literal["torch", "numpy"] = "torch"
+    decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
 
 
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
@@ -213,6 +214,7 @@ def describe(mid: str, pipe: Any) -> dict:
         "sampler": sampler,
         "size_multiple": int(getattr(model, "size_multiple", 8) or 8),
         "img2img": "vae_encoder" in components,
+        "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
         "random_weights": bool(getattr(m, "random_weights", False)),
         "model_hash": str(getattr(m, "model_hash", "")),
     }
@@ -248,7 +250,10 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
                             width=width, height=height, seed=body.seed, n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes, strength=body.strength,
-                            rng=body.rng).with_seed()
+                            rng=body.rng, decoder=body.decoder).with_seed()
+    if req.decoder == "taesd" and not info.get("taesd"):
+        raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
+                              "tiny autoencoder (use decoder full)")
     mult = info["size_multiple"]
     for name, v in (("width", req.width), ("height", req.height)):
         if v % mult:
@@ -258,7 +263,8 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
               "steps": req.steps if req.steps is not None else info["steps"],
               "guidance": req.guidance if req.guidance is not None else info["guidance"],
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
-              "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng}
+              "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
+              "decoder": req.decoder}
     return req, params
 
 

@@ -1,5 +1,9 @@
 """Preview images while a job runs.
 
+A model folder with the tiny autoencoder (``taesd_decoder``, from ``cpuflow
+export ... --taesd``) is previewed through it at any size: a full-size picture
+for a few percent of a UNet step (cpuflow/previews.py). Without it:
+
 Small images (at most ``VAE_PREVIEW_PIXELS``) are previewed exactly: the
 sampler's x0 estimate (or, for samplers that give none, the current latents)
 goes through the model's own VAE decoder, the same code as the final image.
@@ -22,18 +26,12 @@ import logging
 import numpy as np
 from PIL import Image
 
+from ..previews import SD_LATENT_RGB, latent_to_rgb, taesd_preview  # noqa: F401  (one copy, shared)
+
 log = logging.getLogger("cpuflow.server")
 
 VAE_PREVIEW_PIXELS = 256 * 256
 MAX_PREVIEW_SIDE = 256
-
-# rows: latent channels 0..3; columns: R, G, B (output in about [-1, 1])
-SD_LATENT_RGB = np.array([
-    [0.3512, 0.2297, 0.3227],
-    [0.3250, 0.4974, 0.2350],
-    [-0.2829, 0.1762, 0.2721],
-    [-0.2120, -0.2616, -0.7177],
-], dtype=np.float32)
 
 
 def preview_interval(n_steps: int, every: int | None = None) -> int:
@@ -41,16 +39,6 @@ def preview_interval(n_steps: int, every: int | None = None) -> int:
     if every:
         return max(1, int(every))
     return max(1, round(n_steps / 5))
-
-
-def latent_to_rgb(latents: np.ndarray) -> Image.Image | None:
-    """The linear projection, for (1, 4, h, w) latents; None for other shapes."""
-    x = np.asarray(latents, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1] != 4:
-        return None
-    rgb = np.einsum("chw,cr->hwr", x[0], SD_LATENT_RGB)
-    rgb = np.nan_to_num((rgb + 1.0) * 127.5, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
 
 def vae_preview(pipe, latents: np.ndarray, width: int, height: int) -> Image.Image | None:
@@ -73,7 +61,8 @@ def make_preview(pipe, event: dict, width: int, height: int) -> str | None:
         return None
     img = None
     try:
-        if width * height <= VAE_PREVIEW_PIXELS:
+        img = taesd_preview(getattr(pipe, "model", None), latents)
+        if img is None and width * height <= VAE_PREVIEW_PIXELS:
             img = vae_preview(pipe, latents, width, height)
         if img is None:
             img = latent_to_rgb(latents)
