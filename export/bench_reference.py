@@ -209,11 +209,15 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
             ehs = torch.randn((b, pipe.tokenizer.model_max_length, hidden), generator=gen)
             x = torch.randn(lat_shape, generator=gen)
             t = torch.tensor(UNET_TIMESTEP)
+            w_emb = None  # an LCM UNet takes the guidance as an embedding, as diffusers' pipeline gives it
+            if getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None:
+                w_emb = pipe.get_guidance_scale_embedding(torch.tensor([guidance - 1.0]),
+                                                          embedding_dim=pipe.unet.config.time_cond_proj_dim)
 
             def unet_call():
                 # as the diffusers pipeline does it: [uncond, cond] in one batch, then guidance
                 inp = torch.cat([x] * b) if b == 2 else x
-                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, return_dict=False)[0]
+                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, timestep_cond=w_emb, return_dict=False)[0]
                 if b == 2:
                     u, c = noise.chunk(2)
                     noise = u + guidance * (c - u)

@@ -41,7 +41,7 @@ is that process's high-water mark (VmHWM).
 @click.command("bench", epilog=EXAMPLES,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v"]), default=None,
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo"]), default=None,
               help="Benchmark this architecture with random weights instead of MODEL_DIR (exported once, "
                    "cached under the user cache dir in bench-models/; needs the export extra the first time).")
 @click.option("--rebuild", is_flag=True, help="With --arch: export the random-weights model again.")
@@ -96,7 +96,7 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
     from . import report, runner
 
     if (model_dir is None) == (arch is None):
-        raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch sd15|sd21|sd21-v")
+        raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch sd15|sd21|sd21-v|sd15-lcm|sd21-turbo")
     if (rebuild or tokenizer_dir) and arch is None:
         raise InvalidArgument("--rebuild and --tokenizer go with --arch")
     if reference_source and reference is None:

@@ -42,7 +42,7 @@ from ..errors import CpuflowError, InvalidArgument, MissingDependency
 from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
-ARCHES = ("sd15", "sd21", "sd21-v")
+ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo")
 ARCH_SEED = 0                     # the random weights' seed for --arch models (export and reference alike)
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -194,8 +194,9 @@ def ensure_arch_model(arch: str, *, rebuild: bool = False, root: Path | None = N
                                 "extra (torch, diffusers, transformers)",
                                 hint="pip install 'cpuflow[export]', or pass an exported MODEL_DIR")
     root.mkdir(parents=True, exist_ok=True)
+    # with a random tiny autoencoder too (seconds to export), for the taesd stage and --decoder taesd
     cmd = [sys.executable, "-m", "cpuflow.cli", "export", "--random-weights", "--arch", arch,
-           "--seed", str(ARCH_SEED), str(out)]
+           "--seed", str(ARCH_SEED), "--taesd", "random", str(out)]
     if tokenizer is not None:
         cmd[-1:-1] = ["--tokenizer", str(tokenizer)]
     if log:
@@ -389,7 +390,13 @@ def _base_spec(settings: BenchSettings, width: int, height: int, model_dir: Path
     return {"model": str(model_dir), "width": width, "height": height, "steps": settings.steps,
             "guidance": float(settings.guidance), "threads": settings.threads, "prompt": settings.prompt,
             "gen_seed": settings.gen_seed, "warmup": settings.warmup, "repeat": settings.repeat,
-            "decoder": settings.decoder}
+            "decoder": settings.decoder, "guidance_embedding": _takes_guidance_embedding(model_dir)}
+
+
+def _takes_guidance_embedding(model_dir: Path) -> bool:
+    from ..guidance_embedding import embedding_dim
+    from ..manifest import load_manifest
+    return embedding_dim(load_manifest(model_dir, verify=False)) is not None
 
 
 def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work: Path,
@@ -522,7 +529,9 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
                      "stages": list(settings.stages), "decoder": settings.decoder, "prompt": settings.prompt,
                      "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
-                     "unet_batch": unet_batch({"guidance": settings.guidance}), "reference": reference},
+                     "unet_batch": unet_batch({"guidance": settings.guidance,
+                                                "guidance_embedding": _takes_guidance_embedding(Path(model_dir))}),
+                     "reference": reference},
         "configs": columns,
         "ratios": speedups(columns),
         "notes": list(notes) + ([

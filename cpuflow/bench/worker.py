@@ -132,8 +132,9 @@ def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
 
 
 def unet_batch(spec: dict) -> int:
-    """Classifier-free guidance runs the UNet on [uncond, cond]: batch 2 (1 without guidance)."""
-    return 2 if float(spec["guidance"]) > 1.0 else 1
+    """Classifier-free guidance runs the UNet on [uncond, cond]: batch 2 (1 without guidance,
+    and 1 for a UNet that takes the guidance as an embedding: LCM, spec["guidance_embedding"])."""
+    return 2 if float(spec["guidance"]) > 1.0 and not spec.get("guidance_embedding") else 1
 
 
 STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",), "taesd": ("taesd_decoder",),
