@@ -100,6 +100,10 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Merge a LoRA .safetensors file (diffusers/peft or kohya format) into the UNet and text "
                    "encoder before export, at SCALE (default 1.0). Repeatable; recorded in cpuflow.json.")
+@click.option("--taesd", "taesd", default=None, metavar="TAESD_SOURCE",
+              help="Also export the tiny autoencoder (AutoencoderTiny) as taesd_decoder / taesd_encoder, for "
+                   "`generate --decoder taesd` and per-step previews: a diffusers AutoencoderTiny folder, a hub "
+                   "id (madebyollin/taesd for SD 1.x/2.x), or random (with --random-weights). Never quantized.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
                    calibration_steps, loras, taesd):
