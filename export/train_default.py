@@ -23,6 +23,10 @@ Fine-tuning an existing model (VAE kept, so the latent space is unchanged):
 loaded model into one whose guidance w samples like the original's w / K) and
 ``--extrap-prob/--extrap-max/--extrap-k`` (latent-extrapolation augmentation);
 see bench/default_model_training.md (v2).
+
+A guidance-friendly latent space (v3 attempt, off by default): ``--vae-radial``,
+``--vae-radial-max``, ``--vae-pixel-anchor``; stages can run separately with
+``--vae-only`` then ``--vae-from DIR``; see bench/default_model_training.md (v3).
 """
 
 from __future__ import annotations
