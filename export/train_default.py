@@ -23,6 +23,10 @@ Fine-tuning an existing model (VAE kept, so the latent space is unchanged):
 loaded model into one whose guidance w samples like the original's w / K) and
 ``--extrap-prob/--extrap-max/--extrap-k`` (latent-extrapolation augmentation);
 see bench/default_model_training.md (v2).
+
+A guidance-friendly latent space (v3 attempt, off by default): ``--vae-radial``,
+``--vae-radial-max``, ``--vae-pixel-anchor``; stages can run separately with
+``--vae-only`` then ``--vae-from DIR``; see bench/default_model_training.md (v3).
 """
 
 from __future__ import annotations
@@ -202,7 +206,22 @@ def to_pil(x: torch.Tensor):
 
 
 # ----------------------------------------------------------------- VAE ----
-def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, deadline: float):
+def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, deadline: float,
+              radial_prob: float = 0.0, radial_max: float = 5.0, pixel_anchor: float = 0.0,
+              stop_after: int = 0):
+    """Train the autoencoder (MSE + 1e-6 KL).
+
+    Guidance-friendly latent space (both off by default; see
+    bench/default_model_training.md, v3):
+
+    * ``radial_prob``: that fraction of each batch is decoded from the
+      extrapolated latent ``m + s (z - m)`` (m: EMA of the mean latent,
+      s ~ U[1, radial_max]) and must still reconstruct the image, so what
+      classifier-free guidance does to an x0 estimate keeps the same picture;
+    * ``pixel_anchor``: weight of an MSE pulling latent channels 0-2 towards
+      the 8x8 average colour of the image, so the latent space is nearly
+      linear in colour (extrapolating a colour stays nearest that colour).
+    """
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(**VAE_CONFIG)
     with torch.no_grad():  # start near-deterministic: posterior std e^-4, not 1
@@ -219,10 +238,19 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, deadline:
         x = images[idx]
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        if radial_prob > 0:
+            with torch.no_grad():
+                bm = post.mean.mean(0, keepdim=True)
+                lat_m = bm if step == 0 else lat_m.lerp_(bm, 0.05)
+            pick = (torch.rand(batch, generator=g) < radial_prob).float()
+            sc = 1 + pick * torch.rand(batch, generator=g) * (radial_max - 1)
+            z = lat_m + sc.view(-1, 1, 1, 1) * (z - lat_m)
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
         kl = post.kl().mean()  # summed over latent elements, mean over batch
         loss = mse + 1e-6 * kl
+        if pixel_anchor > 0:
+            loss = loss + pixel_anchor * F.mse_loss(post.mean[:, :3], F.avg_pool2d(x, 8))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -234,6 +262,9 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, deadline:
                 f"({(time.time() - t0) / (step + 1):.3f}s/step)")
         if time.time() > deadline:
             log(f"vae: time budget reached at step {step + 1}")
+            break
+        if step + 1 == stop_after:  # replay a budget-cut run step for step
+            log(f"vae: stopping after step {step + 1} (--vae-stop-after)")
             break
     vae.eval()
     return vae, {"steps": step + 1, "seconds": time.time() - t0,
@@ -257,6 +288,37 @@ def vae_roundtrip_accuracy(vae, mean, attrs, n: int = 336) -> dict:
     rec = vae.decode(mean[idx]).sample
     res = [tw.evaluate(to_pil(rec[j]), attrs[i]) for j, i in enumerate(idx)]
     return tw.accuracy(res)
+
+
+@torch.no_grad()
+def vae_extrap_check(vae, mean, attrs, scales=(1.0, 2.0, 3.0, 5.0), n: int = 336) -> dict:
+    """Guidance-friendliness of the latent space, per extrapolation scale s
+    around the mean latent m (z' = m + s (z - m)):
+
+    * ``decoded``: evaluator accuracy of decode(z') against z's picture;
+    * ``nearest``: how often the data latent nearest to z' (L2) has z's
+      attributes, for per-image latents and per-kind mean latents (what the
+      UNet's x0 estimate is early on): a proxy for where the sampler goes.
+    """
+    kinds = tw.all_attrs()
+    ki = {a: i for i, a in enumerate(kinds)}
+    kid = torch.tensor([ki[a] for a in attrs])
+    flat = mean.reshape(mean.shape[0], -1)
+    m = flat.mean(0, keepdim=True)
+    mu = torch.stack([flat[kid == k].mean(0) for k in range(len(kinds))])
+    idx = list(range(0, mean.shape[0], max(1, mean.shape[0] // n)))[:n]
+    out = {}
+    for s in scales:
+        rec = vae.decode((m + s * (flat[idx] - m)).view(-1, *mean.shape[1:])).sample
+        dec = tw.accuracy([tw.evaluate(to_pil(rec[j]), attrs[i]) for j, i in enumerate(idx)])
+        near = {}
+        for name, src, want in (("image", flat, list(attrs)), ("kind_mean", mu, kinds)):
+            nn_ = torch.cdist(m + s * (src - m), flat).argmin(1).tolist()
+            near[name] = {f: float(np.mean([getattr(attrs[j], f) == getattr(w, f)
+                                            for j, w in zip(nn_, want)])) for f in tw.ATTRIBUTES}
+        out[str(s)] = {"decoded": dec, "nearest": near}
+        log(f"latent extrapolation s={s}: decoded {dec} nearest {near}")
+    return out
 
 
 # ---------------------------------------------------------- UNet + CLIP ----
@@ -507,6 +569,23 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance-distill", type=float, default=0.0,
                     help="with --init-from: distil the loaded model (teacher) into a student "
                          "whose guidance w samples like the teacher's w / this (0 = off)")
+    ap.add_argument("--vae-radial", type=float, default=0.0,
+                    help="fraction of each VAE batch decoded from m + s (z - m), s ~ U[1, "
+                         "--vae-radial-max], that must still reconstruct the image (0 = off)")
+    ap.add_argument("--vae-radial-max", type=float, default=5.0)
+    ap.add_argument("--vae-pixel-anchor", type=float, default=0.0,
+                    help="weight of an MSE pulling latent channels 0-2 to the image's 8x8 "
+                         "average colour (a colour-linear latent space; 0 = off)")
+    ap.add_argument("--vae-stop-after", type=int, default=0,
+                    help="stop the VAE stage after this step of its --vae-steps schedule "
+                         "(replays a run the time budget cut, step for step; 0 = off)")
+    ap.add_argument("--vae-only", action="store_true",
+                    help="stop after the VAE stage: write OUT/vae and its latent checks")
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="skip the VAE stage: load OUT-style DIR/vae (from --vae-only) and train "
+                         "the tokenizer, text encoder and UNet from scratch on its latents")
+    ap.add_argument("--eval-guidances", default="",
+                    help="comma list of extra guidance scales evaluated after training, e.g. 1,2,3,7.5")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -532,16 +611,34 @@ def main(argv=None) -> int:
 
     # stage 1: VAE (at most 25% of the budget)
     seed_all(args.seed)
-    vae, vae_info = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr,
-                              t_start + 0.25 * args.minutes * 60)
-    lat_mean, lat_std = encode_all(vae, images)
-    g = torch.Generator().manual_seed(3)
-    sampled = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=g)
-    scaling = float(1.0 / sampled.std())
-    vae.register_to_config(scaling_factor=scaling)
-    vae_info["scaling_factor"] = scaling
-    vae_info["roundtrip_accuracy"] = vae_roundtrip_accuracy(vae, lat_mean, attrs)
-    log(f"vae done: {vae_info}")
+    if args.vae_from is not None:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(str(args.vae_from.resolve() / "vae")).eval()
+        vae_info = json.loads((args.vae_from.resolve() / "vae_summary.json").read_text())
+        lat_mean, lat_std = encode_all(vae, images)
+        scaling = float(vae.config.scaling_factor)
+        log(f"vae loaded from {args.vae_from} (trained in {vae_info['seconds']:.0f}s)")
+    else:
+        vae, vae_info = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr,
+                                  t_start + 0.25 * args.minutes * 60, radial_prob=args.vae_radial,
+                                  radial_max=args.vae_radial_max, pixel_anchor=args.vae_pixel_anchor,
+                                  stop_after=args.vae_stop_after)
+        lat_mean, lat_std = encode_all(vae, images)
+        g = torch.Generator().manual_seed(3)
+        sampled = lat_mean + lat_std * torch.randn(lat_mean.shape, generator=g)
+        scaling = float(1.0 / sampled.std())
+        vae.register_to_config(scaling_factor=scaling)
+        vae_info["scaling_factor"] = scaling
+        vae_info["roundtrip_accuracy"] = vae_roundtrip_accuracy(vae, lat_mean, attrs)
+        log(f"vae done: {vae_info}")
+        if args.vae_radial > 0 or args.vae_pixel_anchor > 0 or args.vae_only:
+            vae_info["extrapolation"] = vae_extrap_check(vae, lat_mean, attrs)
+        if args.vae_only:
+            out.mkdir(parents=True, exist_ok=True)
+            vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+            (out / "vae_summary.json").write_text(json.dumps(vae_info, indent=1))
+            log(f"vae written to {out / 'vae'}; total {time.time() - t_start:.0f}s")
+            return 0
 
     # stage 2: UNet + text encoder
     def save_fn(u, t, why):
@@ -551,7 +648,9 @@ def main(argv=None) -> int:
     seed_all(args.seed + 1)
     unet, text, unet_info = train_unet(
         lat_mean, lat_std, attrs, tok, text_vocab, args.unet_steps, args.unet_batch,
-        args.unet_lr, deadline, scaling, save_fn=save_fn)
+        args.unet_lr, deadline, scaling, save_fn=save_fn, dropout=args.caption_dropout,
+        extrap_prob=args.extrap_prob, extrap_max=args.extrap_max, extrap_k=args.extrap_k,
+        warmup=args.unet_warmup, save_every=args.save_every)
     train_seconds = time.time() - t_start
     log(f"unet done: steps {unet_info['steps']} loss {unet_info['final_loss']:.4f}")
 
@@ -564,11 +663,16 @@ def main(argv=None) -> int:
     log(f"params {params} file bytes {sizes}")
 
     res = evaluate_pipeline(out, guidance=args.guidance, samples_dir=args.samples)
+    sweep = {}
+    for gs in [float(v) for v in args.eval_guidances.split(",") if v.strip()]:
+        log(f"eval at guidance {gs}")
+        sweep[str(gs)] = evaluate_pipeline(
+            out, guidance=gs, samples_dir=(args.samples / f"g{gs}") if args.samples else None)
     summary = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "train_seconds": train_seconds, "vae": vae_info, "unet": unet_info,
         "params": params, "file_bytes": sizes,
-        "eval": {k: v for k, v in res.items()},
+        "eval": {k: v for k, v in res.items()}, "eval_sweep": sweep,
         "configs": {"vae": VAE_CONFIG, "text": TEXT_CONFIG, "unet": UNET_CONFIG},
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
