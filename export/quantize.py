@@ -526,28 +526,22 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
 
 
 def ort_calibrate(src: Path, samples: list, work: Path, cache: Path) -> None:
-    """Activation ranges (MinMax) of every Conv / MatMul / Gemm tensor of the
-    fp32 model over ``samples``, saved as ORT's calibration cache.
+    """Activation ranges (MinMax) of the tensors ``quantize_static`` quantizes in
+    int8 and hybrid (inputs / outputs of Conv, Gemm and the MatMuls with a
+    weight) over ``samples``, saved as ORT's calibration cache.
 
-    Run apart from ``quantize_static`` on purpose: given a data reader it keeps
-    its own copy of the model loaded while the calibrator holds another one and
-    an InferenceSession a third (3 x 3.4 GB for the SD 1.5 UNet); given the
-    cache it skips calibration, so at most two copies are ever held. The ranges
-    cover ORT_STATIC_OPS, a superset of what int8 and hybrid quantize."""
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+    Not onnxruntime's MinMaxCalibrater: it holds the model with its weights in a
+    protobuf, writes an augmented copy of the weights and loads that again in an
+    InferenceSession (the SD 1.5 UNet's calibration was killed by the OOM killer
+    at 22 GB, issue #4). export/ort_calibration.py computes the same ranges
+    from the graph alone, running it against ``src``'s own weights file."""
+    import onnx
 
-    calibrator = create_calibrator(src, list(ORT_STATIC_OPS), augmented_model_path=str(work / "augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                                   extra_options={"max_intermediate_outputs": 32})
-    try:
-        calibrator.collect_data(_samples_reader(samples))
-        ranges = calibrator.compute_data()
-    finally:
-        calibrator = None  # noqa: F841 - free the session and the augmented graph now
-        gc.collect()
-    save_tensors_data(ranges, cache, smooth_quant=False)
-    for p in work.glob("augmented.onnx*"):
-        p.unlink()
+    from . import ort_calibration
+
+    exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
+    ranges = ort_calibration.calibrate_ranges(src, samples, op_types=ORT_STATIC_OPS, exclude=exclude)
+    ort_calibration.save_cache(ranges, cache)
 
 
 def onnx_weightless_matmuls(model) -> list[str]:
