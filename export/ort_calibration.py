@@ -169,3 +169,23 @@ def save_cache(ranges: Mapping[str, tuple], path: Path) -> None:
     from onnxruntime.quantization.calibrate import TensorsData
 
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, dict(ranges)), Path(path), smooth_quant=False)
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) Python process; returns its result and
+    re-raises its exception. ORT's quantization steps on the SD 1.5 UNet touch
+    several GB (weights, activations, protobufs): in a child all of it goes back
+    to the system when it ends, instead of staying in the export's heap for the
+    steps after. ``fn`` must be a module-level function, ``args`` picklable."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from cpuflow.errors import ExportError
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise ExportError(f"{getattr(fn, '__name__', fn)}: its worker process died (killed for memory?)",
+                              hint="free memory (close other jobs) and export again") from None

@@ -93,7 +93,7 @@ import numpy as np
 
 from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
 
-from . import validate
+from . import ort_calibration, validate
 
 MODES = ("int8-weights", "int8", "hybrid")
 QUANT_TOLERANCE = validate.Tolerance(rel_max=1.0, psnr_db=20.0)
@@ -461,7 +461,7 @@ def _samples_reader(samples: list[Mapping[str, np.ndarray]]):
 def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch: Path) -> dict:
     """Write ``dst`` (+ ``_data``) from the fp32 ONNX file ``src``; returns the recipe."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     recipe: dict[str, Any] = dict(_ort_tools())
     work = scratch / f"{dst.parent.name}-{STEMS[kind]}"
@@ -493,14 +493,11 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
                 else:
                     exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
                 ranges = scratch / "ort-unet-ranges.json"
+                # each in a child process: its memory (GBs for the SD 1.5 UNet) is
+                # returned when it ends, not kept in the export's heap (issue #4)
                 if not ranges.exists():  # int8 and hybrid share one calibration
-                    ort_calibrate(inp, samples, work, ranges)
-                quantize_static(
-                    str(inp), str(raw), None, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(ops), per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, use_external_data_format=True,
-                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges))
+                    ort_calibration.in_child(ort_calibrate, inp, samples, work, ranges)
+                ort_calibration.in_child(ort_static_file, inp, raw, list(ops), exclude, ranges, work)
                 recipe.update(
                     method="quantize_static", format="QDQ", op_types=list(ops),
                     weights="int8 symmetric per output channel", activations="uint8 asymmetric per tensor",
@@ -525,6 +522,21 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
     return recipe
 
 
+def ort_static_file(src: Path, dst: Path, ops: list[str], exclude: list[str], ranges: Path, work: Path) -> None:
+    """``quantize_static`` of ``src`` into ``dst`` (+ external data) with the
+    ranges of the calibration cache ``ranges`` (read by ORT; calibrating again
+    would hold more copies of the model)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with _quiet(), _tempdir_in(work):
+        quantize_static(
+            str(src), str(dst), None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(ops), per_channel=True, reduce_range=False,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude), use_external_data_format=True,
+            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges))
+
+
 def ort_calibrate(src: Path, samples: list, work: Path, cache: Path) -> None:
     """Activation ranges (MinMax) of the tensors ``quantize_static`` quantizes in
     int8 and hybrid (inputs / outputs of Conv, Gemm and the MatMuls with a
@@ -536,8 +548,6 @@ def ort_calibrate(src: Path, samples: list, work: Path, cache: Path) -> None:
     at 22 GB, issue #4). export/ort_calibration.py computes the same ranges
     from the graph alone, running it against ``src``'s own weights file."""
     import onnx
-
-    from . import ort_calibration
 
     exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
     ranges = ort_calibration.calibrate_ranges(src, samples, op_types=ORT_STATIC_OPS, exclude=exclude)
