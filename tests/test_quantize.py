@@ -375,3 +375,19 @@ def test_lean_calibration_ranges_equal_onnxruntimes_calibrater(plain, tmp_path):
     assert outs["ort"][1].keys() == outs["lean"][1].keys()
     for k, v in outs["ort"][1].items():
         np.testing.assert_array_equal(v, outs["lean"][1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_run_many_in_a_child_process_gives_the_same_outputs(plain, monkeypatch, fmt):
+    """Big files are validated in a spawned process (its memory goes back to the
+    system when it ends): same outputs as in-process."""
+    _, model = plain
+    path = model / "unet" / ("model.onnx" if fmt == "onnx" else "openvino_model.xml")
+    feeds = _unet_feeds(model / "unet" / "model.onnx", 2)
+    here = quant.run_many(fmt, path, feeds)
+    monkeypatch.setattr(quant, "CHILD_RUN_BYTES", 0)
+    child = quant.run_many(fmt, path, feeds)
+    assert len(child) == 2 and child[0].keys() == here[0].keys()
+    for a, b in zip(here, child):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
