@@ -64,6 +64,15 @@ inference + ORT's basic optimizations) is not run: on the tiny SD UNet it
 changed neither the QDQ nodes placed on Conv / MatMul nor the PSNR, and on the
 full UNet it would hold two more copies of the weights in memory.
 
+Memory (issue #4: the SD 1.5 export was killed by the OOM killer at 22 GB):
+the ORT activation ranges come from export/ort_calibration.py, not from
+onnxruntime's MinMaxCalibrater (same ranges, tested; it held the 3.4 GB UNet
+as a protobuf, wrote and loaded an augmented copy of the weights: killed at
+20.4 GB on its own, 2 samples; ours: 7.3 GB, weights memory-mapped). The
+calibration, ``quantize_static`` (4.3 GB) and the validation runs of files
+of 1 GB and more each run in a spawned child process, whose memory goes back
+to the system when it ends.
+
 Every produced file is run by the backend the runtime uses on the component's
 seeded parity inputs and compared with the torch fp32 reference: the figures go
 into the manifest. UNet variants made with calibration are also compared with
