@@ -64,6 +64,15 @@ inference + ORT's basic optimizations) is not run: on the tiny SD UNet it
 changed neither the QDQ nodes placed on Conv / MatMul nor the PSNR, and on the
 full UNet it would hold two more copies of the weights in memory.
 
+Memory (issue #4: the SD 1.5 export was killed by the OOM killer at 22 GB):
+the ORT activation ranges come from export/ort_calibration.py, not from
+onnxruntime's MinMaxCalibrater (same ranges, tested; it held the 3.4 GB UNet
+as a protobuf, wrote and loaded an augmented copy of the weights: killed at
+20.4 GB on its own, 2 samples; ours: 7.3 GB, weights memory-mapped). The
+calibration, ``quantize_static`` (4.3 GB) and the validation runs of files
+of 1 GB and more each run in a spawned child process, whose memory goes back
+to the system when it ends.
+
 Every produced file is run by the backend the runtime uses on the component's
 seeded parity inputs and compared with the torch fp32 reference: the figures go
 into the manifest. UNet variants made with calibration are also compared with
@@ -93,7 +102,7 @@ import numpy as np
 
 from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
 
-from . import validate
+from . import ort_calibration, validate
 
 MODES = ("int8-weights", "int8", "hybrid")
 QUANT_TOLERANCE = validate.Tolerance(rel_max=1.0, psnr_db=20.0)
@@ -461,7 +470,7 @@ def _samples_reader(samples: list[Mapping[str, np.ndarray]]):
 def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch: Path) -> dict:
     """Write ``dst`` (+ ``_data``) from the fp32 ONNX file ``src``; returns the recipe."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     recipe: dict[str, Any] = dict(_ort_tools())
     work = scratch / f"{dst.parent.name}-{STEMS[kind]}"
@@ -493,14 +502,11 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
                 else:
                     exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
                 ranges = scratch / "ort-unet-ranges.json"
+                # each in a child process: its memory (GBs for the SD 1.5 UNet) is
+                # returned when it ends, not kept in the export's heap (issue #4)
                 if not ranges.exists():  # int8 and hybrid share one calibration
-                    ort_calibrate(inp, samples, work, ranges)
-                quantize_static(
-                    str(inp), str(raw), None, quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=list(ops), per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, use_external_data_format=True,
-                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges))
+                    ort_calibration.in_child(ort_calibrate, inp, samples, work, ranges)
+                ort_calibration.in_child(ort_static_file, inp, raw, list(ops), exclude, ranges, work)
                 recipe.update(
                     method="quantize_static", format="QDQ", op_types=list(ops),
                     weights="int8 symmetric per output channel", activations="uint8 asymmetric per tensor",
@@ -525,29 +531,36 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
     return recipe
 
 
+def ort_static_file(src: Path, dst: Path, ops: list[str], exclude: list[str], ranges: Path, work: Path) -> None:
+    """``quantize_static`` of ``src`` into ``dst`` (+ external data) with the
+    ranges of the calibration cache ``ranges`` (read by ORT; calibrating again
+    would hold more copies of the model)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with _quiet(), _tempdir_in(work):
+        quantize_static(
+            str(src), str(dst), None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(ops), per_channel=True, reduce_range=False,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(exclude), use_external_data_format=True,
+            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(ranges))
+
+
 def ort_calibrate(src: Path, samples: list, work: Path, cache: Path) -> None:
-    """Activation ranges (MinMax) of every Conv / MatMul / Gemm tensor of the
-    fp32 model over ``samples``, saved as ORT's calibration cache.
+    """Activation ranges (MinMax) of the tensors ``quantize_static`` quantizes in
+    int8 and hybrid (inputs / outputs of Conv, Gemm and the MatMuls with a
+    weight) over ``samples``, saved as ORT's calibration cache.
 
-    Run apart from ``quantize_static`` on purpose: given a data reader it keeps
-    its own copy of the model loaded while the calibrator holds another one and
-    an InferenceSession a third (3 x 3.4 GB for the SD 1.5 UNet); given the
-    cache it skips calibration, so at most two copies are ever held. The ranges
-    cover ORT_STATIC_OPS, a superset of what int8 and hybrid quantize."""
-    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+    Not onnxruntime's MinMaxCalibrater: it holds the model with its weights in a
+    protobuf, writes an augmented copy of the weights and loads that again in an
+    InferenceSession (the SD 1.5 UNet's calibration was killed by the OOM killer
+    at 22 GB, issue #4). export/ort_calibration.py computes the same ranges
+    from the graph alone, running it against ``src``'s own weights file."""
+    import onnx
 
-    calibrator = create_calibrator(src, list(ORT_STATIC_OPS), augmented_model_path=str(work / "augmented.onnx"),
-                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
-                                   extra_options={"max_intermediate_outputs": 32})
-    try:
-        calibrator.collect_data(_samples_reader(samples))
-        ranges = calibrator.compute_data()
-    finally:
-        calibrator = None  # noqa: F841 - free the session and the augmented graph now
-        gc.collect()
-    save_tensors_data(ranges, cache, smooth_quant=False)
-    for p in work.glob("augmented.onnx*"):
-        p.unlink()
+    exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
+    ranges = ort_calibration.calibrate_ranges(src, samples, op_types=ORT_STATIC_OPS, exclude=exclude)
+    ort_calibration.save_cache(ranges, cache)
 
 
 def onnx_weightless_matmuls(model) -> list[str]:
@@ -558,10 +571,26 @@ def onnx_weightless_matmuls(model) -> list[str]:
 
 
 # --- parity ---------------------------------------------------------------------------
+CHILD_RUN_BYTES = 1 << 30  # model files at least this big are run in a child process
+
+
 def run_many(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Outputs of the file at ``path`` for each feed, compiled / loaded ONCE
     (validate's runners compile per call), the way validate runs it: OpenVINO
-    with the f32 precision hint, ONNX Runtime on the CPU provider."""
+    with the f32 precision hint, ONNX Runtime on the CPU provider.
+
+    Big files (the SD 1.5 UNet) run in a child process: the heap a session
+    leaves behind is not returned to the system (measured: the export stayed
+    at 6.8 GB after validating the UNet's int8-weights file in-process, under
+    the ORT calibration that came next, issue #4)."""
+    path = Path(path)
+    data = [path, path.with_suffix(".bin"), path.with_name(path.name + "_data")]
+    if sum(p.stat().st_size for p in data if p.exists()) >= CHILD_RUN_BYTES:
+        return ort_calibration.in_child(_run_many_here, fmt, path, [dict(f) for f in feeds_list])
+    return _run_many_here(fmt, path, feeds_list)
+
+
+def _run_many_here(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     if fmt == "openvino":
         import openvino as ov
 

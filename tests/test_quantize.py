@@ -295,3 +295,99 @@ def test_full_size_random_sd15_quantized_export(tmp_path):
         res = pipe.txt2img("a photo", steps=2, width=256, height=256, seed=0)
     assert res.records[0]["variant"]["unet"] == "int8"
     assert np.isfinite(np.asarray(res.images[0], np.float32)).all()
+
+
+# --- lean ORT calibration (issue #4) ---------------------------------------------------------
+def _unet_feeds(model_path: Path, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input}
+    c, ctx = dims["sample"][1], (dims["encoder_hidden_states"][1] or 77, dims["encoder_hidden_states"][2])
+    rng = np.random.default_rng(seed)
+    return [{"sample": rng.standard_normal((2, c, 8, 8), dtype=np.float32),
+             "timestep": np.array([901.0, 901.0], np.float32) - 100 * k,
+             "encoder_hidden_states": (3 * rng.standard_normal((2, *ctx))).astype(np.float32)}
+            for k in range(n)]
+
+
+def test_lean_calibration_ranges_equal_onnxruntimes_calibrater(plain, tmp_path):
+    """export/ort_calibration.py (graph-only, no weight copies) gives exactly the
+    ranges onnxruntime's MinMaxCalibrater gives for every tensor quantize_static
+    quantizes, and quantize_static writes the same int8 model from either cache."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
+                                          quantize_static, save_tensors_data)
+
+    from export import ort_calibration
+
+    _, model = plain
+    unet = tmp_path / "unet"
+    shutil.copytree(model / "unet", unet, ignore=shutil.ignore_patterns("openvino_*"))
+    src = unet / "model.onnx"
+    samples = _unet_feeds(src, 3)
+
+    cal = create_calibrator(src, list(quant.ORT_STATIC_OPS), augmented_model_path=str(tmp_path / "aug.onnx"),
+                            calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                            extra_options={"max_intermediate_outputs": 32})
+    cal.collect_data(quant._samples_reader(samples))
+    theirs = cal.compute_data()
+    del cal
+
+    graph = onnx.load(str(src), load_external_data=False)
+    exclude = quant.onnx_weightless_matmuls(graph)
+    assert exclude  # the tiny UNet has attention
+    ours = ort_calibration.calibrate_ranges(src, samples, op_types=quant.ORT_STATIC_OPS, exclude=exclude)
+    assert sorted(p.name for p in unet.iterdir()) == sorted(p.name for p in (model / "unet").iterdir()
+                                                            if not p.name.startswith("openvino_"))
+    assert ours and set(ours) <= set(theirs.keys())
+    for name, (lo, hi) in ours.items():
+        t_lo, t_hi = theirs[name].range_value
+        assert lo.dtype == t_lo.dtype == np.float32 and lo.shape == t_lo.shape
+        np.testing.assert_array_equal(lo, t_lo, err_msg=name)
+        np.testing.assert_array_equal(hi, t_hi, err_msg=name)
+    # what is left out feeds / leaves only the excluded (weightless attention) MatMuls
+    skipped = set(theirs.keys()) - set(ours)
+    assert skipped
+    kept_io = {t for n in graph.graph.node if n.op_type in quant.ORT_STATIC_OPS and n.name not in exclude
+               for t in (*n.input, *n.output)}
+    assert not skipped & kept_io
+
+    outs = {}
+    for tag, data in (("ort", theirs), ("lean", None)):
+        cache = tmp_path / f"{tag}.json"
+        if data is None:
+            ort_calibration.save_cache(ours, cache)
+        else:
+            save_tensors_data(data, cache)
+        dst = tmp_path / tag / "q.onnx"
+        dst.parent.mkdir()
+        quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(quant.ORT_STATIC_OPS), per_channel=True, reduce_range=False,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                        use_external_data_format=True, calibrate_method=CalibrationMethod.MinMax,
+                        calibration_cache_path=str(cache))
+        m = onnx.load(str(dst))
+        outs[tag] = ([(n.op_type, list(n.input), list(n.output)) for n in m.graph.node],
+                     {t.name: numpy_helper.to_array(t) for t in m.graph.initializer})
+    assert outs["ort"][0] == outs["lean"][0]
+    assert outs["ort"][1].keys() == outs["lean"][1].keys()
+    for k, v in outs["ort"][1].items():
+        np.testing.assert_array_equal(v, outs["lean"][1][k], err_msg=k)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_run_many_in_a_child_process_gives_the_same_outputs(plain, monkeypatch, fmt):
+    """Big files are validated in a spawned process (its memory goes back to the
+    system when it ends): same outputs as in-process."""
+    _, model = plain
+    path = model / "unet" / ("model.onnx" if fmt == "onnx" else "openvino_model.xml")
+    feeds = _unet_feeds(model / "unet" / "model.onnx", 2)
+    here = quant.run_many(fmt, path, feeds)
+    monkeypatch.setattr(quant, "CHILD_RUN_BYTES", 0)
+    child = quant.run_many(fmt, path, feeds)
+    assert len(child) == 2 and child[0].keys() == here[0].keys()
+    for a, b in zip(here, child):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
