@@ -29,6 +29,7 @@ import numpy as np
 from ..errors import ManifestError
 from ..image import check_finite
 from ..tokenizer import ClipTokenizer
+from . import stages
 from .model import LoadedModel, StageTimer
 
 FAMILY = "sdxl"
@@ -127,32 +128,10 @@ def negative_conditioning(model: LoadedModel, negative_text: str, cond: SDXLEnco
 def guided_model_fn(model: LoadedModel, cond: SDXLEncodedPrompt, uncond: SDXLEncodedPrompt | None,
                     guidance: float, latent_dims: dict, timer: StageTimer, width: int, height: int
                     ) -> Callable[[np.ndarray, float], np.ndarray]:
-    """The SDXL UNet with classifier-free guidance (see stages.guided_model_fn)."""
+    """The SDXL UNet with classifier-free guidance: stages.guided_model_fn with the
+    pooled text embeddings and the time ids as per-branch inputs."""
     pos_ids, neg_ids = time_ids(model, width, height)
-    batch = 1 if uncond is None else 2
-    dims = dict(latent_dims, batch=batch)
-    if uncond is None:
-        ehs, te, ti = cond.embeddings, cond.pooled, pos_ids
-    else:
-        ehs = np.concatenate([uncond.embeddings, cond.embeddings], axis=0)
-        te = np.concatenate([uncond.pooled, cond.pooled], axis=0)
-        ti = np.concatenate([neg_ids, pos_ids], axis=0)
-    calls = [0]
-
-    def fn(x: np.ndarray, t: float) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        inp = x if batch == 1 else np.concatenate([x, x], axis=0)
-        ts = np.full((batch,), t, dtype=np.float32)
-        t0 = time.perf_counter()
-        out = model.run("unet", dims, {"sample": inp, "timestep": ts, "encoder_hidden_states": ehs,
-                                       "text_embeds": te, "time_ids": ti})["out_sample"]
-        timer.add("unet", time.perf_counter() - t0)
-        calls[0] += 1
-        check_finite(f"unet output (call {calls[0]}, timestep {t:g})", out)
-        if batch == 1:
-            return out
-        u, c = out[0:1], out[1:2]
-        return u + np.float32(guidance) * (c - u)
-
-    fn.calls = calls  # type: ignore[attr-defined]
-    return fn
+    return stages.guided_model_fn(
+        model, cond.embeddings, None if uncond is None else uncond.embeddings, guidance, latent_dims, timer,
+        cond_extra={"text_embeds": cond.pooled, "time_ids": pos_ids},
+        uncond_extra=None if uncond is None else {"text_embeds": uncond.pooled, "time_ids": neg_ids})

@@ -39,13 +39,17 @@ def encode_prompt(model: LoadedModel, text: str, timer: StageTimer) -> EncodedPr
 
 
 def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
-                    latent_dims: dict, timer: StageTimer) -> Callable[[np.ndarray, float], np.ndarray]:
+                    latent_dims: dict, timer: StageTimer, *, cond_extra: dict | None = None,
+                    uncond_extra: dict | None = None) -> Callable[[np.ndarray, float], np.ndarray]:
     """The UNet with classifier-free guidance (Ho & Salimans 2022):
     out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
     the batch ordered [uncond, cond] as diffusers does. Without guidance
     (uncond None) the UNet runs once per step at batch 1: half the work.
     A UNet that takes the guidance as an embedding (LCM, cpuflow/guidance_embedding.py)
-    gets it there and never runs an unconditional branch, as in diffusers."""
+    gets it there and never runs an unconditional branch, as in diffusers.
+    ``cond_extra`` / ``uncond_extra``: more per-branch UNet inputs, batched the same
+    way (SDXL's pooled ``text_embeds`` and ``time_ids``)."""
+    cond_extra, uncond_extra = dict(cond_extra or {}), dict(uncond_extra or {})
     extra = {}
     emb_dim = guidance_embedding.embedding_dim(model.manifest)
     if emb_dim is not None:
@@ -54,6 +58,8 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     batch = 1 if uncond is None else 2
     dims = dict(latent_dims, batch=batch)
     ehs = cond if uncond is None else np.concatenate([uncond, cond], axis=0)
+    for name, c in cond_extra.items():
+        extra[name] = c if uncond is None else np.concatenate([uncond_extra[name], c], axis=0)
     calls = [0]
 
     def fn(x: np.ndarray, t: float) -> np.ndarray:
