@@ -19,13 +19,13 @@ nothing written to OUT_DIR. Each merged LoRA is recorded in the manifest under
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cpuflow.errors import InvalidArgument, MissingDependency, SourceError
+from cpuflow.manifest import sha256_file
 
 from .safe_load import SAFETENSORS, read_safetensors_header, sniff
 
@@ -87,14 +87,6 @@ def check_lora_file(req: LoraRequest) -> int:
                           f"it holds e.g. {sample})",
                           hint="a full checkpoint is a SOURCE, not a --lora; pass a LoRA .safetensors file")
     return len(header)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def preflight_loras(args: Iterable[str | LoraRequest]) -> list[LoraRequest]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from cpuflow.errors import CpuflowError, InvalidArgument, MissingDependency, SourceError
+from cpuflow.manifest import sha256_file
 
 from . import checkpoint_keys as ck
 from . import detect
@@ -105,19 +106,11 @@ def _need_torch():
                                 "pip install 'cpuflow[export]'") from None
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _digest(root: Path, files: Iterable[Path]) -> str:
     """sha256 over the sorted (relative path, file sha256) of the files that were read."""
     h = hashlib.sha256()
     for f in sorted({Path(f) for f in files}, key=lambda f: _rel(root, f)):
-        h.update(f"{_rel(root, f)}\0{_sha256_file(f)}\n".encode())
+        h.update(f"{_rel(root, f)}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 
@@ -544,7 +537,7 @@ def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | 
 
     scheduler_config = dict(vendored["scheduler"], prediction_type=info.prediction_type)
     _say(progress, "hashing the checkpoint")
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     detection = info.summary()
     detection["tokenizer"] = tok_why
     detection["global_step"] = global_step
