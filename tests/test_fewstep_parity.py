@@ -160,6 +160,34 @@ def test_lcm_guidance_changes_the_image_and_matches_the_lcm_pipeline(lcm):
     assert (c.records[0]["steps"], c.records[0]["guidance"], c.records[0]["sampler"]) == (4, 8.5, "lcm")
 
 
+def _init_image():
+    from PIL import Image
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("strength", [0.5, 0.8])
+def test_lcm_img2img_matches_diffusers(lcm, backend, strength):
+    """StableDiffusionImg2ImgPipeline with the model's LCMScheduler: the full
+    4-step LCM schedule, the last int(4 * strength) steps run (set_begin_index),
+    noise re-injected between them, none after the last; guidance as the embedding."""
+    _, model, pipe, refs = lcm
+    key = ("img2img", strength)
+    if key not in refs:
+        i2i = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+        i2i.set_progress_bar_config(disable=True)
+        assert isinstance(i2i.scheduler, diffusers.LCMScheduler)
+        refs[key] = np.asarray(i2i(prompt=PROMPT, image=_init_image(), strength=strength, num_inference_steps=4,
+                                   guidance_scale=8.0, generator=torch.Generator("cpu").manual_seed(7),
+                                   output_type="pil").images[0])
+    cf = _cpuflow(model, backend)
+    res = cf.img2img(PROMPT, _init_image(), strength=strength, steps=4, guidance=8.0, seed=7)
+    assert res.records[0]["sampler"] == "lcm" and res.records[0]["task"] == "img2img"
+    p = psnr(res.images[0], refs[key])
+    assert p >= PSNR_MIN, f"lcm img2img strength {strength} {backend}: {p:.1f} dB"
+    assert all(dict(d)["batch"] == 1 for (name, d) in cf.model._sessions if name == "unet")
+
+
 # --- Turbo -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def turbo(tmp_path_factory):
