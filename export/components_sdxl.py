@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import components as base
+from .guidance_unet import SDXLGuidanceEmbeddedUNetWrapper, has_guidance_input
 
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
@@ -104,6 +105,8 @@ def unet_spec(unet: Any, max_length: int, text_embeds_dim: int) -> base.Componen
         return feeds
 
     spec.wrap = SDXLUNetWrapper
+    if has_guidance_input(spec):  # LCM-SDXL (time_cond_proj_dim): timestep_cond before SDXL's two inputs
+        spec.wrap = SDXLGuidanceEmbeddedUNetWrapper
     spec.inputs = [*spec.inputs, te, ti]
     spec.dynamic_axes = dict(spec.dynamic_axes, text_embeds=base._axes(te), time_ids=base._axes(ti))
     spec.make_inputs = make

@@ -36,6 +36,26 @@ class GuidanceEmbeddedUNetWrapper(torch.nn.Module):
                          return_dict=False)[0]
 
 
+class SDXLGuidanceEmbeddedUNetWrapper(torch.nn.Module):
+    """LCM-SDXL (e.g. latent-consistency/lcm-sdxl): (sample, timestep,
+    encoder_hidden_states, timestep_cond, text_embeds, time_ids) -> out_sample.
+    The input order is the one export.components_sdxl.unet_spec builds: the SD
+    UNet's inputs (with ``timestep_cond``), then SDXL's two."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond, text_embeds, time_ids):
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                         added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+                         return_dict=False)[0]
+
+
+def has_guidance_input(spec: Any) -> bool:
+    return any(s.name == INPUT_NAME for s in spec.inputs)
+
+
 def add_guidance_embedding_input(spec: Any, dim: int) -> None:
     """Turn the plain UNet ``spec`` (export.components.ComponentSpec) into the
     four-input one, in place: wrapper, input list, dynamic axes, sample inputs

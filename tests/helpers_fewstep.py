@@ -3,6 +3,8 @@
 * :func:`save_tiny_lcm_folder`: the tiny sd1 model with a guidance-embedding
   UNet (``time_cond_proj_dim``, as LCM distilled with guidance) and an
   LCMScheduler config.
+* :func:`save_tiny_lcm_sdxl_folder`: the tiny SDXL (tests/helpers_sdxl.py) with
+  a guidance-embedding UNet and LCMScheduler, as latent-consistency/lcm-sdxl.
 * :func:`save_tiny_turbo_folder`: the tiny sd2 model with an SD-Turbo style
   scheduler (timestep_spacing "trailing").
 * :func:`save_tiny_lora`: a LoRA for a tiny model's UNet and text encoder,
@@ -114,3 +116,19 @@ def save_tiny_lora(path: str | os.PathLike, kind: str = "sd1", fmt: str = "diffu
     else:
         raise ValueError(f"unknown LoRA format {fmt!r}")
     return path
+
+
+def save_tiny_lcm_sdxl_folder(path: str | os.PathLike, seed: int = 0, dim: int = TIME_COND_PROJ_DIM) -> Path:
+    """The tiny SDXL folder (tests/helpers_sdxl.py) as latent-consistency/lcm-sdxl is
+    built: a UNet with a guidance embedding (``time_cond_proj_dim``) and LCMScheduler."""
+    from diffusers import UNet2DConditionModel
+    from helpers_sdxl import save_tiny_sdxl_folder, tiny_sdxl_configs
+
+    out = save_tiny_sdxl_folder(path, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**tiny_sdxl_configs()["unet"], time_cond_proj_dim=dim)
+    _perturb(unet, torch.Generator().manual_seed(40_000 + seed))
+    unet.eval().save_pretrained(out / "unet", safe_serialization=True)
+    _set_scheduler(out, LCM_SCHEDULER)
+    return out

@@ -339,3 +339,71 @@ def test_bad_lora_files_fail_clearly_and_write_nothing(lora, tmp_path):
         assert "Traceback" not in res.output
         assert not out.exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "staging left behind"
+
+
+# --- LCM-SDXL -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lcm_sdxl(tmp_path_factory):
+    from helpers_fewstep import save_tiny_lcm_sdxl_folder
+    base = tmp_path_factory.mktemp("tiny-lcm-sdxl")
+    src = save_tiny_lcm_sdxl_folder(base / "src")
+    model = _export(src, base / "model")
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return src, model, pipe, {}
+
+
+def test_lcm_sdxl_export_has_the_guidance_input(lcm_sdxl):
+    _, model, pipe, _ = lcm_sdxl
+    assert isinstance(pipe.scheduler, diffusers.LCMScheduler)
+    m = json.loads((model / "cpuflow.json").read_text())
+    unet = m["components"]["unet"]
+    assert [i["name"] for i in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "timestep_cond",
+                                                   "text_embeds", "time_ids"]
+    assert unet["config"]["time_cond_proj_dim"] == TIME_COND_PROJ_DIM
+    assert m["family"] == "sdxl" and m["scheduler"]["_class_name"] == "LCMScheduler"
+    assert m["defaults"] == {"steps": 4, "guidance": 8.5}     # export/fewstep_defaults.py, as SD 1.5 LCM
+    for fmt in ("onnx", "openvino"):
+        assert unet["variants"]["fp32"]["parity"][fmt]["passed"]
+
+
+def _sdxl_reference(pipe, *, steps, guidance, init=None, strength=0.6, seed=7):
+    kw = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance,
+              generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    if init is None:
+        img = pipe(height=SIZE, width=SIZE, **kw).images[0]
+    else:
+        i2i = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components, add_watermarker=False)
+        i2i.set_progress_bar_config(disable=True)
+        img = i2i(image=init, strength=strength, **kw).images[0]
+    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("backend,steps,guidance", [("openvino", 4, 8.0), ("onnxruntime", 4, 8.0),
+                                                    ("onnxruntime", 2, 1.5)])
+def test_lcm_sdxl_matches_diffusers(lcm_sdxl, backend, steps, guidance):
+    """StableDiffusionXLPipeline with the model's LCMScheduler: guidance as the
+    embedding (no negative branch, batch 1), text_embeds / time_ids as for SDXL."""
+    _, model, pipe, refs = lcm_sdxl
+    if (steps, guidance) not in refs:
+        refs[(steps, guidance)] = _sdxl_reference(pipe, steps=steps, guidance=guidance)
+    cf = _cpuflow(model, backend)
+    res = cf.txt2img(PROMPT, steps=steps, guidance=guidance, width=SIZE, height=SIZE, seed=7)
+    assert res.records[0]["sampler"] == "lcm"
+    p = psnr(res.images[0], refs[(steps, guidance)])
+    assert p >= PSNR_MIN, f"lcm-sdxl {steps} steps guidance {guidance} {backend}: {p:.1f} dB"
+    assert all(dict(d)["batch"] == 1 for (name, d) in cf.model._sessions if name == "unet")
+
+
+def test_lcm_sdxl_defaults_and_img2img(lcm_sdxl):
+    """No --steps / --guidance: the manifest's 4 steps at 8.5; img2img with
+    StableDiffusionXLImg2ImgPipeline + LCMScheduler semantics."""
+    _, model, pipe, refs = lcm_sdxl
+    cf = _cpuflow(model, "openvino")
+    res = cf.txt2img(PROMPT, width=SIZE, height=SIZE, seed=7)
+    assert (res.records[0]["steps"], res.records[0]["guidance"]) == (4, 8.5)
+    assert psnr(res.images[0], _sdxl_reference(pipe, steps=4, guidance=8.5)) >= PSNR_MIN
+    ref = _sdxl_reference(pipe, steps=4, guidance=8.0, init=_init_image(), strength=0.6)
+    res = cf.img2img(PROMPT, _init_image(), strength=0.6, steps=4, guidance=8.0, seed=7)
+    p = psnr(res.images[0], ref)
+    assert p >= PSNR_MIN, f"lcm-sdxl img2img: {p:.1f} dB"
