@@ -61,13 +61,15 @@ def _samplers_help() -> str:
 @click.option("--model", "-m", type=click.Path(path_type=Path), default=None,
               help="Exported model folder (default: the model shipped with cpuflow).")
 @click.option("--negative-prompt", "-n", default="", help="What the image should not show.")
-@click.option("--steps", type=int, default=None, help="Denoising steps (default: the model's, usually 20).")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps (default: the model's, from its export: 1 for SD-Turbo, 4 for an LCM, else 20).")
 @click.option("--sampler", default=None, help="Sampler (default: the model's own scheduler). "
               "One of: ddim, plms, euler, euler_a, heun, dpmpp_2m, lcm.")
 @click.option("--schedule", type=click.Choice(["default", "karras"]), default="default",
               help="Noise schedule: the model's trained timesteps, or Karras sigmas.")
 @click.option("--guidance", "-g", type=float, default=None,
-              help="Classifier-free guidance scale (default 7.5; 1 or less skips the negative branch: 2x faster).")
+              help="Classifier-free guidance scale (default: the model's, usually 7.5; 0 for SD-Turbo; "
+                   "1 or less skips the negative branch: 2x faster).")
 @click.option("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
 @click.option("--seed", type=int, default=None, help="Seed 0..4294967295 (default: random, printed and saved).")
 @click.option("--width", "-W", type=int, default=None, help="Width in pixels (default: the model's).")

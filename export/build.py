@@ -43,7 +43,7 @@ from . import validate
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
-from .fewstep_defaults import few_step_defaults
+from .fewstep_defaults import generation_defaults, user_defaults
 from .taesd import NOT_QUANTIZED as TAESD_NOT_QUANTIZED
 from .taesd import TAESD_COMPONENTS
 from .taesd import manifest_entry as taesd_entry
@@ -418,7 +418,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  seed: int = 0, quantize: Iterable[str] = (),
                  calibration_prompts: str | os.PathLike | list[str] | None = None,
                  calibration_size: int = CALIBRATION_SIZE,
-                 calibration_steps: int = CALIBRATION_STEPS) -> Path:
+                 calibration_steps: int = CALIBRATION_STEPS,
+                 default_steps: int | None = None, default_guidance: float | None = None) -> Path:
     """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
 
     formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
@@ -432,7 +433,10 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     inputs of ``calibration_size`` prompts (the first ones of
     ``calibration_prompts``: a file, a list, or None for the shipped list) run
     for ``calibration_steps`` steps each (export/calibrate.py).
+    default_steps / default_guidance: the manifest's generation ``defaults``
+    (else decided by export/fewstep_defaults.py: Turbo, LCM, or none).
     Returns the absolute OUT_DIR."""
+    user_defaults(default_steps, default_guidance)  # a bad value fails before any work
     formats = tuple(dict.fromkeys(formats))
     if not formats or any(f not in FORMATS for f in formats):
         raise InvalidArgument(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(formats)}")
@@ -482,7 +486,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
         try:
             _build(loaded, staging, formats=formats, weights=weights, force=force,
                    steps=steps, exporter=exporter, release_modules=release_modules, seed=seed,
-                   modes=modes, prompts=prompts, calibration_steps=calibration_steps)
+                   modes=modes, prompts=prompts, calibration_steps=calibration_steps,
+                   default_steps=default_steps, default_guidance=default_guidance)
             _crash_point("staged")
             _move_into_place(staging, out_dir)
         except BaseException:
@@ -494,7 +499,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
 def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str, force: bool,
            steps: _Steps, exporter: str, release_modules: bool, seed: int,
            modes: tuple[str, ...] = (), prompts: list[str] | None = None,
-           calibration_steps: int = CALIBRATION_STEPS) -> None:
+           calibration_steps: int = CALIBRATION_STEPS, default_steps: int | None = None,
+           default_guidance: float | None = None) -> None:
     te_cfg = loaded.text_encoder.config
     vae_cfg = loaded.vae.config
     # Everything read from the torch modules is read now, before they are released.
@@ -599,8 +605,9 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
             "onnx_exporter": "+".join(exporters_used),
         },
     }
-    defaults = few_step_defaults(loaded.scheduler_config, specs["unet"].config)
-    if defaults:  # LCM: 4 steps (export/fewstep_defaults.py)
+    defaults = generation_defaults(loaded.scheduler_config, specs["unet"].config, loaded.source,
+                                   steps=default_steps, guidance=default_guidance)
+    if defaults:  # the user's, Turbo's or LCM's steps / guidance (export/fewstep_defaults.py)
         manifest["defaults"] = {**manifest.get("defaults", {}), **defaults}
     if taesd_entry(getattr(loaded, "taesd_source", None)) is not None:
         manifest["export"]["taesd"] = taesd_entry(loaded.taesd_source)

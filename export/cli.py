@@ -39,6 +39,9 @@ Examples:
   # add the tiny autoencoder (TAESD) for fast previews and --decoder taesd
   cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --taesd madebyollin/taesd
   cpuflow export --random-weights --arch sd15 exported/sd15-random --taesd random
+  # few-step models: the steps / guidance `cpuflow generate` uses when the user gives none
+  # (stabilityai/sd-turbo and sdxl-turbo get 1 step, guidance 0 by themselves; LCMs 4 steps)
+  cpuflow export ./my-sd-turbo-copy exported/sd-turbo --default-steps 1 --default-guidance 0
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
@@ -104,9 +107,17 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="Also export the tiny autoencoder (AutoencoderTiny) as taesd_decoder / taesd_encoder, for "
                    "`generate --decoder taesd` and per-step previews: a diffusers AutoencoderTiny folder, a hub "
                    "id (madebyollin/taesd for SD 1.x/2.x), or random (with --random-weights). Never quantized.")
+@click.option("--default-steps", "default_steps", type=int, default=None, metavar="N",
+              help="Steps `cpuflow generate` (and the web page) use for this model when no --steps is given, "
+                   "recorded in cpuflow.json. Default: 1 for stabilityai/sd-turbo and sdxl-turbo, 4 for an LCM "
+                   "(LCMScheduler), else the runtime's 20. E.g. --default-steps 1 for a local SD-Turbo copy.")
+@click.option("--default-guidance", "default_guidance", type=float, default=None, metavar="G",
+              help="Guidance scale used when no --guidance is given, recorded in cpuflow.json. Default: 0 for "
+                   "the Turbo hub ids, 8.5 for an LCM with a guidance embedding (1 without), else 7.5 (SDXL: 5). "
+                   "E.g. --default-guidance 0 for SD-Turbo (no negative branch).")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps, loras, taesd):
+                   calibration_steps, loras, taesd, default_steps, default_guidance):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -119,7 +130,7 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
              random_weights=random_weights, arch=arch, seed=seed, taesd=taesd,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps),
-             loras=loras)
+             loras=loras, default_steps=default_steps, default_guidance=default_guidance)
 
 
 def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:
@@ -135,7 +146,8 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
-         random_weights, arch, seed, quantize=None, loras=(), taesd=None) -> None:
+         random_weights, arch, seed, quantize=None, loras=(), taesd=None, default_steps=None,
+         default_guidance=None) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -145,6 +157,8 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
                               "(a real LCM / Turbo model is exported from its folder or hub id, no --arch needed)")
 
     from .build import ConsoleProgress, export_model, preflight
+    from .fewstep_defaults import user_defaults
+    user_defaults(default_steps, default_guidance)  # a bad value fails before the (slow) load
     from .sources import load_source
 
     quantize = dict(quantize or {})
@@ -177,7 +191,8 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
         attach_taesd(loaded, *tiny)
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
-                           progress=progress, seed=seed, **quantize)
+                           progress=progress, seed=seed, default_steps=default_steps,
+                           default_guidance=default_guidance, **quantize)
     finally:
         progress.close()
     del loaded
