@@ -34,6 +34,7 @@ class SessionInfo:
     precision: str   # what it computes in, e.g. "f32", "bf16"
     compile_s: float  # load + compile seconds
     cached: bool     # compiled model came from the cache
+    warning: str | None = None  # something the user should know (e.g. compiled in f32 after bf16 failed)
 
 
 class Session(Protocol):

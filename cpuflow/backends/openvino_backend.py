@@ -32,6 +32,7 @@ from . import cache as cache_mod
 from .base import BackendOptions, SessionInfo, check_feeds
 from .device import openvino_device
 from .onnx_external import check_external_data
+from .precision_fallback import compile_with_fallback
 
 PRECISIONS = ("auto", "f32", "bf16")
 _SUFFIXES = (".xml", ".onnx")
@@ -159,20 +160,48 @@ class OpenVINOBackend:
         self._core = self._ov.Core()
 
     # ------------------------------------------------------------------
-    def _config(self, cache_sub: Path | None) -> dict[str, Any]:
+    def _config(self, cache_sub: Path | None, precision: str | None = None) -> dict[str, Any]:
         ov = self._ov
         import openvino.properties as props
         import openvino.properties.hint as hints
+        precision = precision or self.options.precision
         cfg: dict[str, Any] = {hints.performance_mode(): hints.PerformanceMode.LATENCY}
-        if self.options.precision == "f32":
+        if precision == "f32":
             cfg[hints.inference_precision()] = ov.Type.f32
-        elif self.options.precision == "bf16":
+        elif precision == "bf16":
             cfg[hints.inference_precision()] = ov.Type.bf16
         if self.options.threads is not None:
             cfg[props.inference_num_threads()] = int(self.options.threads)
         if cache_sub is not None:
             cfg[props.cache_dir()] = str(cache_sub)
         return cfg
+
+    def _default_precision_name(self) -> str:
+        """What precision "auto" means here ("bf16" / "f32"), for messages."""
+        if self.options.precision != "auto":
+            return self.options.precision
+        try:
+            name = _type_name(self._core.get_property(self.device, "INFERENCE_PRECISION_HINT"))
+        except Exception:  # noqa: BLE001 - only a message depends on it
+            return "the CPU's default"
+        return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, name)
+
+    def _cache_sub(self, component: str, model_file: Path, cache_key: str, static_dims: Mapping[str, int] | None,
+                   precision: str) -> Path | None:
+        """The compiled-model cache folder of this model, shape and precision setting (None: no cache)."""
+        if self.options.cache_dir is None:
+            return None
+        try:
+            from ..cpu import cpu_features
+            f = cpu_features(use_openvino=False)
+            cpu_id = {"model": f.get("model_name"), "amx": f.get("amx"), "bf16": f.get("bf16"),
+                      "avx512f": f.get("avx512f")}
+        except Exception:  # noqa: BLE001 - the cache key just gets coarser
+            cpu_id = {}
+        return cache_mod.model_cache_dir(
+            self.options.cache_dir, cache_key, static_dims=static_dims, precision=precision,
+            runtime_version=self._ov.get_version(), backend=self.name, device=self.device,
+            extra={"component": component, "file": model_file.name, "cpu": cpu_id})
 
     def _reshape(self, component: str, model: Any, inputs: Sequence[TensorSpec], in_index: list[int],
                  static_dims: Mapping[str, int]) -> None:
@@ -203,7 +232,6 @@ class OpenVINOBackend:
     def load(self, component: str, model_file: Path, inputs: Sequence[TensorSpec],
              outputs: Sequence[TensorSpec], *, static_dims: Mapping[str, int] | None,
              cache_key: str) -> OpenVINOSession:
-        ov = self._ov
         model_file = Path(model_file)
         if model_file.suffix.lower() not in _SUFFIXES:
             raise ModelError(f"{component}: the openvino backend reads .xml (OpenVINO IR) or .onnx files, "
@@ -232,33 +260,26 @@ class OpenVINOBackend:
         if static_dims:
             self._reshape(component, model, inputs, in_index, static_dims)
 
-        cache_sub = None
-        if self.options.cache_dir is not None:
-            try:
-                from ..cpu import cpu_features
-                f = cpu_features(use_openvino=False)
-                cpu_id = {"model": f.get("model_name"), "amx": f.get("amx"), "bf16": f.get("bf16"),
-                          "avx512f": f.get("avx512f")}
-            except Exception:  # noqa: BLE001 - the cache key just gets coarser
-                cpu_id = {}
-            cache_sub = cache_mod.model_cache_dir(
-                self.options.cache_dir, cache_key, static_dims=static_dims, precision=self.options.precision,
-                runtime_version=ov.get_version(), backend=self.name, device=self.device,
-                extra={"component": component, "file": model_file.name, "cpu": cpu_id})
-        before = _blob_state(cache_sub)
-        try:
-            compiled = self._core.compile_model(model, self.device, self._config(cache_sub))
-        except RuntimeError as e:
-            raise BackendError(f"{component}: openvino failed to compile {model_file.name} for "
-                               f"{self.device}: {e}") from None
+        def cache_sub_of(precision: str) -> Path | None:
+            return self._cache_sub(component, model_file, cache_key, static_dims, precision)
+
+        def compile_at(precision: str) -> Any:
+            sub = cache_sub_of(precision)
+            before[precision] = _blob_state(sub)
+            return self._core.compile_model(model, self.device, self._config(sub, precision))
+
+        before: dict[str, dict] = {}
+        compiled, used, cache_sub, warning = compile_with_fallback(
+            component, model_file.name, self.device, self.options.precision, self._default_precision_name(),
+            compile_at, cache_sub_of)
         compile_s = time.perf_counter() - t0
-        cached = self._loaded_from_cache(compiled, before, _blob_state(cache_sub), cache_sub)
+        cached = self._loaded_from_cache(compiled, before[used], _blob_state(cache_sub), cache_sub)
         in_index = _match_ports(component, "inputs", inputs, compiled.inputs)
         out_index = _match_ports(component, "outputs", outputs, compiled.outputs)
         try:
             precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
         except RuntimeError:
-            precision = self.options.precision
+            precision = used
         precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(precision, precision)
         if cache_sub is not None:
             try:
@@ -266,7 +287,7 @@ class OpenVINOBackend:
             except OSError:
                 pass  # a full or read-only cache never fails a load
         info = SessionInfo(backend=self.name, device=self.device, precision=precision,
-                           compile_s=compile_s, cached=cached)
+                           compile_s=compile_s, cached=cached, warning=warning)
         return OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,
                                static_dims, info, cache_sub)
 

@@ -142,6 +142,8 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
             records.append(_record(model, req, r, prompt, negative, seed, is_img2img, plan))
             k += 1
     timer.seconds["load_compile"] = model.load_seconds - load_before
+    warnings.extend(dict.fromkeys(model.load_warnings))   # each once, for the request that loaded it
+    model.load_warnings.clear()
     timer.seconds["total"] = time.perf_counter() - t_start
     unet_calls = plan.n_model_calls * n_images
     if unet_calls:

@@ -79,6 +79,7 @@ class LoadedModel:
         self.backend = get_backend(config.backend, self.options)
         self._sessions: dict[tuple, Session] = {}
         self.load_seconds = 0.0
+        self.load_warnings: list[str] = []   # from sessions loaded since generate() last took them
 
     # -- variants -------------------------------------------------------------
     def variant_of(self, component: str) -> str:
@@ -121,6 +122,8 @@ class LoadedModel:
             )
             self.load_seconds += time.perf_counter() - t0
             sess.variant = vname  # type: ignore[attr-defined]
+            if getattr(sess.info, "warning", None):  # e.g. OpenVINO fell back to f32
+                self.load_warnings.append(sess.info.warning)
             self._sessions[key] = sess
         return sess
 
