@@ -6,8 +6,10 @@ to its timestep embedding (diffusers ``UNet2DConditionModel(...,
 timestep_cond=...)``). Only such UNets get the extra input ``timestep_cond``
 (float32 ``[batch, time_cond_proj_dim]``); the runtime fills it with
 ``cpuflow.guidance_embedding.guidance_embedding(guidance, dim)`` and runs no
-unconditional branch, as diffusers does. Every other UNet keeps the plain
-three-input signature.
+unconditional branch, as diffusers does. An SDXL UNet with the embedding
+(LCM-SDXL) takes it before SDXL's ``text_embeds`` / ``time_ids``
+(:class:`SDXLGuidanceEmbeddedUNetWrapper`). Every other UNet keeps its plain
+signature.
 """
 from __future__ import annotations
 

@@ -119,16 +119,19 @@ def save_tiny_lora(path: str | os.PathLike, kind: str = "sd1", fmt: str = "diffu
 
 
 def save_tiny_lcm_sdxl_folder(path: str | os.PathLike, seed: int = 0, dim: int = TIME_COND_PROJ_DIM) -> Path:
-    """The tiny SDXL folder (tests/helpers_sdxl.py) as latent-consistency/lcm-sdxl is
-    built: a UNet with a guidance embedding (``time_cond_proj_dim``) and LCMScheduler."""
-    from diffusers import UNet2DConditionModel
+    """The tiny SDXL (tests/helpers_sdxl.py) made into an LCM-SDXL the way the README
+    tells users to assemble latent-consistency/lcm-sdxl (a UNet-only repo): the base
+    pipeline with the guidance-embedding UNet (``time_cond_proj_dim``) swapped in,
+    ``LCMScheduler.from_config(pipe.scheduler.config)``, ``save_pretrained``."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from helpers_sdxl import save_tiny_sdxl_folder, tiny_sdxl_configs
 
-    out = save_tiny_sdxl_folder(path, seed=seed)
+    base = save_tiny_sdxl_folder(Path(path).parent / (Path(path).name + "-base"), seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**tiny_sdxl_configs()["unet"], time_cond_proj_dim=dim)
     _perturb(unet, torch.Generator().manual_seed(40_000 + seed))
-    unet.eval().save_pretrained(out / "unet", safe_serialization=True)
-    _set_scheduler(out, LCM_SCHEDULER)
-    return out
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=unet.eval(), add_watermarker=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)

@@ -4,6 +4,8 @@
   diffusers runs it without an unconditional branch and feeds
   ``get_guidance_scale_embedding(guidance - 1)``; cpuflow's export gives the
   UNet a ``timestep_cond`` input and the runtime computes the embedding.
+  Also img2img (StableDiffusionImg2ImgPipeline + LCMScheduler) and LCM-SDXL
+  (StableDiffusionXL(Img2Img)Pipeline + LCMScheduler, a guidance-embedding SDXL UNet).
 * Turbo: an SD 2.x model with SD-Turbo's scheduler (trailing spacing),
   1-4 steps, guidance 0, euler_a and euler.
 * LoRA: a tiny LoRA (diffusers and kohya formats) merged at export
