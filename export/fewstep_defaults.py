@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from cpuflow.config import MAX_GUIDANCE, MAX_STEPS
 from cpuflow.errors import InvalidArgument
 
 LCM_STEPS = 4
@@ -39,8 +40,6 @@ TURBO_GUIDANCE = 0.0
 # lower-case hub ids of the published Turbo models, and the random-weights arch that mimics one
 TURBO_HUB_IDS = ("stabilityai/sd-turbo", "stabilityai/sdxl-turbo")
 TURBO_ARCHES = ("sd21-turbo",)
-
-MAX_STEPS = 1000   # samplers.make_plan's limit
 
 
 def few_step_defaults(scheduler_config: Mapping[str, Any], unet_config: Mapping[str, Any]) -> dict:
@@ -60,8 +59,8 @@ def is_known_turbo(source: Mapping[str, Any] | None) -> bool:
 
 
 def user_defaults(steps: Any = None, guidance: Any = None) -> dict:
-    """Rule (1), checked: ``--default-steps`` an integer 1..1000, ``--default-guidance``
-    a finite number >= 0. Only the given keys come back."""
+    """Rule (1), checked as the runtime checks --steps / --guidance: ``--default-steps``
+    an integer 1..1000, ``--default-guidance`` a number 0..100. Only the given keys come back."""
     out: dict = {}
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
@@ -70,8 +69,9 @@ def user_defaults(steps: Any = None, guidance: Any = None) -> dict:
         out["steps"] = int(steps)
     if guidance is not None:
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-                or guidance < 0:
-            raise InvalidArgument(f"--default-guidance {guidance!r} is invalid: give a number >= 0 "
+                or not 0 <= guidance <= MAX_GUIDANCE:
+            raise InvalidArgument(f"--default-guidance {guidance!r} is invalid: give a number from 0 to "
+                                  f"{MAX_GUIDANCE:g} "
                                   "(e.g. --default-guidance 0 for SD-Turbo; 1 or less runs no negative branch)")
         out["guidance"] = float(guidance)
     return out

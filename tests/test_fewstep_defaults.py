@@ -54,7 +54,8 @@ def test_rules_and_precedence():
 @pytest.mark.parametrize("steps,guidance,msg", [
     (0, None, "--default-steps 0"), (1001, None, "--default-steps 1001"), (2.5, None, "whole number"),
     (True, None, "--default-steps"), (None, -1.0, "--default-guidance -1.0"),
-    (None, float("nan"), "--default-guidance nan"), (None, float("inf"), ">= 0"),
+    (None, float("nan"), "--default-guidance nan"), (None, float("inf"), "from 0 to 100"),
+    (None, 101, "--default-guidance 101"),
 ])
 def test_bad_user_defaults_are_clear_errors(steps, guidance, msg):
     with pytest.raises(InvalidArgument, match=msg.replace("(", r"\(").replace(".", r"\.")):
