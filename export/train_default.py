@@ -325,7 +325,7 @@ def vae_extrap_check(vae, mean, attrs, scales=(1.0, 2.0, 3.0, 5.0), n: int = 336
 def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, deadline,
                scaling, dropout=0.1, ema_decay=0.999, snr_gamma=5.0, out=None,
                save_fn=None, init=None, extrap_prob=0.0, extrap_max=3.0, extrap_k=1.0,
-               warmup=300, save_every=2000, teacher=None, guidance_div=1.0):
+               warmup=300, save_every=2000, teacher=None, guidance_div=1.0, pair_guidance=0.0):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -394,7 +394,26 @@ def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, dead
         else:
             noisy = sched.add_noise(lat, noise, t)
             target = noise
-        if teacher is not None:
+        if teacher is not None and pair_guidance > 0:
+            # paired guidance distillation: both branches of the student run on
+            # the same noisy latent and the loss also checks their guided
+            # combination at w = pair_guidance against the teacher's at
+            # w / guidance_div: what sampling uses, so errors the two branches
+            # share cancel instead of being amplified w times
+            with torch.no_grad():
+                t_unet, t_text = teacher
+                eu = t_unet(noisy, t, t_text(empty.expand_as(ids))[0]).sample
+                ec = t_unet(noisy, t, t_text(table[kind_of[idx], tsel])[0]).sample
+                tc = eu + (ec - eu) / guidance_div
+                tg = eu + pair_guidance * (tc - eu)
+            both = text(torch.cat([table[kind_of[idx], tsel], empty.expand_as(ids)]))[0]
+            sc, su = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), both).sample.chunk(2)
+            sg = su + pair_guidance * (sc - su)
+            per = (F.mse_loss(sg, tg, reduction="none").mean(dim=(1, 2, 3)) / pair_guidance
+                   + F.mse_loss(sc, tc, reduction="none").mean(dim=(1, 2, 3))
+                   + F.mse_loss(su, eu, reduction="none").mean(dim=(1, 2, 3)))
+            loss = (per * w_t[t]).mean()
+        elif teacher is not None:
             # guidance-scale distillation: the student's conditional branch
             # learns teacher_u + (teacher_c - teacher_u) / guidance_div and its
             # unconditional branch teacher_u, so the student at guidance w
@@ -404,10 +423,11 @@ def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, dead
                 eu = t_unet(noisy, t, t_text(empty.expand_as(ids))[0]).sample
                 ec = t_unet(noisy, t, t_text(ids)[0]).sample
                 target = eu + (ec - eu) / guidance_div
-        cond = text(ids)[0]
-        pred = unet(noisy, t, cond).sample
-        per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per * w_t[t]).mean()
+        if not (teacher is not None and pair_guidance > 0):
+            cond = text(ids)[0]
+            pred = unet(noisy, t, cond).sample
+            per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per * w_t[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -569,6 +589,9 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance-distill", type=float, default=0.0,
                     help="with --init-from: distil the loaded model (teacher) into a student "
                          "whose guidance w samples like the teacher's w / this (0 = off)")
+    ap.add_argument("--distill-pair-guidance", type=float, default=0.0,
+                    help="with --guidance-distill: run both student branches on each latent and also "
+                         "fit their guided combination at this guidance (e.g. 5) (0 = off)")
     ap.add_argument("--vae-radial", type=float, default=0.0,
                     help="fraction of each VAE batch decoded from m + s (z - m), s ~ U[1, "
                          "--vae-radial-max], that must still reconstruct the image (0 = off)")
@@ -713,7 +736,8 @@ def finetune(args, out: Path, t_start: float, deadline: float) -> int:
     unet, text, unet_info = train_unet(
         lat_mean, lat_std, attrs, tok, text_vocab, args.unet_steps, args.unet_batch,
         args.unet_lr, deadline, scaling, dropout=args.caption_dropout, save_fn=save_fn,
-        init=(unet, text), teacher=teacher, guidance_div=args.guidance_distill or 1.0, extrap_prob=args.extrap_prob, extrap_max=args.extrap_max,
+        init=(unet, text), teacher=teacher, guidance_div=args.guidance_distill or 1.0,
+        pair_guidance=args.distill_pair_guidance, extrap_prob=args.extrap_prob, extrap_max=args.extrap_max,
         extrap_k=args.extrap_k, warmup=args.unet_warmup, save_every=args.save_every)
     train_seconds = time.time() - t_start
     log(f"unet done: steps {unet_info['steps']} loss {unet_info['final_loss']:.4f}")
