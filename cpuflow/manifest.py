@@ -24,7 +24,8 @@ Schema version 1 (a JSON object)::
     files             relative path -> {size, sha256}   (every file of the folder but the manifest)
     source            {kind, name, sha256}
     export            {created, tools: {name: version}, formats, weights_dtype, forced}
-    defaults          optional: the model's own generation defaults {steps, guidance, variant}
+    defaults          optional: the model's own generation defaults {steps, guidance, variant,
+                      precision} (precision: what --precision auto means for this model)
     tokenizer_2       SDXL only (family "sdxl"): the second tokenizer, as ``tokenizer``
     sdxl              SDXL only: {force_zeros_for_empty_prompt, requires_aesthetics_score,
                       aesthetic_score, negative_aesthetic_score}; components then also hold
