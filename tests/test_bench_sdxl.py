@@ -62,9 +62,12 @@ def test_sdxl_bench_with_guidance_every_stage(tiny_sdxl):
 
 
 def test_sdxl_turbo_style_bench_without_guidance_and_taesd_decoder(tiny_sdxl):
-    _, res = _bench(tiny_sdxl, "turbo", "--stages", "text,unet,e2e", "--steps", "1", "--guidance", "0",
-                    "--decoder", "taesd", "-W", "32", "-H", "32")
+    _, res = _bench(tiny_sdxl, "turbo", "--stages", "text,unet,e2e,load", "--steps", "1", "--guidance", "0",
+                    "--decoder", "taesd", "-W", "32", "-H", "32", "--no-compile-cache")
     st = res["configs"][0]["stages"]
+    # no compiled-model cache: first starts only, and nothing was found cached
+    assert res["settings"]["compile_cache"] is False and "load_second" not in st
+    assert all(not comp["cached"] for start in st["load_first"]["starts"] for comp in start["components"].values())
     assert res["settings"]["unet_batch"] == 1 and st["unet"]["unet_batch"] == 1
     assert res["settings"]["width"] == 32 and res["settings"]["decoder"] == "taesd"
     bd = st["e2e"]["breakdown"][0]

@@ -27,10 +27,12 @@ Examples:
   # the tiny autoencoder (a folder exported with --taesd): its decode, and whole images decoded by it
   cpuflow bench exported/sd15 --stages vae,taesd,e2e --decoder taesd
   # SDXL at its default 1024x1024 with guidance (UNet at batch 2); e2e with 2 steps
-  cpuflow bench exported/sdxl --stages text,unet,vae,taesd,e2e,load --steps 2 --repeat 1
+  # (--no-compile-cache: its OpenVINO compiled cache would need another 10+ GB of disk)
+  cpuflow bench exported/sdxl --stages text,unet,vae,taesd,e2e,load --steps 2 --repeat 1 \
+      --no-compile-cache
   # SDXL-Turbo style: 512x512, one step, no guidance (UNet at batch 1), tiny decoder
   cpuflow bench exported/sdxl -W 512 -H 512 --steps 1 --guidance 0 --decoder taesd \
-      --stages text,unet,taesd,e2e
+      --stages text,unet,taesd,e2e --no-compile-cache
 
 \b
 Stages: text (one text-encoder call; both encoders for SDXL), unet (one UNet call, batch 2 with
@@ -80,6 +82,10 @@ is that process's high-water mark (VmHWM).
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default="full", show_default=True,
               help="Decoder of the e2e image: the full VAE or the tiny autoencoder (folders exported with "
                    "--taesd; no torch reference for it).")
+@click.option("--no-compile-cache", "no_compile_cache", is_flag=True,
+              help="Keep no compiled-model cache on disk: every stage's process compiles from the model files, "
+                   "and the load stage measures first starts only. For models whose OpenVINO cache does not fit "
+                   "the disk (full-size SDXL: about as big as its fp32 weights, 10+ GB).")
 @click.option("--prompt", default=None, help="Prompt for the text encoder and the image.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every number (and the machine, settings, versions) to this JSON file.")
@@ -98,7 +104,7 @@ def bench_command(**opts):
 
 def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
          reference_source, width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
-         chart_path, job_timeout, quiet, decoder="full"):
+         chart_path, job_timeout, quiet, decoder="full", no_compile_cache=False):
     from ..manifest import load_manifest
     from . import report, runner
 
@@ -114,7 +120,8 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
             raise InvalidArgument(f"folder {p.parent} does not exist (for {p.name})")
     settings = runner.BenchSettings(width=width, height=height, steps=steps, guidance=guidance, threads=threads,
                                     repeat=repeat, warmup=warmup, stages=stages,
-                                    prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder)
+                                    prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder,
+                                    compile_cache=not no_compile_cache)
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)

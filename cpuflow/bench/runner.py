@@ -85,6 +85,9 @@ class BenchSettings:
     prompt: str = DEFAULT_PROMPT
     gen_seed: int = 0
     decoder: str = "full"             # e2e's decoder: full VAE or taesd (the tiny autoencoder)
+    # False: no compiled-model cache on disk; every process compiles, the load stage has first starts
+    # only (the OpenVINO cache of a full-size SDXL is about as big as its fp32 weights: 10+ GB)
+    compile_cache: bool = True
 
     def __post_init__(self):
         self.stages = parse_stages(self.stages)
@@ -417,7 +420,14 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
         for c in configs:
             spec = dict(base, kind="cpuflow", stage=stage, backend=c.backend, variant=c.variant,
                         precision=c.precision, device=c.device, cache_dir=str(caches[c.id]))
-            if stage == "load":
+            if not settings.compile_cache:  # every process compiles from the model files
+                spec["cache_dir"] = None
+                if stage == "load":
+                    jobs.extend(Job(c.id, "load_first", spec, 1, counted=i >= settings.warmup)
+                                for i in range(n_starts))
+                else:
+                    jobs.append(Job(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
+            elif stage == "load":
                 for i in range(n_starts):
                     # every first start gets an empty cache folder; the last one leaves the shared cache filled
                     d = caches[c.id] if i == n_starts - 1 else caches[c.id].parent / f"first-{i}"
@@ -539,6 +549,7 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         "settings": {"width": width, "height": height, "steps": settings.steps, "guidance": float(settings.guidance),
                      "threads": settings.threads, "repeat": settings.repeat, "warmup": settings.warmup,
                      "stages": list(settings.stages), "decoder": settings.decoder, "prompt": settings.prompt,
+                     "compile_cache": settings.compile_cache,
                      "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
                      "unet_batch": unet_batch({"guidance": settings.guidance,
