@@ -101,3 +101,17 @@ def test_arch_sdxl_builds_openvino_only_with_a_random_taesd(monkeypatch, tmp_pat
     assert cmd[cmd.index("--arch") + 1] == "sdxl" and cmd[cmd.index("--format") + 1] == "openvino"
     assert cmd[cmd.index("--taesd") + 1] == "random" and cmd[cmd.index("--tokenizer") + 1] == "tok"
     assert cmd[-1] == str(tmp_path / "sdxl-random")
+
+
+def test_compile_cache_is_turned_off_when_it_would_not_fit_the_disk(tiny_sdxl):
+    """A full-size SDXL cache (about its IR's size per configuration) filled the disk once:
+    the bench now turns the cache off, with a note, when it would not fit."""
+    from cpuflow.manifest import load_manifest
+    m = load_manifest(tiny_sdxl.model)
+    configs = [runner.BenchConfig("openvino", None, "auto"), runner.BenchConfig("openvino", None, "f32")]
+    weights = sum(i["size"] for r, i in m.files.items() if r.endswith(".bin"))
+    assert runner.cache_does_not_fit(m, configs, tiny_sdxl.base, disk_free=lambda p: 2 * runner.GIB + 2 * weights) is None
+    why = runner.cache_does_not_fit(m, configs, tiny_sdxl.base, disk_free=lambda p: 2 * runner.GIB + weights)
+    assert why and "no compiled-model cache" in why and "2 OpenVINO cache(s)" in why
+    onnx_only = [runner.BenchConfig("onnxruntime", None, "auto")]
+    assert runner.cache_does_not_fit(m, onnx_only, tiny_sdxl.base, disk_free=lambda p: 0) is None

@@ -85,7 +85,8 @@ is that process's high-water mark (VmHWM).
 @click.option("--no-compile-cache", "no_compile_cache", is_flag=True,
               help="Keep no compiled-model cache on disk: every stage's process compiles from the model files, "
                    "and the load stage measures first starts only. For models whose OpenVINO cache does not fit "
-                   "the disk (full-size SDXL: about as big as its fp32 weights, 10+ GB).")
+                   "the disk (full-size SDXL: about as big as its fp32 weights, 10+ GB); turned on by itself, "
+                   "with a note, when the caches would not fit the free disk.")
 @click.option("--prompt", default=None, help="Prompt for the text encoder and the image.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every number (and the machine, settings, versions) to this JSON file.")

@@ -496,6 +496,12 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         ref = reference_source_for(m, reference_source, arch)
     base = _base_spec(settings, width, height, model_dir)
     work = Path(tempfile.mkdtemp(prefix="cpuflow-bench-"))
+    why = cache_does_not_fit(m, list(configs), work) if settings.compile_cache else None
+    if why:
+        settings.compile_cache = False
+        notes.append(why)
+        if log:
+            log(f"note: {why}")
     jobs = _plan(list(configs), settings, base, work, ref)
     bar = None
     if show_progress:
@@ -563,6 +569,25 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         "total_s": round(time.perf_counter() - t_start, 2),
     }
     return result
+
+
+def cache_does_not_fit(manifest, configs: Sequence[BenchConfig], work: Path,
+                       disk_free: Callable[[Path], int] | None = None) -> str | None:
+    """Why the compiled-model cache is turned off (None: it fits). OpenVINO's
+    cache of a model is about as big as its IR weights (measured: over 13 GB for
+    full-size SDXL), one cache per OpenVINO configuration, written into the
+    bench's temporary folder; it must leave 2 GB of the disk free."""
+    n = sum(1 for c in configs if c.backend == "openvino")
+    if not n:
+        return None
+    weights = sum(int(info.get("size", 0)) for rel, info in manifest.files.items() if rel.endswith(".bin"))
+    need = n * weights + 2 * GIB
+    free = int((disk_free or (lambda p: shutil.disk_usage(p).free))(work))
+    if free >= need:
+        return None
+    return (f"no compiled-model cache (as --no-compile-cache): {n} OpenVINO cache(s) of about "
+            f"{weights / GIB:.1f} GiB each would not fit the {free / GIB:.1f} GiB free in {work.parent}; "
+            "every process compiles, the load stage has first starts only")
 
 
 REF_LOAD_FOR = {"load_first": "load", "load_second": "load"}
