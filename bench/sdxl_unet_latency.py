@@ -1,11 +1,13 @@
 """SDXL base UNet latency on this machine, straight through OpenVINO (not `cpuflow bench`).
 
-A full-size SDXL export does not fit this 24 GB machine (the fp32 UNet alone is 10.3 GB,
+Written when a full-size SDXL export did not fit this 24 GB machine (the fp32 UNet alone is 10.3 GB,
 and the TorchScript ONNX export holds a second copy), so this script measures only the
 UNet: built with random weights from the vendored SDXL config, converted in memory with
 openvino.convert_model (weights shared with torch, no ONNX), torch freed, then compiled
 with OpenVINO's default precision (bf16 on this CPU) and timed at 1024x1024 batch 2 (CFG)
 and 512x512 batch 1 (SDXL-Turbo style, no guidance). Random weights: timing only.
+Since then `cpuflow export --format openvino` converts torch -> IR directly and the whole
+model is measured by `cpuflow bench` (bench/README.md, "SDXL base architecture, full size").
 
     python bench/sdxl_unet_latency.py --json bench/results/sdxl-unet-latency.json
 """

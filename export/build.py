@@ -49,6 +49,8 @@ from .taesd import TAESD_COMPONENTS
 from .taesd import manifest_entry as taesd_entry
 from .to_onnx import export_onnx
 from .to_openvino import convert_onnx_to_openvino
+from .torch_to_openvino import CONVERTER as DIRECT_CONVERTER
+from .torch_to_openvino import ONNX_CONVERTER, convert_torch_to_openvino
 
 WEIGHTS = ("fp32", "fp16")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json",
@@ -167,7 +169,8 @@ def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: 
               _param_count(getattr(loaded, "text_encoder_2", None))]  # SDXL's second text encoder
     per_param = 4 if weights == "fp32" else 2
     kept = (sum(counts) + _param_count(getattr(loaded, "taesd", None))) * per_param * len(formats)
-    transient = max(counts) * 4 * (1 if "onnx" in formats else 2)
+    # the raw ONNX export beside the finished files; none on the direct torch -> OpenVINO path
+    transient = max(counts) * 4 if "onnx" in formats else 0
     if modes:
         kept += sum(counts) * len(modes) * len(formats)
         if "onnx" in formats and any(m in quant.NEEDS_CALIBRATION for m in modes):
@@ -517,7 +520,9 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
                          else float(vae_cfg.shift_factor)),
     }
     last_user = {spec.source_attr: name for name, spec in specs.items()}
-    steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats)) + 1
+    # OpenVINO only: torch -> IR directly, no ONNX intermediate (export/torch_to_openvino.py)
+    direct = "onnx" not in formats
+    steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats) - direct) + 1
     quantizable = [n for n in specs if n not in TAESD_COMPONENTS]  # the tiny autoencoder stays fp32
     if modes:  # quantize + validate per file, calibration
         steps.total += 2 * quant.count_jobs(modes, formats, quantizable) + (prompts is not None)
@@ -536,9 +541,14 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         with steps.step(name, "torch reference"):
             ref = run_torch(module, spec, feeds)
         example = torch_inputs(spec.sample_inputs(spec.trace_dims, seed=seed), spec)
-        with steps.step(name, "onnx export"):
-            onnx_files, used = export_onnx(module, spec, example, comp_dir, weights=weights, exporter=exporter)
-        if used not in exporters_used:
+        if direct:
+            with steps.step(name, "openvino convert (from torch)"):
+                ov_files = convert_torch_to_openvino(module, spec, example, comp_dir, weights=weights)
+            onnx_files, used = [], exporter
+        else:
+            with steps.step(name, "onnx export"):
+                onnx_files, used = export_onnx(module, spec, example, comp_dir, weights=weights, exporter=exporter)
+        if used not in exporters_used and not direct:
             exporters_used.append(used)
         if used != exporter:
             steps.info(f"[{name}] the {exporter} exporter failed; exported with {used}", name)
@@ -552,6 +562,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         for fmt in formats:
             if fmt == "onnx":
                 paths = onnx_files
+            elif direct:
+                paths = ov_files
             else:
                 with steps.step(name, "openvino convert"):
                     paths = convert_onnx_to_openvino(onnx_files[0], comp_dir, weights=weights)
@@ -602,7 +614,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
             "formats": list(formats),
             "weights_dtype": weights,
             "forced": bool(force),
-            "onnx_exporter": "+".join(exporters_used),
+            "onnx_exporter": "+".join(exporters_used) if exporters_used else None,
+            "ir_converter": (DIRECT_CONVERTER if direct else ONNX_CONVERTER) if "openvino" in formats else None,
         },
     }
     defaults = generation_defaults(loaded.scheduler_config, specs["unet"].config, loaded.source,

@@ -208,9 +208,13 @@ def load_taesd(source: str | Path, *, random_weights: bool = False, seed: int = 
         if not random_weights:
             raise InvalidArgument("--taesd random builds random weights: use it with --random-weights "
                                   "(or pass a TAESD folder or hub id, e.g. madebyollin/taesd)")
-        say(f"building the tiny autoencoder (TAESD architecture) with random weights, seed {seed}")
+        # TAESD (SD 1.x/2.x) and TAESDXL (SDXL) are one architecture (madebyollin's taesd.py builds
+        # both; 4 latent channels at 1/8 size, AutoencoderTiny's defaults): only the trained weights
+        # differ, so random weights fit either family (attach_taesd checks channels and size).
+        say(f"building the tiny autoencoder (TAESD / TAESDXL architecture) with random weights, seed {seed}")
         ident = hashlib.sha256(f"taesd-random-{int(seed)}".encode()).hexdigest()
-        return random_taesd(seed), {"kind": "random", "name": "AutoencoderTiny default config", "sha256": ident}
+        return random_taesd(seed), {"kind": "random", "name": "AutoencoderTiny default config (TAESD / TAESDXL)",
+                                    "sha256": ident}
     if not text:
         raise InvalidArgument("--taesd needs a source: an AutoencoderTiny folder, a hub id "
                               "(madebyollin/taesd) or random (with --random-weights)")

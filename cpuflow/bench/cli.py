@@ -26,9 +26,16 @@ Examples:
   cpuflow bench exported/sd15 --reference torch --reference-source runwayml/stable-diffusion-v1-5
   # the tiny autoencoder (a folder exported with --taesd): its decode, and whole images decoded by it
   cpuflow bench exported/sd15 --stages vae,taesd,e2e --decoder taesd
+  # SDXL at its default 1024x1024 with guidance (UNet at batch 2); e2e with 2 steps
+  # (--no-compile-cache: its OpenVINO compiled cache would need another 10+ GB of disk)
+  cpuflow bench exported/sdxl --stages text,unet,vae,taesd,e2e,load --steps 2 --repeat 1 \
+      --no-compile-cache
+  # SDXL-Turbo style: 512x512, one step, no guidance (UNet at batch 1), tiny decoder
+  cpuflow bench exported/sdxl -W 512 -H 512 --steps 1 --guidance 0 --decoder taesd \
+      --stages text,unet,taesd,e2e --no-compile-cache
 
 \b
-Stages: text (one text-encoder call), unet (one UNet call, batch 2 with
+Stages: text (one text-encoder call; both encoders for SDXL), unet (one UNet call, batch 2 with
 guidance), vae (one VAE decode), taesd (one decode by the tiny autoencoder, for
 folders exported with --taesd; not in the default set), e2e (one whole image,
 decoded with --decoder), load (load + compile:
@@ -41,9 +48,11 @@ is that process's high-water mark (VmHWM).
 @click.command("bench", epilog=EXAMPLES,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo"]), default=None,
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl"]),
+              default=None,
               help="Benchmark this architecture with random weights instead of MODEL_DIR (exported once, "
-                   "cached under the user cache dir in bench-models/; needs the export extra the first time).")
+                   "cached under the user cache dir in bench-models/; needs the export extra the first time). "
+                   "sdxl is exported OpenVINO-only (about 17 GB peak RAM, 10 GB of disk, tens of minutes).")
 @click.option("--rebuild", is_flag=True, help="With --arch: export the random-weights model again.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="With --arch, for the first build: a CLIP tokenizer folder (vocab.json, merges.txt) when the "
@@ -73,6 +82,11 @@ is that process's high-water mark (VmHWM).
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default="full", show_default=True,
               help="Decoder of the e2e image: the full VAE or the tiny autoencoder (folders exported with "
                    "--taesd; no torch reference for it).")
+@click.option("--no-compile-cache", "no_compile_cache", is_flag=True,
+              help="Keep no compiled-model cache on disk: every stage's process compiles from the model files, "
+                   "and the load stage measures first starts only. For models whose OpenVINO cache does not fit "
+                   "the disk (full-size SDXL: about as big as its fp32 weights, 10+ GB); turned on by itself, "
+                   "with a note, when the caches would not fit the free disk.")
 @click.option("--prompt", default=None, help="Prompt for the text encoder and the image.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Write every number (and the machine, settings, versions) to this JSON file.")
@@ -91,12 +105,13 @@ def bench_command(**opts):
 
 def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
          reference_source, width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
-         chart_path, job_timeout, quiet, decoder="full"):
+         chart_path, job_timeout, quiet, decoder="full", no_compile_cache=False):
     from ..manifest import load_manifest
     from . import report, runner
 
     if (model_dir is None) == (arch is None):
-        raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch sd15|sd21|sd21-v|sd15-lcm|sd21-turbo")
+        raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch "
+                              "sd15|sd21|sd21-v|sd15-lcm|sd21-turbo|sdxl")
     if (rebuild or tokenizer_dir) and arch is None:
         raise InvalidArgument("--rebuild and --tokenizer go with --arch")
     if reference_source and reference is None:
@@ -106,7 +121,8 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
             raise InvalidArgument(f"folder {p.parent} does not exist (for {p.name})")
     settings = runner.BenchSettings(width=width, height=height, steps=steps, guidance=guidance, threads=threads,
                                     repeat=repeat, warmup=warmup, stages=stages,
-                                    prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder)
+                                    prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder,
+                                    compile_cache=not no_compile_cache)
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)

@@ -42,7 +42,14 @@ from ..errors import CpuflowError, InvalidArgument, MissingDependency
 from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
-ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo")
+ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl")
+# --arch sdxl is exported OpenVINO-only: the direct torch -> IR path fits the 2.6 B-parameter UNet in
+# 24 GB where the ONNX path (a second copy of the weights) does not (export/torch_to_openvino.py)
+ARCH_FORMAT = {"sdxl": "openvino"}
+NO_TORCH_REFERENCE = {
+    "sdxl": "no torch reference for SDXL: export/bench_reference.py builds StableDiffusionPipeline (SD 1.x/2.x) "
+            "only, and at full size diffusers' float32 SDXL (3.5 B parameters, 14 GB of weights) would not "
+            "fit beside the export's benchmark on a 24 GB machine; the cpuflow columns were measured without it"}
 ARCH_SEED = 0                     # the random weights' seed for --arch models (export and reference alike)
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
@@ -78,6 +85,9 @@ class BenchSettings:
     prompt: str = DEFAULT_PROMPT
     gen_seed: int = 0
     decoder: str = "full"             # e2e's decoder: full VAE or taesd (the tiny autoencoder)
+    # False: no compiled-model cache on disk; every process compiles, the load stage has first starts
+    # only (the OpenVINO cache of a full-size SDXL is about as big as its fp32 weights: 10+ GB)
+    compile_cache: bool = True
 
     def __post_init__(self):
         self.stages = parse_stages(self.stages)
@@ -171,7 +181,7 @@ def _python_env() -> dict[str, str]:
 def ensure_arch_model(arch: str, *, rebuild: bool = False, root: Path | None = None,
                       tokenizer: str | os.PathLike | None = None, log: LogFn | None = None) -> tuple[Path, dict]:
     """The full-size random-weights export of ``arch`` (built once, cached in
-    ``<cache>/bench-models/<arch>-random``, ONNX + OpenVINO, seed
+    ``<cache>/bench-models/<arch>-random``, ONNX + OpenVINO (SDXL: OpenVINO only), seed
     :data:`ARCH_SEED`). ``tokenizer``: a CLIP tokenizer folder for the export
     when the Hugging Face cache has none (the vocabulary does not change
     latency; the random text encoder has CLIP's 49408 tokens either way).
@@ -197,6 +207,8 @@ def ensure_arch_model(arch: str, *, rebuild: bool = False, root: Path | None = N
     # with a random tiny autoencoder too (seconds to export), for the taesd stage and --decoder taesd
     cmd = [sys.executable, "-m", "cpuflow.cli", "export", "--random-weights", "--arch", arch,
            "--seed", str(ARCH_SEED), "--taesd", "random", str(out)]
+    if arch in ARCH_FORMAT:
+        cmd[-1:-1] = ["--format", ARCH_FORMAT[arch]]
     if tokenizer is not None:
         cmd[-1:-1] = ["--tokenizer", str(tokenizer)]
     if log:
@@ -408,7 +420,14 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
         for c in configs:
             spec = dict(base, kind="cpuflow", stage=stage, backend=c.backend, variant=c.variant,
                         precision=c.precision, device=c.device, cache_dir=str(caches[c.id]))
-            if stage == "load":
+            if not settings.compile_cache:  # every process compiles from the model files
+                spec["cache_dir"] = None
+                if stage == "load":
+                    jobs.extend(Job(c.id, "load_first", spec, 1, counted=i >= settings.warmup)
+                                for i in range(n_starts))
+                else:
+                    jobs.append(Job(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
+            elif stage == "load":
                 for i in range(n_starts):
                     # every first start gets an empty cache folder; the last one leaves the shared cache filled
                     d = caches[c.id] if i == n_starts - 1 else caches[c.id].parent / f"first-{i}"
@@ -459,12 +478,15 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
 
     model_dir = Path(model_dir).resolve()
     m = load_manifest(model_dir, verify="size")
-    if m.family == "sdxl":
-        raise InvalidArgument("cpuflow bench does not measure SDXL models yet",
-                              hint="time `cpuflow generate --model MODEL_DIR` instead (its PNG records the timings)")
     width = settings.width or m.default_width
     height = settings.height or m.default_height
     ref = None
+    notes = list(notes)
+    if reference is not None and m.family in NO_TORCH_REFERENCE:
+        notes.append(NO_TORCH_REFERENCE[m.family])
+        if log:
+            log(f"note: {NO_TORCH_REFERENCE[m.family]}")
+        reference = None
     if reference is not None:
         if reference != "torch":
             raise InvalidArgument(f"reference must be torch, got {reference!r}")
@@ -474,6 +496,12 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         ref = reference_source_for(m, reference_source, arch)
     base = _base_spec(settings, width, height, model_dir)
     work = Path(tempfile.mkdtemp(prefix="cpuflow-bench-"))
+    why = cache_does_not_fit(m, list(configs), work) if settings.compile_cache else None
+    if why:
+        settings.compile_cache = False
+        notes.append(why)
+        if log:
+            log(f"note: {why}")
     jobs = _plan(list(configs), settings, base, work, ref)
     bar = None
     if show_progress:
@@ -527,6 +555,7 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         "settings": {"width": width, "height": height, "steps": settings.steps, "guidance": float(settings.guidance),
                      "threads": settings.threads, "repeat": settings.repeat, "warmup": settings.warmup,
                      "stages": list(settings.stages), "decoder": settings.decoder, "prompt": settings.prompt,
+                     "compile_cache": settings.compile_cache,
                      "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
                      "unet_batch": unet_batch({"guidance": settings.guidance,
@@ -540,6 +569,25 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         "total_s": round(time.perf_counter() - t_start, 2),
     }
     return result
+
+
+def cache_does_not_fit(manifest, configs: Sequence[BenchConfig], work: Path,
+                       disk_free: Callable[[Path], int] | None = None) -> str | None:
+    """Why the compiled-model cache is turned off (None: it fits). OpenVINO's
+    cache of a model is about as big as its IR weights (measured: over 13 GB for
+    full-size SDXL), one cache per OpenVINO configuration, written into the
+    bench's temporary folder; it must leave 2 GB of the disk free."""
+    n = sum(1 for c in configs if c.backend == "openvino")
+    if not n:
+        return None
+    weights = sum(int(info.get("size", 0)) for rel, info in manifest.files.items() if rel.endswith(".bin"))
+    need = n * weights + 2 * GIB
+    free = int((disk_free or (lambda p: shutil.disk_usage(p).free))(work))
+    if free >= need:
+        return None
+    return (f"no compiled-model cache (as --no-compile-cache): {n} OpenVINO cache(s) of about "
+            f"{weights / GIB:.1f} GiB each would not fit the {free / GIB:.1f} GiB free in {work.parent}; "
+            "every process compiles, the load stage has first starts only")
 
 
 REF_LOAD_FOR = {"load_first": "load", "load_second": "load"}

@@ -11,7 +11,8 @@ for the load stage -- so that
 SPEC is a JSON object (written by :mod:`cpuflow.bench.runner`)::
 
     kind        "cpuflow" | "torch"      (torch: the diffusers reference, see export/bench_reference.py)
-    stage       "text" | "unet" | "vae" | "taesd" | "e2e" | "load"   (taesd: the tiny autoencoder's decode)
+    stage       "text" | "unet" | "vae" | "taesd" | "e2e" | "load"   (taesd: the tiny autoencoder's decode;
+                "text" runs both text encoders of an SDXL model, "unet" passes SDXL's extra inputs)
     model       exported model folder (cpuflow; torch: for the same-weights check)
     backend, device, precision, variant, threads, cache_dir      (cpuflow)
     source, arch, seed                                            (torch)
@@ -126,7 +127,7 @@ def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
     compiled-model cache written by one worker is found by the next)."""
     w, h = int(spec["width"]), int(spec["height"])
     lat = model.latent_dims(w, h, 1)
-    return {"text_encoder": {"batch": 1},
+    return {"text_encoder": {"batch": 1}, "text_encoder_2": {"batch": 1},   # the second: SDXL
             "unet": dict(lat, batch=unet_batch(spec)),
             "vae_decoder": dict(lat), "taesd_decoder": dict(lat)}
 
@@ -140,6 +141,16 @@ def unet_batch(spec: dict) -> int:
 STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",), "taesd": ("taesd_decoder",),
                     "e2e": ("text_encoder", "unet", "vae_decoder"),
                     "load": ("text_encoder", "unet", "vae_decoder")}
+
+
+def stage_components(model, stage: str) -> tuple[str, ...]:
+    """The components a stage loads: STAGE_COMPONENTS, plus SDXL's second text
+    encoder wherever the first one is used."""
+    comps = STAGE_COMPONENTS[stage]
+    if model.manifest.family == "sdxl" and "text_encoder" in comps:
+        i = comps.index("text_encoder") + 1
+        comps = comps[:i] + ("text_encoder_2",) + comps[i:]
+    return comps
 
 
 def session_facts(model) -> dict[str, dict]:
@@ -184,7 +195,7 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     model = LoadedModel(cfg)
     dims = session_dims(model, spec)
     decoder = spec.get("decoder", "full")
-    for comp in STAGE_COMPONENTS[stage]:
+    for comp in stage_components(model, stage):
         if comp == "vae_decoder" and stage == "e2e" and decoder == "taesd":
             comp = "taesd_decoder"
         model.session(comp, dims[comp])
@@ -200,7 +211,13 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
                    run_peak_rss_bytes=None)
     elif stage == "text":
         prompt = spec["prompt"]
-        out.update(measure(lambda: encode_prompt(model, prompt, timer), spec["warmup"], spec["repeat"], progress))
+        encode = encode_prompt
+        if model.manifest.family == "sdxl":  # both text encoders, one call each
+            from ..pipelines.sdxl import encode_prompt as encode
+        out.update(measure(lambda: encode(model, prompt, timer), spec["warmup"], spec["repeat"], progress))
+    elif stage == "unet" and model.manifest.family == "sdxl":
+        out.update(measure(_sdxl_unet_call(model, spec, rng, timer), spec["warmup"], spec["repeat"], progress))
+        out["unet_batch"] = unet_batch(spec)
     elif stage == "unet":
         unet = model.manifest.components["unet"]
         hidden = unet.input("encoder_hidden_states").resolve({"batch": 1})
@@ -239,6 +256,30 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     out["sessions"] = session_facts(model)
     model.close()
     return out
+
+
+def _sdxl_unet_call(model, spec: dict, rng, timer):
+    """One SDXL UNet call as the pipeline makes it (cpuflow.pipelines.sdxl.guided_model_fn:
+    random embeddings and pooled text_embeds, the real time ids), batch 2 with guidance."""
+    import numpy as np
+
+    from ..pipelines.sdxl import SDXLEncodedPrompt, guided_model_fn as sdxl_guided
+
+    unet = model.manifest.components["unet"]
+    w, h = int(spec["width"]), int(spec["height"])
+
+    def prompt():
+        return SDXLEncodedPrompt(rng.standard_normal(unet.input("encoder_hidden_states").resolve({"batch": 1}),
+                                                     dtype=np.float32),
+                                 rng.standard_normal(unet.input("text_embeds").resolve({"batch": 1}),
+                                                     dtype=np.float32), False, "")
+    cond = prompt()
+    uncond = prompt() if unet_batch(spec) == 2 else None
+    lat = model.latent_dims(w, h, 1)
+    x = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
+                            dtype=np.float32)
+    fn = sdxl_guided(model, cond, uncond, float(spec["guidance"]), lat, timer, w, h)
+    return lambda: fn(x, UNET_TIMESTEP)
 
 
 # ---------------------------------------------------------------- entry point
