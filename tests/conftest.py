@@ -69,3 +69,45 @@ def tiny_export(tmp_path_factory):
         return _TINY_EXPORTS[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_export(tmp_path_factory):
+    """SimpleNamespace(src=tiny random SDXL diffusers folder, model=its export in both formats),
+    once per session (tests/test_sdxl.py and tests/test_export_direct_openvino.py share it)."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    from export.build import export_model
+    from export.sources import load_source
+    from helpers_sdxl import save_tiny_sdxl_folder
+
+    base = tmp_path_factory.mktemp("tiny-sdxl")
+    src = save_tiny_sdxl_folder(base / "src", seed=0)
+    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                       progress=lambda *a, **k: None)
+    return SimpleNamespace(src=Path(src), model=Path(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_taesd_ov_export(tmp_path_factory):
+    """SimpleNamespace(src, model, taesd_info): the tiny random SDXL with a random tiny
+    autoencoder (`--taesd random`), OpenVINO only (the direct torch -> IR path), as
+    `cpuflow bench --arch sdxl` builds it; once per session (test_bench_sdxl, test_sdxl_taesd)."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    from export.build import export_model
+    from export.sources import load_source
+    from export.taesd import attach_taesd, load_taesd
+    from helpers_sdxl import save_tiny_sdxl_folder
+
+    base = tmp_path_factory.mktemp("tiny-sdxl-taesd-ov")
+    src = save_tiny_sdxl_folder(base / "src", seed=0)
+    loaded = load_source(str(src))
+    tiny, info = load_taesd("random", random_weights=True, seed=0)
+    attach_taesd(loaded, tiny, info)
+    out = export_model(loaded, base / "model", formats=("openvino",), progress=lambda *a, **k: None)
+    return SimpleNamespace(src=Path(src), model=Path(out), taesd_info=info)

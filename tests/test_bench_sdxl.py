@@ -16,7 +16,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("openvino")
 
 from click.testing import CliRunner  # noqa: E402
-from helpers_sdxl import save_tiny_sdxl_folder  # noqa: E402
 
 from cpuflow.bench import runner  # noqa: E402
 from cpuflow.bench.cli import bench_command  # noqa: E402
@@ -25,17 +24,9 @@ COMMON = ["--repeat", "1", "--warmup", "0", "--threads", "1", "-q"]
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from export.build import export_model
-    from export.sources import load_source
-    from export.taesd import attach_taesd, load_taesd
-
-    base = tmp_path_factory.mktemp("bench-sdxl")
-    src = save_tiny_sdxl_folder(base / "src", seed=0)
-    loaded = load_source(str(src))
-    attach_taesd(loaded, *load_taesd("random", random_weights=True, seed=0))
-    model = export_model(loaded, base / "model", formats=("openvino",), progress=lambda *a, **k: None)
-    return SimpleNamespace(src=src, model=model, base=base)
+def tiny_sdxl(tmp_path_factory, tiny_sdxl_taesd_ov_export):
+    shared = tiny_sdxl_taesd_ov_export   # conftest.py: tiny SDXL + random TAESD, OpenVINO only
+    return SimpleNamespace(src=shared.src, model=shared.model, base=tmp_path_factory.mktemp("bench-sdxl"))
 
 
 def _bench(tiny_sdxl, name, *args):

@@ -17,8 +17,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 ov = pytest.importorskip("openvino")
 
-from helpers_sdxl import save_tiny_sdxl_folder  # noqa: E402
-from helpers_tiny import save_tiny_diffusers_folder  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
 
@@ -42,16 +40,14 @@ def _export(src, out, formats, weights="fp32"):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """{kind: (diffusers folder, direct OpenVINO-only export, ONNX-path export)} for sd1 and sdxl."""
+def models(tmp_path_factory, tiny_export, tiny_sdxl_export):
+    """{kind: (diffusers folder, direct OpenVINO-only export, ONNX-path export)} for sd1 and sdxl;
+    the ONNX-path exports are the session's shared tiny exports (conftest.py)."""
     base = tmp_path_factory.mktemp("direct-ov")
     out = {}
-    for kind in ("sd1", "sdxl"):
-        src = (save_tiny_sdxl_folder(base / f"{kind}-src", seed=0) if kind == "sdxl"
-               else save_tiny_diffusers_folder(base / f"{kind}-src", "sd1", seed=0))
-        direct = _export(src, base / f"{kind}-direct", ("openvino",))
-        onnx_path = _export(src, base / f"{kind}-onnx", ("onnx", "openvino"))
-        out[kind] = (src, direct, onnx_path)
+    for kind, shared in (("sd1", tiny_export("sd1")), ("sdxl", tiny_sdxl_export)):
+        direct = _export(shared.src, base / f"{kind}-direct", ("openvino",))
+        out[kind] = (shared.src, direct, shared.model)
     return out
 
 

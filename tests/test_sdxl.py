@@ -44,15 +44,9 @@ def psnr(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory):
-    """(diffusers folder, exported folder, diffusers pipeline): exported once for the module."""
-    from export.build import export_model
-    from export.sources import load_source
-
-    base = tmp_path_factory.mktemp("tiny-sdxl")
-    src = save_tiny_sdxl_folder(base / "src", seed=0)
-    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                       progress=lambda *a, **k: None)
+def sdxl(tiny_sdxl_export):
+    """(diffusers folder, exported folder, diffusers pipeline): exported once for the session."""
+    src, out = tiny_sdxl_export.src, tiny_sdxl_export.model
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(src, add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
     return src, out, pipe

@@ -114,19 +114,11 @@ def test_sdxl_img2img_decoder_taesd_matches_diffusers(sdxl_taesd, backend):
     assert "taesd_encoder" in res.timings and "vae_encoder" not in res.timings
 
 
-def test_taesd_random_fits_sdxl_through_the_direct_openvino_path(tmp_path):
+def test_taesd_random_fits_sdxl_through_the_direct_openvino_path(tiny_sdxl_taesd_ov_export):
     """`--taesd random` (what `cpuflow bench --arch sdxl` exports) builds an AutoencoderTiny
     with TAESDXL's architecture that fits SDXL latents, on an OpenVINO-only export."""
-    from export.build import export_model
-    from export.sources import load_source
-    from export.taesd import attach_taesd, load_taesd
-
-    src = save_tiny_sdxl_folder(tmp_path / "src", seed=1)
-    loaded = load_source(str(src))
-    tiny, info = load_taesd("random", random_weights=True, seed=0)
+    info, out = tiny_sdxl_taesd_ov_export.taesd_info, tiny_sdxl_taesd_ov_export.model
     assert info["kind"] == "random" and "TAESDXL" in info["name"]
-    attach_taesd(loaded, tiny, info)
-    out = export_model(loaded, tmp_path / "model", formats=("openvino",), progress=lambda *a, **k: None)
     m = json.loads((out / "cpuflow.json").read_text())
     assert m["validated"] and m["components"]["taesd_decoder"]["config"]["latent_channels"] == 4
     with Pipeline.load(out, backend="openvino", precision="f32", threads=1, use_cache=False) as cf:

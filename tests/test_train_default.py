@@ -23,13 +23,14 @@ def test_scratch_then_paired_distillation(tmp_path):
 
     scratch, distilled = tmp_path / "v1", tmp_path / "v4"
     assert main(["--out", str(scratch), "--vae-steps", "2", "--vae-batch", "4", "--unet-steps", "2",
-                 "--unet-batch", "4", "--minutes", "10"]) == 0
+                 "--unet-batch", "4", "--minutes", "10", "--eval-n", "2"]) == 0
     summary = json.loads((scratch / "train_summary.json").read_text())
     assert summary["unet"]["steps"] == 2 and "held_out" in summary["eval"]
     assert (scratch / "tokenizer" / "vocab.json").exists() and (scratch / "tokenizer" / "merges.txt").exists()
 
     assert main(["--init-from", str(scratch), "--out", str(distilled), "--unet-steps", "2", "--unet-batch", "2",
-                 "--guidance-distill", "2.5", "--distill-pair-guidance", "5", "--minutes", "10"]) == 0
+                 "--guidance-distill", "2.5", "--distill-pair-guidance", "5", "--minutes", "10",
+                 "--eval-n", "2"]) == 0
     summary = json.loads((distilled / "train_summary.json").read_text())
     assert summary["args"]["distill_pair_guidance"] == "5.0" and summary["unet"]["steps"] == 2
     a, b = _load(scratch), _load(distilled)
