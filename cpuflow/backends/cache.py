@@ -111,6 +111,29 @@ def model_cache_dir(cache_root: str | os.PathLike, cache_key: str, *,
     return sub
 
 
+# A compiled blob is about the size of the model's weights (bf16 blobs about
+# half of an fp32 .bin): a new one is written only if this much stays free after it.
+MIN_FREE_AFTER_BYTES = 2 * 1024 ** 3
+
+
+def disk_free(path: str | os.PathLike) -> int:
+    """Free bytes on the disk holding ``path`` (its nearest existing parent)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def room_for_blob(cache_root: str | os.PathLike, weights_bytes: int) -> tuple[bool, int]:
+    """(whether a new compiled blob of a model with ``weights_bytes`` of weights
+    fits the cache's disk with MIN_FREE_AFTER_BYTES to spare, the free bytes)."""
+    try:
+        free = disk_free(cache_root)
+    except OSError:
+        return True, -1   # unknown: let OpenVINO try (a failed cache write never fails a load)
+    return free >= weights_bytes + MIN_FREE_AFTER_BYTES, free
+
+
 def touch(folder: str | os.PathLike) -> None:
     """Record a use of a cache subfolder (the marker's mtime is its last use)."""
     marker = Path(folder) / MARKER

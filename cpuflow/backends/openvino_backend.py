@@ -59,6 +59,18 @@ def _type_name(t: Any) -> str:
     return str(t).lower()
 
 
+def _weights_bytes(model_file: Path) -> int:
+    """Bytes of the weights beside an OpenVINO .xml (.bin) or an ONNX file (.onnx_data, or itself)."""
+    total = 0
+    for f in (model_file.with_suffix(".bin"), model_file.with_name(model_file.name + "_data"),
+              model_file.with_suffix(".onnx_data"), model_file):
+        try:
+            total = max(total, f.stat().st_size)
+        except OSError:
+            pass
+    return total
+
+
 def _blob_state(folder: Path | None) -> dict[str, tuple[int, float]]:
     if folder is None:
         return {}
@@ -260,8 +272,23 @@ class OpenVINOBackend:
         if static_dims:
             self._reshape(component, model, inputs, in_index, static_dims)
 
+        cache_notes: list[str] = []
+
         def cache_sub_of(precision: str) -> Path | None:
-            return self._cache_sub(component, model_file, cache_key, static_dims, precision)
+            sub = self._cache_sub(component, model_file, cache_key, static_dims, precision)
+            if sub is None or _blob_state(sub):
+                return sub   # no cache, or a blob to load: nothing new is written
+            need = _weights_bytes(model_file)
+            fits, free = cache_mod.room_for_blob(self.options.cache_dir, need)
+            if fits:
+                return sub
+            if not cache_notes:
+                cache_notes.append(
+                    f"{component}: compiled without the cache (its compiled model needs up to "
+                    f"{need / 1024 ** 3:.1f} GiB and only {free / 1024 ** 3:.1f} GiB are free in "
+                    f"{self.options.cache_dir}); the next start compiles again. Free some space or set "
+                    f"CPUFLOW_CACHE_DIR to a bigger disk; --no-cache silences this")
+            return None
 
         def compile_at(precision: str) -> Any:
             sub = cache_sub_of(precision)
@@ -286,6 +313,7 @@ class OpenVINOBackend:
                 cache_mod.prune(self.options.cache_dir, cache_mod.DEFAULT_MAX_BYTES, keep=[cache_sub])
             except OSError:
                 pass  # a full or read-only cache never fails a load
+        warning = "; ".join(w for w in (warning, *cache_notes) if w) or None
         info = SessionInfo(backend=self.name, device=self.device, precision=precision,
                            compile_s=compile_s, cached=cached, warning=warning)
         return OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,
