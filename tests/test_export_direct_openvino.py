@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 ov = pytest.importorskip("openvino")
 
+from helpers_images import psnr  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
 
@@ -26,11 +27,6 @@ STEPS = 4
 PROMPT = "a photo of a red car"
 SD1_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-
-
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 def _export(src, out, formats, weights="fp32"):

@@ -27,6 +27,7 @@ diffusers = pytest.importorskip("diffusers")
 from click.testing import CliRunner  # noqa: E402
 from helpers_fewstep import (TIME_COND_PROJ_DIM, save_tiny_lcm_folder, save_tiny_lora,  # noqa: E402
                              save_tiny_turbo_folder)
+from helpers_images import psnr  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
 from cpuflow.guidance_embedding import guidance_embedding  # noqa: E402
@@ -35,12 +36,6 @@ PSNR_MIN = 50.0
 SIZE = 64
 PROMPT = "a red circle"
 BACKENDS = ("openvino", "onnxruntime")
-
-
-def psnr(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mse = np.mean((a - b) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _quiet(*_a, **_k):

@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from helpers_images import psnr  # noqa: E402
 from helpers_tiny import save_tiny_diffusers_folder  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
@@ -37,11 +38,6 @@ REFERENCE = {
     "lcm": ("LCMScheduler", {}),
 }
 KARRAS = ("euler", "heun", "dpmpp_2m")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2-v"])

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from helpers_images import psnr  # noqa: E402
 from helpers_sdxl import save_tiny_sdxl_folder  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
@@ -36,11 +37,6 @@ REFERENCE = {
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
 }
-
-
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from helpers_images import psnr  # noqa: E402
 from helpers_sdxl import save_tiny_sdxl_folder  # noqa: E402
 from helpers_taesd import save_tiny_taesd_folder  # noqa: E402
 
@@ -29,11 +30,6 @@ SIZE = 64
 STEPS = 4
 PROMPT = "a photo of a red car"
 BACKENDS = ["openvino", "onnxruntime"]
-
-
-def psnr(a, b) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from click.testing import CliRunner  # noqa: E402
+from helpers_images import psnr  # noqa: E402
 from helpers_taesd import save_tiny_taesd_folder  # noqa: E402
 from helpers_tiny import save_tiny_diffusers_folder  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -35,11 +36,6 @@ PSNR_MIN = 50.0
 SIZE = 64
 STEPS = 6
 BACKENDS = ["openvino", "onnxruntime"]
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(peak ** 2 / mse)
 
 
 _STATE: dict = {}
