@@ -35,7 +35,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import sys
 import tempfile
@@ -374,6 +373,7 @@ def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, dead
     text.train()
     t0, run, curve = time.time(), [], []
     warmup = min(warmup, steps // 10)
+    paired = teacher is not None and pair_guidance > 0
     for step in range(10 ** 9):
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step, steps, lr, warmup)
@@ -394,19 +394,20 @@ def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, dead
         else:
             noisy = sched.add_noise(lat, noise, t)
             target = noise
-        if teacher is not None and pair_guidance > 0:
+        if paired:
             # paired guidance distillation: both branches of the student run on
             # the same noisy latent and the loss also checks their guided
             # combination at w = pair_guidance against the teacher's at
             # w / guidance_div: what sampling uses, so errors the two branches
             # share cancel instead of being amplified w times
+            prompt_ids = table[kind_of[idx], tsel]   # no caption dropout: "" runs on every latent
             with torch.no_grad():
                 t_unet, t_text = teacher
                 eu = t_unet(noisy, t, t_text(empty.expand_as(ids))[0]).sample
-                ec = t_unet(noisy, t, t_text(table[kind_of[idx], tsel])[0]).sample
+                ec = t_unet(noisy, t, t_text(prompt_ids)[0]).sample
                 tc = eu + (ec - eu) / guidance_div
                 tg = eu + pair_guidance * (tc - eu)
-            both = text(torch.cat([table[kind_of[idx], tsel], empty.expand_as(ids)]))[0]
+            both = text(torch.cat([prompt_ids, empty.expand_as(ids)]))[0]
             sc, su = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), both).sample.chunk(2)
             sg = su + pair_guidance * (sc - su)
             per = (F.mse_loss(sg, tg, reduction="none").mean(dim=(1, 2, 3)) / pair_guidance
@@ -423,7 +424,7 @@ def train_unet(lat_mean, lat_std, attrs, tok, text_vocab, steps, batch, lr, dead
                 eu = t_unet(noisy, t, t_text(empty.expand_as(ids))[0]).sample
                 ec = t_unet(noisy, t, t_text(ids)[0]).sample
                 target = eu + (ec - eu) / guidance_div
-        if not (teacher is not None and pair_guidance > 0):
+        if not paired:
             cond = text(ids)[0]
             pred = unet(noisy, t, cond).sample
             per = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))

@@ -60,15 +60,11 @@ def _type_name(t: Any) -> str:
 
 
 def _weights_bytes(model_file: Path) -> int:
-    """Bytes of the weights beside an OpenVINO .xml (.bin) or an ONNX file (.onnx_data, or itself)."""
-    total = 0
-    for f in (model_file.with_suffix(".bin"), model_file.with_name(model_file.name + "_data"),
-              model_file.with_suffix(".onnx_data"), model_file):
-        try:
-            total = max(total, f.stat().st_size)
-        except OSError:
-            pass
-    return total
+    """Bytes of the weights beside an OpenVINO .xml (its .bin) or an ONNX file (its .onnx_data, or itself)."""
+    for f in (model_file.with_suffix(".bin"), model_file.with_name(model_file.name + "_data"), model_file):
+        if f.is_file():
+            return f.stat().st_size
+    return 0
 
 
 def _blob_state(folder: Path | None) -> dict[str, tuple[int, float]]:

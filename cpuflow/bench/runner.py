@@ -576,14 +576,16 @@ def cache_does_not_fit(manifest, configs: Sequence[BenchConfig], work: Path,
     """Why the compiled-model cache is turned off (None: it fits). OpenVINO's
     cache of a model is about as big as its IR weights (measured: over 13 GB for
     full-size SDXL), one cache per OpenVINO configuration, written into the
-    bench's temporary folder; it must leave 2 GB of the disk free."""
+    bench's temporary folder; it must leave 2 GiB of the disk free (the runtime's
+    own rule for a new blob, cpuflow.backends.cache.room_for_blob)."""
+    from ..backends.cache import room_for_blob
+
     n = sum(1 for c in configs if c.backend == "openvino")
     if not n:
         return None
     weights = sum(int(info.get("size", 0)) for rel, info in manifest.files.items() if rel.endswith(".bin"))
-    need = n * weights + 2 * GIB
-    free = int((disk_free or (lambda p: shutil.disk_usage(p).free))(work))
-    if free >= need:
+    fits, free = room_for_blob(work, n * weights, free_bytes=disk_free)
+    if fits:
         return None
     return (f"no compiled-model cache (as --no-compile-cache): {n} OpenVINO cache(s) of about "
             f"{weights / GIB:.1f} GiB each would not fit the {free / GIB:.1f} GiB free in {work.parent}; "

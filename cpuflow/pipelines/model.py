@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..backends.base import BackendOptions, Session, get_backend
-from ..config import LoadConfig
+from ..config import PRECISIONS, LoadConfig
 from ..errors import CpuflowError, ModelError
 from ..manifest import Manifest, load_manifest
 from ..tokenizer import ClipTokenizer
@@ -89,9 +89,9 @@ class LoadedModel:
         own = self.manifest.raw.get("defaults", {}).get("precision")
         if asked != "auto" or own is None:
             return asked
-        if own not in ("auto", "f32", "bf16"):
+        if own not in PRECISIONS:
             raise ModelError(f"{self.manifest.root}: the manifest's default precision {own!r} is not one of "
-                             "auto, bf16, f32", hint="re-export the model or pass --precision")
+                             f"{', '.join(PRECISIONS)}", hint="re-export the model or pass --precision")
         if own == "bf16" and self.config.backend != "openvino":
             return "auto"   # an OpenVINO hint; onnxruntime runs its own default
         return own
