@@ -13,7 +13,8 @@ decoder, so it is strict:
   that names the file and what is wrong.
 
 Accepted images are converted deterministically (same bytes in, same pixels out)
-to RGB, see :func:`_to_rgb` and :func:`_fit`.
+to RGB, see :func:`_to_rgb`; resizing is ``PIL.ImageOps.fit`` (scale to cover, center
+crop, one LANCZOS resample with a float crop box).
 
 Writing: :func:`array_to_images` reproduces diffusers'
 ``VaeImageProcessor.postprocess(output_type="pil")`` bit for bit and refuses
@@ -254,24 +255,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _fit(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover (width, height), then center-crop; one LANCZOS resample.
-
-    The crop box is computed in source coordinates (floats) and handed to
-    ``Image.resize(box=...)`` so the aspect ratio is exact and there is no
-    second resample.
-    """
-    w, h = img.size
-    if (w, h) == (width, height):
-        return img
-    if w * height > h * width:  # source is wider: use full height, crop the sides
-        cw, ch = h * width / height, float(h)
-    else:  # source is taller (or same aspect): full width, crop top and bottom
-        cw, ch = float(w), w * height / width
-    x0, y0 = (w - cw) / 2.0, (h - ch) / 2.0
-    return img.resize((width, height), Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
-
-
 def load_init_image(
     source: str | os.PathLike | bytes | BinaryIO,
     width: int | None = None,
@@ -353,7 +336,7 @@ def load_init_image(
             left, top = (w - tw) // 2, (h - th) // 2
             out = rgb.crop((left, top, left + tw, top + th))
         else:
-            out = _fit(rgb, tw, th)
+            out = ImageOps.fit(rgb, (tw, th), Image.Resampling.LANCZOS)
     else:
         if width is None:
             width = max(8, int(height * w / h) // 8 * 8)
@@ -363,7 +346,7 @@ def load_init_image(
             raise ResourceLimitError(
                 f"size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
             )
-        out = _fit(rgb, width, height)
+        out = ImageOps.fit(rgb, (width, height), Image.Resampling.LANCZOS)
     if out.mode != "RGB":  # defensive; every branch above yields RGB
         out = out.convert("RGB")
     return out
