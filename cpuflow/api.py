@@ -61,7 +61,8 @@ class Pipeline:
     def img2img(self, prompt, init_image, *, strength: float = 0.8, progress: ProgressFn | None = None,
                 preview: PreviewFn | None = None, preview_every: int = 1, **params: Any) -> GenerationResult:
         """Image to image: the same loop started part-way down the noise
-        schedule (``strength`` 1 ignores the image, 0 returns it re-encoded).
+        schedule (``strength`` 1 ignores the image; a strength that leaves no
+        denoising step, such as 0, raises :class:`InvalidArgument` naming the smallest that works).
         With ``decoder="taesd"`` the tiny autoencoder encodes and decodes."""
         return self(_request(prompt, dict(params, init_image=init_image, strength=strength)), progress,
                     preview=preview, preview_every=preview_every)

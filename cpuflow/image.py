@@ -444,22 +444,15 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 # =============================================================================
 # PNG metadata
 # =============================================================================
-#: cpuflow sampler name -> the name AUTOMATIC1111 (and civitai, sd-prompt-reader) use.
+#: cpuflow sampler name -> the name AUTOMATIC1111 (and civitai, sd-prompt-reader) use;
+#: exactly the samplers of cpuflow.samplers.SAMPLERS (tests/test_image.py checks).
 A1111_SAMPLER_NAMES = {
     "ddim": "DDIM",
-    "ddpm": "DDPM",
     "plms": "PLMS",
-    "lms": "LMS",
     "euler": "Euler",
     "euler_a": "Euler a",
     "heun": "Heun",
-    "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE",
-    "dpmpp_2s_a": "DPM++ 2S a",
-    "unipc": "UniPC",
     "lcm": "LCM",
 }
 _A1111_SCHEDULE_NAMES = {
