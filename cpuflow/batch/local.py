@@ -79,7 +79,8 @@ class ProcessPool:
             fill()
 
     def close(self) -> None:
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
         self.pool.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(self.pool, "_processes", {}).values()):
+        for p in procs:      # a worker busy with a cancelled job: do not wait for it
             if p.is_alive():
                 p.kill()

@@ -1,0 +1,88 @@
+"""`cpuflow batch --ray` on a real Ray cluster started here, on 127.0.0.1 only: 40 jobs of
+the shipped model on two actors, the model shipped through the object store into the node
+cache, one worker process killed mid-run (SIGKILL), every image bit-identical to
+`cpuflow generate`'s, no duplicates, the journal complete. Skips only when Ray cannot start."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+from helpers_batch import PROMPTS, generate_reference, journal, pixels, write_jobs
+
+import cpuflow.batch
+from cpuflow.image import read_png_metadata
+
+# Ray's "single machine" mode (read when ray is imported): every address it binds and
+# advertises is the loopback one. Only Ray reads this variable.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cpuflow[ray]')")
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    saved = {k: os.environ.get(k) for k in ("CPUFLOW_CACHE_DIR",)}
+    # the workers inherit this at start: their node cache is the test's, never the user's
+    os.environ["CPUFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("ray-node-cache"))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
+    except Exception as e:      # pragma: no cover - a machine where Ray cannot start
+        pytest.skip(f"Ray cannot start here: {type(e).__name__}: {e}")
+    try:
+        assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
+        yield os.environ["CPUFLOW_CACHE_DIR"]
+    finally:
+        ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_forty_jobs_on_two_actors_survive_a_killed_worker(local_ray, tmp_path):
+    seeds = list(range(10))
+    jobs = write_jobs(tmp_path / "jobs.jsonl", PROMPTS, seeds,
+                      extra_lines=['{"prompt": "x", "seed": 1, "sampler": "nope"}'])   # bad input: fails alone
+    workers, events, killed = {}, [], []
+
+    def progress(ev):
+        events.append(ev)
+        if ev["event"] == "worker":
+            workers[ev["pid"]] = ev
+        if ev["event"] == "image" and sum(e["event"] == "image" for e in events) == 6 and not killed:
+            pid = next(iter(workers))
+            os.kill(pid, signal.SIGKILL)          # a worker process dies with jobs queued on it
+            killed.append(pid)
+
+    out = tmp_path / "out"
+    s = cpuflow.batch.run(jobs, out=out, ray="auto", workers=2, cpus_per_worker=1, threads=1,
+                          model_transfer="ship", progress=progress)
+    assert killed and any(e["event"] == "requeued" for e in events), events
+    assert len(workers) == 3                                   # two, then one replacement
+    assert all(w["shipped"] for w in workers.values())         # the model came through the object store
+    assert (s.written, s.failed, s.total) == (40, 1, 41), s
+    assert "sampler must be one of" in s.errors[0][1]
+
+    entries = journal(out)
+    assert len(entries) == 41 and len({e["id"] for e in entries}) == 41          # complete, no duplicates
+    results = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 41 and len({r["id"] for r in results}) == 41
+    assert {r["worker"] for r in results if r["status"] == "done"} >= {w["worker"] for w in workers.values()
+                                                                          if w["pid"] not in killed}
+    files = list((out / "images").glob("*.png"))
+    assert len(files) == 40
+    got = {}
+    for f in files:
+        meta = read_png_metadata(f)
+        got[(meta["prompt"], meta["seed"])] = pixels(f)
+    for prompt in PROMPTS:
+        for seed, want in generate_reference(tmp_path, prompt, seeds).items():
+            assert (got[(prompt, seed)] == want).all(), (prompt, seed)       # bit-identical pixels
+    # the shipped copy sits in the node cache, named by the manifest's sha256
+    from cpuflow.batch.model_transfer import manifest_sha256
+    from cpuflow.pipelines.model import shipped_model_dir
+    cached = os.path.join(local_ray, "models", manifest_sha256(shipped_model_dir()))
+    assert os.path.isfile(os.path.join(cached, "cpuflow.json"))
