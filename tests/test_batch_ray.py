@@ -86,3 +86,48 @@ def test_forty_jobs_on_two_actors_survive_a_killed_worker(local_ray, tmp_path):
     from cpuflow.pipelines.model import shipped_model_dir
     cached = os.path.join(local_ray, "models", manifest_sha256(shipped_model_dir()))
     assert os.path.isfile(os.path.join(cached, "cpuflow.json"))
+
+
+def test_cli_ray_one_worker_shared_path_then_a_model_uri(local_ray, tmp_path):
+    import shutil
+    import tarfile
+
+    from click.testing import CliRunner
+
+    from cpuflow.batch.model_transfer import manifest_sha256
+    from cpuflow.cli import main
+    from cpuflow.pipelines.model import shipped_model_dir
+    jobs = write_jobs(tmp_path / "jobs.jsonl", PROMPTS[:1], [0, 1])
+    out = tmp_path / "out"
+    # --ray with a Ray already initialised in this process: the command uses it
+    r = CliRunner().invoke(main, ["batch", str(jobs), "--out", str(out), "--ray", "auto", "--workers", "1",
+                                  "--threads", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "2 image(s) written" in r.output and "1 worker(s)" in r.output
+    ref = generate_reference(tmp_path, PROMPTS[0], [0, 1])
+    for f in (out / "images").glob("*.png"):
+        assert (pixels(f) == ref[read_png_metadata(f)["seed"]]).all()
+    assert CliRunner().invoke(main, ["batch", str(jobs), "--out", str(out), "--ray", "auto"]).exit_code == 0
+    assert len(journal(out)) == 2                                   # the rerun made nothing again
+
+    # a node that fetches a tar of the folder from a URI into its (emptied) cache
+    sha = manifest_sha256(shipped_model_dir())
+    shutil.rmtree(os.path.join(local_ray, "models", sha), ignore_errors=True)
+    with tarfile.open(tmp_path / "model.tar", "w") as tar:
+        tar.add(shipped_model_dir(), arcname="default")
+    seen = []
+    s = cpuflow.batch.run(write_jobs(tmp_path / "more.jsonl", PROMPTS[:1], [2]), out=tmp_path / "out2",
+                          ray="auto", workers=1, threads=1, model_uri=(tmp_path / "model.tar").as_uri(),
+                          progress=lambda ev: seen.append(ev) if ev["event"] == "worker" else None)
+    assert s.written == 1
+    assert seen[0]["path"] == os.path.join(local_ray, "models", sha)
+    # an archive of another export is refused before anything runs
+    other = tmp_path / "other"
+    shutil.copytree(shipped_model_dir(), other)
+    (other / "cpuflow.json").write_text((other / "cpuflow.json").read_text().replace("{", "{ ", 1))
+    shutil.rmtree(os.path.join(local_ray, "models", sha), ignore_errors=True)
+    with tarfile.open(tmp_path / "other.tar", "w") as tar:
+        tar.add(other, arcname="default")
+    with pytest.raises(cpuflow.errors.IntegrityError, match="not the driver's"):
+        cpuflow.batch.run(write_jobs(tmp_path / "x.jsonl", PROMPTS[:1], [3]), out=tmp_path / "out3", ray="auto",
+                          workers=1, threads=1, model_uri=(tmp_path / "other.tar").as_uri())

@@ -51,6 +51,9 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--model-transfer", type=click.Choice(["auto", "shared", "ship"]), default="auto", show_default=True,
               help="Ray: read the model from a path every node sees (shared), or copy it once per node through "
                    "the object store into the node's cache (ship); auto: shared where the node sees it.")
+@click.option("--model-uri", default=None, metavar="URI",
+              help="Ray: each node fetches a tar archive of the model folder from here (file://, http(s)://) "
+                   "into its cache, checked against --model's manifest sha256.")
 @click.option("--retry-failed", is_flag=True, help="Run jobs that failed in an earlier run again.")
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto")
@@ -59,7 +62,7 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, sampler, schedule, guidance, width,
                   height, init_image, strength, decoder, ray_address, workers, cpus_per_worker, model_transfer,
-                  retry_failed, backend, precision, variant, threads, quiet):
+                  model_uri, retry_failed, backend, precision, variant, threads, quiet):
     """Generate many images from JOBS (a JSONL file) or --prompts, resumably, exactly once."""
     from ..errors import InvalidArgument
     from .runner import run
@@ -79,8 +82,8 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
     try:
         summary = run(jobs, out=out, model=model, prompts=prompts, seeds=seeds, params=params, ray=ray_address,
                       workers=workers, cpus_per_worker=cpus_per_worker, model_transfer=model_transfer,
-                      retry_failed=retry_failed, backend=backend, precision=precision, variant=variant,
-                      threads=threads, progress=bar)
+                      model_uri=model_uri, retry_failed=retry_failed, backend=backend, precision=precision,
+                      variant=variant, threads=threads, progress=bar)
     finally:
         bar.close()
     for source, error in summary.errors[:10]:

@@ -7,6 +7,10 @@
   into the node's cache, ``<cpuflow cache>/models/<manifest sha256>/`` (the
   others wait on a file lock and find it there), through a staging folder that is
   renamed into place only after every file matched the manifest's sha256.
+* **uri**: the same, but each node fetches a tar archive of the folder (``file://``,
+  ``http://``, ``https://``; plain or gzip) instead of the driver sending it
+  (:func:`fetch_uri`). The driver still reads the defaults from its own copy, and
+  the archive must hold the same export (its manifest's sha256 is checked).
 
 Either way the worker loads with ``verify="sha256"`` and checks that the folder's
 manifest is byte-for-byte the driver's (its sha256): a node never runs a model
@@ -66,6 +70,57 @@ def node_cache_dir() -> Path:
 
 def unpack(files: dict[str, list], sha: str, get) -> Path:
     """Copy a shipped model into this node's cache once (``get(ref) -> bytes``); return its folder."""
+    def fill(staging: Path) -> Path:
+        for rel, refs in files.items():
+            dest = (staging / rel).resolve()
+            if staging.resolve() not in dest.parents:
+                raise ModelError(f"shipped model file {rel!r} leaves the model folder")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "wb") as f:
+                for ref in refs:
+                    f.write(get(ref))
+                f.flush()
+                os.fsync(f.fileno())
+        return staging
+    return _install(sha, fill)
+
+
+def fetch_uri(uri: str, sha: str) -> Path:
+    """Fetch a tar archive of the model folder into this node's cache once; return its folder."""
+    import tarfile
+    import urllib.parse
+    import urllib.request
+
+    def fill(staging: Path) -> Path:
+        scheme = urllib.parse.urlparse(uri).scheme
+        if scheme not in ("file", "http", "https"):
+            raise ModelError(f"model URI {uri!r}: only file://, http:// and https:// archives are supported")
+        staging.mkdir(parents=True)
+        archive = staging / ".archive"
+        try:
+            with urllib.request.urlopen(uri, timeout=60) as r, open(archive, "wb") as f:   # noqa: S310 (scheme checked)
+                shutil.copyfileobj(r, f, CHUNK)
+        except OSError as e:
+            raise ModelError(f"cannot fetch the model from {uri}: {e}") from None
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(staging / "x", filter="data")   # no links out, no absolute paths, no devices
+        except (tarfile.TarError, OSError) as e:
+            raise ModelError(f"{uri} is not a readable tar archive of a model folder: {e}") from None
+        archive.unlink()
+        found = [p.parent for p in (staging / "x").rglob(MANIFEST)]
+        if len(found) != 1:
+            raise ModelError(f"{uri} must hold one exported model folder (one {MANIFEST}), found {len(found)}")
+        return found[0]
+    return _install(sha, fill)
+
+
+MANIFEST = "cpuflow.json"
+
+
+def _install(sha: str, fill) -> Path:
+    """Run ``fill(staging) -> folder`` once per node under a lock, check the folder is
+    the driver's model (manifest sha256, then every file's sha256), rename it into place."""
     import fcntl
 
     from ..manifest import load_manifest
@@ -78,21 +133,13 @@ def unpack(files: dict[str, list], sha: str, get) -> Path:
         staging = cache / f".{sha}.staging-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            for rel, refs in files.items():
-                dest = (staging / rel).resolve()
-                if staging.resolve() not in dest.parents:
-                    raise ModelError(f"shipped model file {rel!r} leaves the model folder")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with open(dest, "wb") as f:
-                    for ref in refs:
-                        f.write(get(ref))
-                    f.flush()
-                    os.fsync(f.fileno())
-            if manifest_sha256(staging) != sha:
-                raise IntegrityError("the shipped manifest does not match the driver's (damaged in transfer)")
-            load_manifest(staging, verify="sha256")    # every file against its recorded sha256
+            folder = fill(staging)
+            if manifest_sha256(folder) != sha:
+                raise IntegrityError("the fetched model's manifest is not the driver's "
+                                     "(a different export, or damaged in transfer)")
+            load_manifest(folder, verify="sha256")    # every file against its recorded sha256
             shutil.rmtree(final, ignore_errors=True)
-            os.replace(staging, final)
+            os.replace(folder, final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final

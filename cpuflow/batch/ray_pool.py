@@ -38,14 +38,16 @@ class _Worker:
     def __init__(self):
         self.pipe = None
 
-    def prepare(self, model_dir: str, sha: str, files: dict | None, mode: str) -> dict:
+    def prepare(self, model_dir: str, sha: str, files: dict | None, mode: str, uri: str | None = None) -> dict:
         """Find or fetch the model on this node. Returns {"ok": bool, "path": ..., "pid": ...}."""
         import os
 
         import ray
 
         from .worker import worker_name
-        if files is None:
+        if uri is not None:
+            path = str(model_transfer.fetch_uri(uri, sha))
+        elif files is None:
             if mode == "ship" or not model_transfer.shared_ok(model_dir, sha):
                 return {"ok": False, "worker": worker_name(), "pid": os.getpid()}
             path = model_dir
@@ -67,7 +69,8 @@ class _Worker:
 
 class RayPool:
     def __init__(self, address: str, load_options: dict, model_dir, *, workers: int | None,
-                 cpus_per_worker: int, model_transfer_mode: str = "auto", on_event=None):
+                 cpus_per_worker: int, model_transfer_mode: str = "auto", model_uri: str | None = None,
+                 on_event=None):
         ray = import_ray()
         self.ray = ray
         self.on_event = on_event or (lambda ev: None)
@@ -88,6 +91,7 @@ class RayPool:
         self.model_dir = str(model_dir)
         self.sha = model_transfer.manifest_sha256(model_dir)
         self.mode = model_transfer_mode
+        self.uri = model_uri
         self.load_options = dict(load_options, threads=load_options.get("threads") or cpus_per_worker)
         self.actor_cls = ray.remote(num_cpus=cpus_per_worker, max_restarts=0, max_task_retries=0)(_Worker)
         self._files = None
@@ -102,7 +106,7 @@ class RayPool:
     def _start(self, n: int) -> list:
         ray = self.ray
         actors = [self.actor_cls.remote() for _ in range(n)]
-        infos = ray.get([a.prepare.remote(self.model_dir, self.sha, None, self.mode) for a in actors])
+        infos = self._get([a.prepare.remote(self.model_dir, self.sha, None, self.mode, self.uri) for a in actors])
         need = [i for i, info in enumerate(infos) if not info["ok"]]
         if need and self.mode == "shared":
             raise ModelError(f"worker {infos[need[0]]['worker']} does not see the model folder {self.model_dir} "
@@ -111,21 +115,25 @@ class RayPool:
         if need:
             if self._files is None:   # read the folder once; every node copies from the object store
                 self._files = model_transfer.pack(self.model_dir, ray.put)
-            for i, info in zip(need, ray.get([actors[i].prepare.remote(self.model_dir, self.sha, self._files,
+            for i, info in zip(need, self._get([actors[i].prepare.remote(self.model_dir, self.sha, self._files,
                                                                           self.mode) for i in need])):
                 infos[i] = info
+        self._get([a.load.remote(dict(self.load_options, model=info["path"]), self.sha)
+                   for a, info in zip(actors, infos)])
+        for info in infos:
+            self.on_event({"event": "worker", "worker": info["worker"], "pid": info["pid"],
+                           "shipped": info["path"] != self.model_dir, "path": info["path"]})
+        return actors
+
+    def _get(self, refs):
+        """ray.get, with a worker's CpuflowError (a damaged model, a bad URI) raised as itself."""
         try:
-            ray.get([a.load.remote(dict(self.load_options, model=info["path"]), self.sha)
-                     for a, info in zip(actors, infos)])
-        except ray.exceptions.RayTaskError as e:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, CpuflowError):
                 raise cause from None
             raise
-        for info in infos:
-            self.on_event({"event": "worker", "worker": info["worker"], "pid": info["pid"],
-                           "shipped": info["path"] != self.model_dir})
-        return actors
 
     def _replace(self, dead) -> None:
         self.actors = [a for a in self.actors if a is not dead]

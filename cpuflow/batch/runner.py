@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from ..config import LoadConfig
 from ..errors import InvalidArgument
@@ -68,7 +68,7 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
         model: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None,
         seeds: str | list[int] | None = None, params: dict | None = None,
         ray: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
-        model_transfer: str = "auto", retry_failed: bool = False,
+        model_transfer: str = "auto", model_uri: str | None = None, retry_failed: bool = False,
         backend: str = "openvino", device: str = "auto", precision: str = "auto", variant: str | None = None,
         threads: int | None = None, use_cache: bool = True, progress: Event | None = None) -> Summary:
     """Make every image a batch asks for, in ``out``; skip what an earlier run finished.
@@ -80,7 +80,8 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
     or ``"ray://HOST:PORT"`` (or an already initialised Ray: any value) to run on a
     Ray cluster with ``workers`` actors of ``cpus_per_worker`` CPUs each;
     ``model_transfer``: ``auto`` (a shared path when the nodes see it, else
-    shipped), ``shared`` or ``ship``. ``progress(event)`` gets dicts with an
+    shipped), ``shared`` or ``ship``; ``model_uri``: workers fetch a tar archive of
+    the model folder from there instead (file://, http(s)://). ``progress(event)`` gets dicts with an
     ``"event"`` key: start, worker, image, failed, requeued, warning.
     """
     emit = progress or (lambda ev: None)
@@ -88,6 +89,8 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
         raise InvalidArgument("give a jobs file (JSONL) or --prompts, not both or neither")
     if model_transfer not in ("auto", "shared", "ship"):
         raise InvalidArgument(f"model_transfer must be auto, shared or ship, got {model_transfer!r}")
+    if model_uri is not None and ray is None:
+        raise InvalidArgument("--model-uri is for --ray workers; locally, pass the folder as --model")
     if workers is not None and not 1 <= int(workers) <= 4096:
         raise InvalidArgument(f"workers must be between 1 and 4096, got {workers}")
     if not 1 <= int(cpus_per_worker) <= 1024:
@@ -150,7 +153,8 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
                 else:
                     runnable.append(job)
             if runnable:
-                executor = _executor(ray, load_options, model_dir, workers, cpus_per_worker, model_transfer, emit)
+                executor = _executor(ray, load_options, model_dir, workers, cpus_per_worker, model_transfer,
+                                     model_uri, emit)
                 summary.workers = executor.workers
                 by_id = {j.id: j for j in runnable}
                 t0 = time.perf_counter()     # images per minute: from the first job, after the model loaded
@@ -185,11 +189,11 @@ def _failed(summary: Summary, job, error: str, emit: Event) -> None:
 
 
 def _executor(ray: str | None, load_options: dict, model_dir: Path, workers: int | None, cpus_per_worker: int,
-              model_transfer: str, emit: Event):
+              model_transfer: str, model_uri: str | None, emit: Event):
     if ray is not None:
         from .ray_pool import RayPool
         return RayPool(ray, load_options, model_dir, workers=workers, cpus_per_worker=cpus_per_worker,
-                       model_transfer_mode=model_transfer, on_event=emit)
+                       model_transfer_mode=model_transfer, model_uri=model_uri, on_event=emit)
     from .local import InProcess, ProcessPool
     if workers is None or workers == 1:
         return InProcess(load_options, on_event=emit)
