@@ -88,7 +88,7 @@ def test_forty_jobs_on_two_actors_survive_a_killed_worker(local_ray, tmp_path):
     assert os.path.isfile(os.path.join(cached, "cpuflow.json"))
 
 
-def test_cli_ray_one_worker_shared_path_then_a_model_uri(local_ray, tmp_path):
+def test_ctrl_c_then_the_cli_finishes_then_a_model_uri(local_ray, tmp_path):
     import shutil
     import tarfile
 
@@ -97,18 +97,27 @@ def test_cli_ray_one_worker_shared_path_then_a_model_uri(local_ray, tmp_path):
     from cpuflow.batch.model_transfer import manifest_sha256
     from cpuflow.cli import main
     from cpuflow.pipelines.model import shipped_model_dir
-    jobs = write_jobs(tmp_path / "jobs.jsonl", PROMPTS[:1], [0, 1])
+    jobs = write_jobs(tmp_path / "jobs.jsonl", PROMPTS[:1], [0, 1, 2, 3])
     out = tmp_path / "out"
-    # --ray with a Ray already initialised in this process: the command uses it
+
+    def ctrl_c(ev):           # Ctrl-C on the driver, as its second image is committed
+        if ev["event"] == "image" and len(journal(out)) == 2:
+            raise KeyboardInterrupt
+
+    s = cpuflow.batch.run(jobs, out=out, ray="auto", workers=1, threads=1, progress=ctrl_c)
+    assert s.interrupted and s.written == 2 and "stopped:" in s.line() and "2 left of 4" in s.line()
+    # the command finishes the rest (on the Ray already initialised in this process)
     r = CliRunner().invoke(main, ["batch", str(jobs), "--out", str(out), "--ray", "auto", "--workers", "1",
                                   "--threads", "1", "-q"])
     assert r.exit_code == 0, r.output
-    assert "2 image(s) written" in r.output and "1 worker(s)" in r.output
-    ref = generate_reference(tmp_path, PROMPTS[0], [0, 1])
-    for f in (out / "images").glob("*.png"):
+    assert "2 image(s) written" in r.output and "2 already done" in r.output and "1 worker(s)" in r.output
+    ref = generate_reference(tmp_path, PROMPTS[0], [0, 1, 2, 3])
+    files = list((out / "images").glob("*.png"))
+    assert len(files) == 4
+    for f in files:
         assert (pixels(f) == ref[read_png_metadata(f)["seed"]]).all()
     assert CliRunner().invoke(main, ["batch", str(jobs), "--out", str(out), "--ray", "auto"]).exit_code == 0
-    assert len(journal(out)) == 2                                   # the rerun made nothing again
+    assert len(journal(out)) == 4 and len({e["id"] for e in journal(out)}) == 4     # nothing made twice
 
     # a node that fetches a tar of the folder from a URI into its (emptied) cache
     sha = manifest_sha256(shipped_model_dir())
