@@ -96,7 +96,9 @@ def test_ctrl_c_and_sigkill_then_rerun_give_the_uninterrupted_images(tmp_path):
     cmd = [sys.executable, "-m", "cpuflow.cli", "batch", str(jobs), "--out", str(out)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT at its default even when this test runs in a background job (which ignores it)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(out, 2, p)
     p.send_signal(signal.SIGINT)                                     # Ctrl-C: clean stop
     _, err = p.communicate(timeout=60)

@@ -67,6 +67,8 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
     from ..errors import InvalidArgument
     from .runner import run
 
+    if init_image is not None:   # a path typed on the command line is relative to here, not to the prompts file
+        init_image = str(Path(init_image).expanduser().resolve())
     flags = {"negative_prompt": negative_prompt, "steps": steps, "sampler": sampler, "schedule": schedule,
              "guidance": guidance, "width": width, "height": height, "init_image_path": init_image,
              "strength": strength, "decoder": decoder}
