@@ -38,13 +38,16 @@ def load_pipeline(load_options: dict):
 def run_job(pipe, job_id: str, request) -> Outcome:
     """One image. Bad input and numerical faults become a failed outcome (the
     batch goes on); anything else a worker cannot survive propagates."""
+    made: list = []
     try:
-        result = pipe(request)
+        # the pipeline's per-image callback: the image and its record as it is made
+        # (before the per-run timings are added: they stay out of the PNG, so reruns are byte-equal)
+        result = pipe(request, on_image=lambda image, record: made.append((image, dict(record))))
     except CpuflowError as e:
         return Outcome(job_id, error=str(e), worker=worker_name())
     except (ValueError, TypeError, ArithmeticError) as e:   # a bug met by this input: fail the job, go on
         return Outcome(job_id, error=f"{type(e).__name__}: {e}", worker=worker_name())
-    record = dict(result.records[0])
-    timings = record.pop("timings", {})     # per-run, not per-image: kept out of the PNG (reruns stay byte-equal)
-    return Outcome(job_id, pixels=np.asarray(result.images[0]), record=record, seconds=timings.get("total"),
+    (image, record), = made       # a batch job is one image
+    record.pop("timings", None)
+    return Outcome(job_id, pixels=np.asarray(image), record=record, seconds=result.timings.get("total"),
                    worker=worker_name(), warnings=list(result.warnings))
