@@ -139,3 +139,24 @@ def test_ray_missing_is_one_line(tmp_path, monkeypatch):
     assert r.exit_code == 4
     assert r.output.strip() == "error: --ray needs Ray, which is not installed (pip install 'cpuflow[ray]')"
     assert not (tmp_path / "out").exists()
+
+
+def test_journal_retry_after_failure_and_a_second_driver_is_refused(tmp_path):
+    from PIL import Image
+
+    from cpuflow.batch.jobs import Job
+    from cpuflow.batch.journal import OutputDir
+    from cpuflow.errors import CpuflowError
+    job = Job(id="ab" * 32, source="jobs.jsonl:1", params={"seed": 1}, request=None)
+    with OutputDir.open(tmp_path, {"model_hash": "h"}) as od:
+        with pytest.raises(CpuflowError, match="another cpuflow batch is writing"):
+            OutputDir.open(tmp_path, {"model_hash": "h"})
+        od.write_failed(job, "worker ran out of memory")
+    with OutputDir.open(tmp_path, {"model_hash": "h"}) as od:
+        assert job.id in od.failed and od.is_finished(job.id) and not od.is_finished(job.id, retry_failed=True)
+        od.write_done(job, Image.new("RGB", (8, 8)), {"seed": 1}, seconds=0.1, worker="w")
+    with OutputDir.open(tmp_path, {"model_hash": "h"}) as od:
+        assert job.id in od.done and job.id not in od.failed
+    results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in results] == ["failed", "done"]
+    assert read_png_metadata(od.image_path(job.id))["batch_job"] == job.id

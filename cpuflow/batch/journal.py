@@ -50,7 +50,7 @@ class OutputDir:
         self._lock_fd: int | None = None
         self._journal = None
         self._results = None
-        self._result_ids: set[str] = set()
+        self._result_ids: set[str] = set()    # ids with a "done" line in results.jsonl
 
     # -- opening -------------------------------------------------------------
     @classmethod
@@ -78,7 +78,7 @@ class OutputDir:
             (self.done if entry.get("status") == "done" else self.failed)[entry["id"]] = entry
             if entry.get("status") == "done":
                 self.failed.pop(entry["id"], None)
-        self._result_ids = {e["id"] for e in _read_lines(root / RESULTS)}
+        self._result_ids = {e["id"] for e in _read_lines(root / RESULTS) if e.get("status") == "done"}
         self._journal = open(root / JOURNAL, "a", encoding="utf-8")
         self._results = open(root / RESULTS, "a", encoding="utf-8")
         fsync_dir(root)
@@ -162,7 +162,6 @@ class OutputDir:
     def write_failed(self, job, error: str, *, worker: str | None = None) -> None:
         self._append(self._results, {"id": job.id, "status": "failed", "error": error, "source": job.source,
                                      "params": job.params, "worker": worker})
-        self._result_ids.add(job.id)
         entry = {"id": job.id, "status": "failed", "error": error}
         self._append(self._journal, entry)
         self.failed[job.id] = entry
