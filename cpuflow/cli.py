@@ -316,5 +316,9 @@ from .bench.cli import bench_command  # noqa: E402  (torch only with --reference
 
 main.add_command(bench_command)
 
+from .batch.cli import batch_command  # noqa: E402  (ray only with --ray)
+
+main.add_command(batch_command)
+
 if __name__ == "__main__":
     main()

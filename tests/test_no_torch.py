@@ -15,6 +15,8 @@ def test_runtime_imports_without_torch():
         import cpuflow.tokenizer, cpuflow.rng, cpuflow.samplers, cpuflow.schedules, cpuflow.denoiser
         import cpuflow.pipelines.generate, cpuflow.pipelines.model, cpuflow.pipelines.stages
         import cpuflow.backends.base, cpuflow.backends.openvino_backend, cpuflow.backends.onnxruntime_backend
+        import cpuflow.batch, cpuflow.batch.local, cpuflow.batch.ray_pool, cpuflow.batch.model_transfer
+        import cpuflow.server.request
         from click.testing import CliRunner
         r = CliRunner().invoke(cpuflow.cli.main, ["--help"])
         assert r.exit_code == 0, r.output

@@ -296,6 +296,17 @@ class Run:
             rec["timings"] = {k: round(v, 4) for k, v in t.items()}
         return GenerationResult(self.images, self.records, dict(t), self.warnings)
 
+    def variants(self) -> dict[str, str]:
+        """The variant each component this image goes through runs. From the model and
+        the request, not from the sessions loaded so far: the first image of a process
+        (made before its decoder is loaded) records what a later one does."""
+        m = self.model.manifest
+        used = [c for c in ("text_encoder", "text_encoder_2", "unet") if c in m.components]
+        used.append("taesd_decoder" if self.tiny else "vae_decoder")
+        if self.task == "img2img":
+            used.append("taesd_encoder" if self.tiny else "vae_encoder")
+        return {c: self.model.variant_of(c) for c in used if c in m.components}
+
     def record(self, job: ImageJob, **extra: Any) -> dict[str, Any]:
         m, req, p = self.model.manifest, self.req, self.params
         sessions = self.model.session_infos()
@@ -318,7 +329,7 @@ class Run:
             "backend": self.model.config.backend,
             "device": unet_info.device if unet_info else self.model.config.device,
             "precision": unet_info.precision if unet_info else self.model.config.precision,
-            "variant": {name: variant for name, (_, variant) in sessions.items()},
+            "variant": self.variants(),
             "threads": self.model.config.threads,
             "decoder": req.decoder,
             "cpuflow_version": __version__,

@@ -1,0 +1,164 @@
+"""One JSON generation request: its schema, its checks, and the
+:class:`~cpuflow.config.GenerationRequest` it becomes.
+
+The HTTP API (``POST /api/generate``, :mod:`cpuflow.server.app`) and ``cpuflow
+batch`` (each JSONL line, :mod:`cpuflow.batch.jobs`) read the same JSON through
+this module, so both accept the same fields, refuse the same mistakes with the
+same words, and fill the same model defaults. It needs pydantic, not fastapi.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ..config import MAX_PROMPT_CHARS, GenerationRequest
+from ..errors import ImageInputError, InvalidArgument, ResourceLimitError
+
+_DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.I)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = 1024 * 1024        # per image
+    max_steps: int = 150
+    max_samples: int = 8                 # images per request
+    max_prompt_chars: int = 2000
+    max_body: int = 16 * 1024 * 1024     # bytes of request body (a base64 init image included)
+    max_init_bytes: int = 11 * 1024 * 1024    # base64 makes it 4/3 larger: still under max_body
+    max_queue: int = 8                   # jobs waiting behind the running one
+
+
+class GenerateBody(BaseModel):
+    """POST /api/generate. Unknown fields are refused (422); types are strict."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None             # an id from GET /api/models; none: the first model
+    sampler: str | None = None           # none: the model's own scheduler
+    schedule: Literal["default", "karras"] = "default"
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None              # none: random (the job reports it)
+    n_samples: int = 1
+    init_image: str | None = None        # base64 (or a data: URL) of a PNG/JPEG/WebP/...: img2img
+    strength: float = 0.8
+    eta: float = 0.0
+    rng: Literal["torch", "numpy"] = "torch"
+    decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
+
+
+def validation_problems(errors: Iterable[dict]) -> str:
+    """pydantic's errors as one line ("unknown field 'x'; steps: Input should be ...")."""
+    problems = []
+    for err in list(errors)[:10]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")[:64] or "body"
+        if err.get("type") == "extra_forbidden":
+            problems.append(f"unknown field {loc!r}")
+        elif err.get("type") == "json_invalid":
+            problems.append("the body is not valid JSON")
+        elif err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            problems.append("the body must be a JSON object")
+        else:
+            problems.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(dict.fromkeys(problems)) or "invalid request"
+
+
+def describe(mid: str, pipe: Any) -> dict:
+    """What a client needs to know about a model (no paths): its defaults and abilities."""
+    model = getattr(pipe, "model", None)
+    m = getattr(model, "manifest", None)
+    defaults = (getattr(m, "raw", None) or {}).get("defaults", {}) if m is not None else {}
+    components = getattr(m, "components", {}) or {}
+    sampler = None
+    if model is not None and hasattr(model, "default_sampler"):
+        try:
+            sampler = model.default_sampler()
+        except Exception:
+            sampler = None
+    return {
+        "id": mid,
+        "name": str(getattr(m, "name", mid)),
+        "width": int(getattr(m, "default_width", 512) or 512),
+        "height": int(getattr(m, "default_height", 512) or 512),
+        "steps": int(defaults.get("steps", 20)),
+        "guidance": float(defaults.get("guidance", 7.5)),
+        "sampler": sampler,
+        "size_multiple": int(getattr(model, "size_multiple", 8) or 8),
+        "img2img": "vae_encoder" in components,
+        "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
+        "random_weights": bool(getattr(m, "random_weights", False)),
+        "model_hash": str(getattr(m, "model_hash", "")),
+    }
+
+
+def build_request(body: GenerateBody, info: dict, limits: Limits,
+                  init_bytes: bytes | None = None) -> tuple[GenerationRequest, dict]:
+    """The request and its parameters with the model's defaults filled in.
+    ``init_bytes``: the init image's bytes (the caller read them: base64 from the
+    HTTP body, a file for a batch job); none and ``body.init_image`` set: decoded here."""
+    for name in ("prompt", "negative_prompt"):
+        n = len(getattr(body, name))
+        if n > min(limits.max_prompt_chars, MAX_PROMPT_CHARS):
+            raise ResourceLimitError(f"{name} has {n} characters; this server's limit is {limits.max_prompt_chars}")
+    if isinstance(body.n_samples, int) and body.n_samples > limits.max_samples:
+        raise ResourceLimitError(f"n_samples {body.n_samples} is over this server's limit of {limits.max_samples}")
+    if body.steps is not None and body.steps > limits.max_steps:
+        raise ResourceLimitError(f"steps {body.steps} is over this server's limit of {limits.max_steps}")
+    if init_bytes is None and body.init_image is not None:
+        init_bytes = decode_base64(body.init_image, limits.max_init_bytes)
+    width, height = body.width, body.height
+    if init_bytes is not None:
+        from ..image import load_init_image
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and (isinstance(v, bool) or v <= 0 or v % 8):
+                raise InvalidArgument(f"{name} must be a positive multiple of 8, got {v}")
+        # bytes and a neutral name: no path is ever opened, none reaches an error message
+        img = load_init_image(init_bytes, width, height, name="(uploaded)")
+        width, height = img.size
+    width = width if width is not None else info["width"]
+    height = height if height is not None else info["height"]
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0 \
+            and width * height > limits.max_pixels:
+        raise ResourceLimitError(f"{width}x{height} = {width * height} pixels is over this server's limit "
+                                 f"of {limits.max_pixels} pixels per image")
+    req = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+                            sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
+                            width=width, height=height, seed=body.seed, n_samples=body.n_samples,
+                            eta=body.eta, init_image=init_bytes, strength=body.strength,
+                            rng=body.rng, decoder=body.decoder).with_seed()
+    if req.decoder == "taesd" and not info.get("taesd"):
+        raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
+                              "tiny autoencoder (use decoder full)")
+    mult = info["size_multiple"]
+    for name, v in (("width", req.width), ("height", req.height)):
+        if v % mult:
+            raise InvalidArgument(f"{name} must be a multiple of {mult} for this model, got {v}")
+    params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "model": info["id"],
+              "sampler": req.sampler or info["sampler"], "schedule": req.schedule,
+              "steps": req.steps if req.steps is not None else info["steps"],
+              "guidance": req.guidance if req.guidance is not None else info["guidance"],
+              "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
+              "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
+              "decoder": req.decoder}
+    return req, params
+
+
+def decode_base64(text: str, max_bytes: int) -> bytes:
+    s = _DATA_URL_RE.sub("", text.strip(), count=1)
+    if len(s) > (max_bytes * 4) // 3 + 4:
+        raise ResourceLimitError(f"init image is over this server's limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError("init image is not valid base64") from None
+    if not data:
+        raise ImageInputError("init image is empty")
+    return data
