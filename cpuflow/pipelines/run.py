@@ -229,16 +229,18 @@ class Run:
 
     # -- stages -----------------------------------------------------------------------
     def sample(self, job: ImageJob, x: np.ndarray) -> np.ndarray:
-        cb = None
-        if self.progress is not None:
-            progress, k, n_images = self.progress, job.index, self.n_images
-
-            def cb(i, n, x, x0):
-                progress({"image": k, "n_images": n_images, "step": i + 1, "n_steps": n, "latents": x, "x0": x0})
+        cb = None if self.progress is None else self._step_callback(job.index)
         t0 = time.perf_counter()
         x = denoise(self.model, self.plan, job.model_fn, x, job.generator, self.req.eta, callback=cb)
         self.timer.add("sampling", time.perf_counter() - t0)
         return x
+
+    def _step_callback(self, k: int):
+        progress, n_images = self.progress, self.n_images
+
+        def cb(i, n, x, x0):
+            progress({"image": k, "n_images": n_images, "step": i + 1, "n_steps": n, "latents": x, "x0": x0})
+        return cb
 
     def decode(self, x: np.ndarray) -> Image.Image:
         if self.tiny:
@@ -261,10 +263,7 @@ class Run:
         self.emit(self.decode(x), rec)
 
     def emit(self, image: Image.Image, rec: dict[str, Any]) -> None:
-        """A finished image and its record: keep it, and hand it to ``on_image``.
-        The decoder's session exists only now: its variant joins the record here."""
-        for name, (_, variant) in self.model.session_infos().items():
-            rec["variant"].setdefault(name, variant)
+        """A finished image and its record: keep it, and hand it to ``on_image``."""
         if self.keep_images:
             self.images.append(image)
         self.records.append(rec)
