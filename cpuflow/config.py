@@ -69,7 +69,8 @@ class LoadConfig:
     variant: str | None = None         # None: the fastest variant present (fp32 today)
     cache_dir: Path | None = None      # None: the user cache dir; see backends/cache.py
     use_cache: bool = True
-    verify: str = "size"               # size | sha256
+    verify: str = "sha256"             # sha256: content, each file hashed once then remembered
+                                       # (cpuflow/file_digests.py) | size: sizes only
     low_memory: bool = False           # one component in memory at a time, tiled VAE decode
 
     def __post_init__(self):
