@@ -51,6 +51,7 @@ from typing import Any, Mapping
 
 from .errors import IncompatibleModelError, IntegrityError, ManifestError, UnsafeFileError
 from .file_digests import DigestMemo, sha256_file
+from .manifest_values import check_values
 
 MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
@@ -225,6 +226,7 @@ def parse_manifest(root: Path, data: Mapping[str, Any]) -> Manifest:
         raise ManifestError(f"model folder {root}: unknown manifest schema {version!r}", hint=_REEXPORT)
     if data.get("complete") is not True:
         raise ManifestError(f"model folder {root}: the export that wrote it did not finish", hint=_REEXPORT)
+    check_values(root / MANIFEST_NAME, data)  # every number the runtime reads: type and range, key named
     latent = _req(data, "latent", "root")
     size = _req(data, "default_size", "root")
     comps_raw = _req(data, "components", "root")

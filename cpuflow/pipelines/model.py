@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..backends.base import BackendOptions, Session, get_backend
-from ..config import PRECISIONS, LoadConfig
+from ..config import LoadConfig
 from ..errors import CpuflowError, ModelError
 from ..file_digests import DigestMemo
 from ..manifest import Manifest, load_manifest
@@ -93,9 +93,6 @@ class LoadedModel:
         own = self.manifest.raw.get("defaults", {}).get("precision")
         if asked != "auto" or own is None:
             return asked
-        if own not in PRECISIONS:
-            raise ModelError(f"{self.manifest.root}: the manifest's default precision {own!r} is not one of "
-                             f"{', '.join(PRECISIONS)}", hint="re-export the model or pass --precision")
         if own == "bf16" and self.config.backend != "openvino":
             return "auto"   # an OpenVINO hint; onnxruntime runs its own default
         return own
