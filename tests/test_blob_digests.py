@@ -14,7 +14,7 @@ ASK = dict(seed=3, steps=2)
 def generate(cache):
     with Pipeline.load(None, backend="openvino", precision="f32", threads=2, cache_dir=cache) as p:
         r = p.txt2img("a red circle on a blue background", **ASK)
-        cached = {key[0]: s.info.cached for key, s in p.model._sessions.items()}
+        cached = {name: info.cached for name, (info, _variant) in p.model.session_infos().items()}
     return np.asarray(r.images[0], np.int16), r.warnings, cached
 
 
