@@ -234,6 +234,9 @@ class Soak:
                 self.finished += 1
                 if self.finished == self.baseline_after:
                     self.rss_baseline = rss_bytes(self.pid)
+                if self.finished % 25 == 0:   # progress of a long run (-s shows it)
+                    print(f"soak: {self.finished} jobs, {self.images} images, server RSS "
+                          f"{rss_bytes(self.pid) / 2**20:.1f} MiB, statuses {self.statuses}", flush=True)
 
     def run_one(self, c: Client, spec: dict) -> None:
         rng = random.Random(spec["seed"])
