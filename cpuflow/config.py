@@ -68,7 +68,8 @@ class LoadConfig:
     variant: str | None = None         # None: the first present of pipelines/model.py VARIANT_PREFERENCE
     cache_dir: Path | None = None      # None: the user cache dir; see backends/cache.py
     use_cache: bool = True
-    verify: str = "size"               # size | sha256
+    verify: str = "sha256"             # sha256: content, each file hashed once then remembered
+                                       # (cpuflow/file_digests.py) | size: sizes only
     low_memory: bool = False           # one component in memory at a time, tiled VAE decode
 
     def __post_init__(self):
@@ -173,6 +174,16 @@ class GenerationRequest:
         for v in value:
             if len(v) > MAX_PROMPT_CHARS:
                 raise ResourceLimitError(f"{name} has {len(v)} characters; the limit is {MAX_PROMPT_CHARS}")
+            try:   # the text goes into the image's metadata as UTF-8: refuse what UTF-8 cannot hold
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                # a lone surrogate ("\ud800" in JSON), or a byte that is not UTF-8 on a command
+                # line (Python keeps such bytes as the surrogates U+DC80..U+DCFF)
+                o = ord(v[e.start])
+                what = (f"the byte \\x{o - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= o <= 0xDCFF
+                        else f"a lone surrogate \\u{o:04x}")
+                raise InvalidArgument(f"{name} is not valid text: character {e.start + 1} is {what}",
+                                      hint="write the text in UTF-8") from None
         return tuple(value)
 
     @property

@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import IncompatibleModelError, IntegrityError, ManifestError, UnsafeFileError
+from .file_digests import DigestMemo, sha256_file
+from .manifest_values import check_values
 
 MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
@@ -224,6 +226,7 @@ def parse_manifest(root: Path, data: Mapping[str, Any]) -> Manifest:
         raise ManifestError(f"model folder {root}: unknown manifest schema {version!r}", hint=_REEXPORT)
     if data.get("complete") is not True:
         raise ManifestError(f"model folder {root}: the export that wrote it did not finish", hint=_REEXPORT)
+    check_values(root / MANIFEST_NAME, data)  # every number the runtime reads: type and range, key named
     latent = _req(data, "latent", "root")
     size = _req(data, "default_size", "root")
     comps_raw = _req(data, "components", "root")
@@ -293,13 +296,16 @@ def check_compatible(m: Manifest) -> None:
             )
 
 
-def load_manifest(root: str | os.PathLike, *, verify: bool | str = "size") -> Manifest:
+def load_manifest(root: str | os.PathLike, *, verify: bool | str = "size",
+                  digests: DigestMemo | None = None) -> Manifest:
     """Read and check ``root/cpuflow.json``.
 
     ``verify``: ``"size"`` checks every file exists with the recorded size and is
-    no git-lfs pointer (cheap); ``"sha256"`` (or True) also hashes each file;
-    ``False`` skips file checks. All checks happen before any backend session is
-    created, so a damaged folder never reaches a backend.
+    no git-lfs pointer (cheap); ``"sha256"`` (or True) also checks each file's
+    sha256, taken from ``digests`` (a :class:`~cpuflow.file_digests.DigestMemo`:
+    a file is hashed once, then again only when it changes) or, without one,
+    hashed now; ``False`` skips file checks. All checks happen before any
+    backend session is created, so a damaged folder never reaches a backend.
     """
     root = Path(root)
     if not root.exists():
@@ -319,21 +325,14 @@ def load_manifest(root: str | os.PathLike, *, verify: bool | str = "size") -> Ma
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{mpath} is malformed ({type(e).__name__}: {e})", hint=_REEXPORT) from None
     if verify:
-        verify_files(m, hashes=(verify == "sha256" or verify is True))
+        verify_files(m, hashes=(verify == "sha256" or verify is True), digests=digests)
     return m
 
 
-def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_files(m: Manifest, *, hashes: bool, only: set[str] | None = None) -> None:
+def verify_files(m: Manifest, *, hashes: bool, only: set[str] | None = None,
+                 digests: DigestMemo | None = None) -> None:
     """Check each recorded file: inside the folder, present, right size, no
-    git-lfs pointer, and (``hashes``) the right sha256."""
+    git-lfs pointer, and (``hashes``) the right sha256 (from ``digests`` when given)."""
     for rel, info in m.files.items():
         if only is not None and rel not in only:
             continue
@@ -349,7 +348,7 @@ def verify_files(m: Manifest, *, hashes: bool, only: set[str] | None = None) -> 
                                      hint="run `git lfs pull` or " + _REEXPORT)
             raise IntegrityError(f"model file {rel} has {size} bytes, the manifest says {info['size']} "
                                  "(truncated or replaced)", hint=_REEXPORT)
-        if hashes and sha256_file(p) != info["sha256"]:
+        if hashes and (digests.sha256(p) if digests is not None else sha256_file(p)) != info["sha256"]:
             raise IntegrityError(f"model file {rel} does not match its sha256 (corrupted)", hint=_REEXPORT)
     # every file a component variant names must be recorded
     for comp in m.components.values():
@@ -359,6 +358,8 @@ def verify_files(m: Manifest, *, hashes: bool, only: set[str] | None = None) -> 
                     if rel not in m.files:
                         raise ManifestError(f"component {comp.name} names {rel}, which the manifest does not record",
                                             hint=_REEXPORT)
+    if digests is not None:
+        digests.save()
 
 
 # --- writing (used by the export stage) ----------------------------------------

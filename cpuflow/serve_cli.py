@@ -6,8 +6,10 @@ access token is set (``--token`` or ``CPUFLOW_TOKEN``).
 """
 from __future__ import annotations
 
+import errno
 import re
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -62,6 +64,27 @@ def check_bind(host: str, token: str | None) -> None:
                               hint="set --token or CPUFLOW_TOKEN, or keep the default --host 127.0.0.1")
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on (host, port), made before the address is printed (uvicorn
+    serves on it), so a port in use is one clear error and no "open" line is shown."""
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as e:
+        hint = "another program (or another cpuflow serve) uses it; pick another --port" \
+            if getattr(e, "errno", None) == errno.EADDRINUSE else None
+        raise InvalidArgument(f"cannot listen on {host}:{port}: {e.strerror or e}", hint=hint) from None
+    return sock
+
+
 @click.command("serve", epilog=EXAMPLES_SERVE)
 @click.option("--model", "-m", "models", multiple=True, type=click.Path(path_type=Path),
               help="Exported model folder; repeat for several (default: the model shipped with cpuflow).")
@@ -88,6 +111,7 @@ def serve_command(models, host, port, token, allow_host, max_queue, backend, pre
     from .server.app import create_app
     from .server.security import default_allowed_hosts
 
+    sock = listen_socket(host, port)   # a port in use fails here, before the models load
     ids = model_ids(models)
     load = {"backend": backend, "precision": precision, "threads": threads}
     app = create_app(ids, token=token, allowed_hosts=default_allowed_hosts(port, host, allow_host), port=port,
@@ -96,11 +120,12 @@ def serve_command(models, host, port, token, allow_host, max_queue, backend, pre
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"
     url = f"http://{shown}:{port}/"
+    # printed once the socket listens: connections wait in its backlog until uvicorn takes them
     click.echo(f"cpuflow serve: models {', '.join(ids)}", err=True)
     click.echo(f"open {url}?token={token}" if token else f"open {url}", err=True)
     if host in ("0.0.0.0", "::") and not allow_host:
         click.echo("note: other machines must use a name given with --allow-host (the Host header is checked)",
                    err=True)
     sys.stderr.flush()
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, proxy_headers=False,
-                limit_concurrency=64, timeout_keep_alive=5)
+    uvicorn.run(app, host=host, port=port, fd=sock.fileno(), log_level="warning", server_header=False,
+                proxy_headers=False, limit_concurrency=64, timeout_keep_alive=5)

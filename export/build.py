@@ -235,11 +235,34 @@ def _check_target(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise InvalidArgument(f"{out_dir} exists and is not a folder; choose another OUT_DIR")
-    if is_cpuflow_export(out_dir) or not any(out_dir.iterdir()):
+    if is_cpuflow_export(out_dir):
+        added = files_not_exported(out_dir)
+        if added:
+            shown = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+            raise InvalidArgument(f"{out_dir} holds files its export did not write ({shown}); a re-export "
+                                  "replaces the whole folder and would delete them",
+                                  hint="move them out of the folder, or export to a new OUT_DIR")
+        return
+    if not any(out_dir.iterdir()):
         return
     raise InvalidArgument(
         f"{out_dir} exists and is not a cpuflow model folder (no {MANIFEST_NAME}); refusing to replace it",
         hint="choose a new or empty OUT_DIR")
+
+
+def files_not_exported(out_dir: Path) -> list[str]:
+    """Files in a cpuflow export that its manifest does not record (a user put them there)."""
+    try:
+        recorded = set(json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("files") or {})
+    except (OSError, ValueError, AttributeError):
+        recorded = set()
+    added = []
+    for dirpath, dirs, names in os.walk(out_dir, followlinks=False):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            rel = Path(dirpath, name).relative_to(out_dir).as_posix()
+            if rel != MANIFEST_NAME and rel not in recorded:
+                added.append(rel)
+    return sorted(added)
 
 
 def _backup_path(out_dir: Path) -> Path:

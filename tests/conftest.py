@@ -41,6 +41,17 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CPUFLOW_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cpuflow-cache"))
 
 
+# Settings a caller's shell may hold that change what cpuflow does (tracebacks instead of
+# one-line errors, a server token, thread counts): the suite runs the same from any shell.
+CALLER_SETTINGS = ("CPUFLOW_DEBUG", "CPUFLOW_TOKEN", "CPUFLOW_THREADS", "CPUFLOW_PICKLE_TIMEOUT_S")
+
+
+@pytest.fixture(autouse=True)
+def _no_caller_settings(monkeypatch):
+    for name in CALLER_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
 _TINY_EXPORTS: dict = {}
 
 

@@ -378,6 +378,22 @@ def test_reexport_replaces_the_previous_export(exported, sources, tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_reexport_refuses_a_folder_holding_files_it_did_not_write(exported, sources, tmp_path):
+    """Issue 17 item 9: a re-export replaces the whole folder, so files a user added
+    there are named and the export refused, before any work; nothing is touched."""
+    out = tmp_path / "m"
+    shutil.copytree(exported["sd1"][0], out)
+    (out / "notes.txt").write_text("my prompts")
+    (out / "unet" / "my-lora.safetensors").write_bytes(b"lora")
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    res = CliRunner().invoke(export_command, [str(sources["sd1"]), str(out), "--format", "onnx"])
+    assert res.exit_code == InvalidArgument.exit_code, res.output
+    assert "notes.txt" in res.output and "unet/my-lora.safetensors" in res.output and "move them" in res.output
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert (out / "notes.txt").read_text() == "my prompts"
+    assert _leftovers(tmp_path) == []
+
+
 def test_random_weights_cli_needs_arch(tmp_path):
     res = CliRunner().invoke(export_command, ["--random-weights", str(tmp_path / "m")])
     assert res.exit_code == InvalidArgument.exit_code and "--arch" in res.output

@@ -402,6 +402,10 @@ def fake_serve(monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.setdefault("run", kw))
     monkeypatch.setattr(app_mod, "create_app", lambda models, **kw: calls.setdefault("app", (models, kw)))
     monkeypatch.delenv("CPUFLOW_TOKEN", raising=False)
+    import socket
+
+    import cpuflow.serve_cli as serve_cli   # no real port: 7860 may be in use on the machine running the suite
+    monkeypatch.setattr(serve_cli, "listen_socket", lambda host, port: calls.setdefault("socket", socket.socket()))
     return calls
 
 

@@ -8,7 +8,9 @@ Load = read_model -> (reshape to static shapes) -> compile_model("CPU") with
 * ``INFERENCE_NUM_THREADS`` = ``options.threads`` when set,
 * ``PERFORMANCE_HINT`` = ``LATENCY`` (one stream: one image at a time, all cores),
 * ``CACHE_DIR`` = a per-model subfolder of ``options.cache_dir`` (see
-  :mod:`cpuflow.backends.cache`), so a second start loads the compiled blob.
+  :mod:`cpuflow.backends.cache`), so a second start loads the compiled blob;
+  every blob's sha256 is recorded when written and checked before it is
+  imported (:mod:`cpuflow.backends.blob_digests`).
 
 Whether the compiled model came from the cache is read back from the compiled
 model's ``LOADED_FROM_CACHE`` property (OpenVINO sets it when it imported the
@@ -28,6 +30,8 @@ import numpy as np
 
 from ..errors import BackendError, InvalidArgument, MissingDependency, ModelError
 from ..manifest import TensorSpec
+from ..file_digests import DigestMemo
+from . import blob_digests
 from . import cache as cache_mod
 from .base import BackendOptions, SessionInfo, check_feeds
 from .device import openvino_device
@@ -269,9 +273,15 @@ class OpenVINOBackend:
             self._reshape(component, model, inputs, in_index, static_dims)
 
         cache_notes: list[str] = []
+        blob_notes: list[str] = []
+        memo = DigestMemo.in_cache(self.options.cache_dir) if self.options.cache_dir is not None else None
 
         def cache_sub_of(precision: str) -> Path | None:
             sub = self._cache_sub(component, model_file, cache_key, static_dims, precision)
+            if sub is not None:   # a blob that is not the one we wrote is deleted, never imported
+                note = blob_digests.check(sub, memo, component)
+                if note:
+                    blob_notes.append(note)
             if sub is None or _blob_state(sub):
                 return sub   # no cache, or a blob to load: nothing new is written
             need = _weights_bytes(model_file)
@@ -297,6 +307,8 @@ class OpenVINOBackend:
             compile_at, cache_sub_of)
         compile_s = time.perf_counter() - t0
         cached = self._loaded_from_cache(compiled, before[used], _blob_state(cache_sub), cache_sub)
+        if cache_sub is not None and not cached:
+            blob_digests.record(cache_sub, memo)
         in_index = _match_ports(component, "inputs", inputs, compiled.inputs)
         out_index = _match_ports(component, "outputs", outputs, compiled.outputs)
         try:
@@ -309,7 +321,7 @@ class OpenVINOBackend:
                 cache_mod.prune(self.options.cache_dir, cache_mod.DEFAULT_MAX_BYTES, keep=[cache_sub])
             except OSError:
                 pass  # a full or read-only cache never fails a load
-        warning = "; ".join(w for w in (warning, *cache_notes) if w) or None
+        warning = "; ".join(w for w in (warning, *blob_notes, *cache_notes) if w) or None
         info = SessionInfo(backend=self.name, device=self.device, precision=precision,
                            compile_s=compile_s, cached=cached, warning=warning)
         return OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,

@@ -117,8 +117,8 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
     if reference_source and reference is None:
         raise InvalidArgument("--reference-source goes with --reference torch")
     for p in (json_path, chart_path):
-        if p is not None and not p.parent.exists():
-            raise InvalidArgument(f"folder {p.parent} does not exist (for {p.name})")
+        if p is not None:
+            check_writable(p)
     settings = runner.BenchSettings(width=width, height=height, steps=steps, guidance=guidance, threads=threads,
                                     repeat=repeat, warmup=warmup, stages=stages,
                                     prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder,
@@ -149,6 +149,25 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
         log(f"wrote {report.write_chart(result, chart_path)}")
     if any(st.get("error") for c in result["configs"] for st in c["stages"].values()):
         sys.exit(1)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse a --json / --chart target the end of the run could not write, before
+    anything is measured: the report is written as PATH.tmp beside it, then renamed."""
+    if not path.parent.exists():
+        raise InvalidArgument(f"folder {path.parent} does not exist (for {path.name})")
+    if path.is_dir():
+        raise InvalidArgument(f"{path} is a folder; give a file name")
+    probe = path.with_name(path.name + ".tmp")
+    try:
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except FileExistsError:
+        pass     # a leftover of an earlier run: it will be replaced
+    except OSError as e:
+        raise InvalidArgument(f"cannot write {path} ({e.strerror or e})",
+                              hint="choose a folder you can write to") from None
 
 
 if __name__ == "__main__":  # until mounted as `cpuflow bench`: python -m cpuflow.bench.cli ...

@@ -14,8 +14,9 @@ from typing import Mapping
 import numpy as np
 
 from ..backends.base import BackendOptions, Session, get_backend
-from ..config import PRECISIONS, LoadConfig
+from ..config import LoadConfig
 from ..errors import CpuflowError, ModelError
+from ..file_digests import DigestMemo
 from ..manifest import Manifest, load_manifest
 from ..tokenizer import ClipTokenizer
 
@@ -58,8 +59,11 @@ class LoadedModel:
         if config.model is None and not (root / "cpuflow.json").exists():
             raise ModelError("the default model is not installed with this copy of cpuflow",
                              hint="pass --model MODEL_DIR (an exported folder)")
-        # All file checks happen here, before any backend session exists.
-        self.manifest: Manifest = load_manifest(root, verify=config.verify)
+        # All file checks happen here, before any backend session exists. Content is
+        # checked by sha256, each file hashed once and remembered by its identity
+        # (a same-size corruption changes its mtime/ctime, so it is hashed again).
+        digests = DigestMemo.in_cache(config.cache_dir) if config.verify == "sha256" else None
+        self.manifest: Manifest = load_manifest(root, verify=config.verify, digests=digests)
         self.format = FORMAT_OF_BACKEND[config.backend]
         if self.format not in self.manifest.formats():
             have = ", ".join(sorted(self.manifest.formats())) or "none"
@@ -89,9 +93,6 @@ class LoadedModel:
         own = self.manifest.raw.get("defaults", {}).get("precision")
         if asked != "auto" or own is None:
             return asked
-        if own not in PRECISIONS:
-            raise ModelError(f"{self.manifest.root}: the manifest's default precision {own!r} is not one of "
-                             f"{', '.join(PRECISIONS)}", hint="re-export the model or pass --precision")
         if own == "bf16" and self.config.backend != "openvino":
             return "auto"   # an OpenVINO hint; onnxruntime runs its own default
         return own
