@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import GenerationRequest, LoadConfig
 from .errors import ImageInputError
-from .pipelines.generate import GenerationResult, ImageFn, ProgressFn, generate
+from .pipelines.generate import GenerationResult, ImageFn, ProgressFn, check_request, generate
 from .pipelines.model import LoadedModel
 from .previews import PreviewFn, with_previews
 
@@ -48,6 +48,11 @@ class Pipeline:
         """Run a request. ``on_image(image, record)`` gets each image as soon as it is made."""
         return generate(self.model, request, with_previews(self.model, progress, preview, preview_every),
                         on_image=on_image)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise the error running ``request`` would raise, where it can be known
+        without running it (see :func:`cpuflow.pipelines.generate.check_request`)."""
+        check_request(self.model, request)
 
     def txt2img(self, prompt, *, progress: ProgressFn | None = None, preview: PreviewFn | None = None,
                 preview_every: int = 1, **params: Any) -> GenerationResult:

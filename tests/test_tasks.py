@@ -185,3 +185,24 @@ def test_a_jpeg_init_image_round_trip(model, tmp_path):
             "--strength", 0.5, "--out", tmp_path / "o.png", "--backend", "onnxruntime", "-q")
     assert r.exit_code == 0, r.output
     assert read_png_metadata(tmp_path / "o.png")["task"] == "img2img"
+
+
+def test_server_refuses_what_would_fail_later_before_queueing():
+    """strength x steps < 1 and karras with a sampler that has no Karras sigmas
+    were queued (202) and failed in the worker; now they are 422 up front."""
+    pytest.importorskip("fastapi")
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from cpuflow.server.app import create_app
+    with Pipeline.load(None, backend="onnxruntime") as pipe:
+        client = TestClient(create_app({"default": pipe}), base_url="http://127.0.0.1:7860")
+        buf = io.BytesIO()
+        _photo().save(buf, format="PNG")
+        img = base64.b64encode(buf.getvalue()).decode()
+        r = client.post("/api/generate", json={"prompt": "x", "init_image": img, "strength": 0.41, "steps": 2})
+        assert r.status_code == 422 and "strength" in r.json()["error"]["message"], r.text
+        r = client.post("/api/generate", json={"prompt": "x", "sampler": "ddim", "schedule": "karras"})
+        assert r.status_code == 422, r.text
+        assert client.get("/api/jobs").json()["jobs"] == []

@@ -5,10 +5,11 @@ The tasks are short functions over the shared stages of :mod:`.run`
 """
 from __future__ import annotations
 
+from .. import samplers
 from ..config import GenerationRequest
 from .img2img import img2img
 from .model import LoadedModel
-from .run import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationResult, ImageFn, ProgressFn  # noqa: F401 (re-exported)
+from .run import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationResult, ImageFn, ProgressFn, resolve_params  # noqa: F401
 from .txt2img import txt2img
 
 TASKS = {"txt2img": txt2img, "img2img": img2img}
@@ -24,3 +25,13 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     soon as it is made; ``keep_images=False`` keeps only the records in the result
     (a caller that writes images as they come need not hold them all)."""
     return TASKS[task_of(req)](model, req, progress, on_image, keep_images=keep_images)
+
+
+def check_request(model: LoadedModel, req: GenerationRequest) -> None:
+    """Refuse now what running ``req`` would refuse later and cheaply can be known
+    now: the model's size multiple, and the sampling plan (a strength that leaves
+    no denoising step, a schedule the sampler does not take). The server calls it
+    before queueing, so such a request is a 422, not a job that fails."""
+    p = resolve_params(model, req)
+    samplers.make_plan(p["sampler"], model.scheduler_config(), p["steps"], schedule=req.schedule,
+                       strength=req.strength if req.init_image is not None else 1.0)

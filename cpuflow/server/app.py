@@ -107,6 +107,9 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         if model_id not in pipes:
             raise InvalidArgument(f"model must be one of {', '.join(pipes)} (see /api/models)")
         req, params = _build_request(body, infos[model_id], limits)
+        check = getattr(pipes[model_id], "check", None)   # a real Pipeline: refuse what would fail later
+        if check is not None:
+            check(req)
         job = Job(model_id=model_id, request=req, params=params, n_images=req.n_samples)
         try:
             pos = queue.submit(job)
