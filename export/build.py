@@ -602,6 +602,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         "validated": bool(all_passed),
         "scheduler": _jsonable(dict(loaded.scheduler_config)),
         "latent": latent,
+        "unet_kind": str(getattr(loaded, "unet_kind", "txt2img")),  # what the UNet's input channels hold
         "default_size": {"width": int(loaded.default_size), "height": int(loaded.default_size)},
         "tokenizer": tokenizer,
         "components": components,

@@ -88,6 +88,8 @@ class LoadedModel:
     # The tiny autoencoder (AutoencoderTiny) added with --taesd, and where it came from (export/taesd.py).
     taesd: Any = None
     taesd_source: dict | None = None
+    # What the UNet takes (export/detect.py unet_kind): "txt2img", "inpaint" (9 channels) or "depth" (5).
+    unet_kind: str = "txt2img"
 
 
 # ------------------------------------------------------------------ small helpers
@@ -434,9 +436,10 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     used.append(sched_path)
     if unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise SourceError(f"{folder}: the unet is a {unet_cfg.get('_class_name')}; expected UNet2DConditionModel")
-    if int(unet_cfg.get("in_channels", 4)) != 4:
-        raise SourceError(f"{folder}: the UNet takes {unet_cfg.get('in_channels')} input channels "
-                          "(inpainting/depth/upscaler); expected 4 (text-to-image SD 1.x/2.x)")
+    unet_kind, kind_why = detect.unet_kind(int(unet_cfg.get("in_channels", 4)),
+                                           int(vae_cfg.get("latent_channels", 4)), str(folder))
+    if unet_kind == "depth":
+        raise SourceError(f"{folder}: {kind_why}; depth-to-image export is not supported yet")
     if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
         raise SourceError(f"{folder}: the UNet has extra embeddings (SDXL/upscaler); expected an SD 1.x/2.x UNet")
     family, fam_why = detect.family_from_diffusers(unet_cfg, text_cfg)
@@ -463,10 +466,8 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     if ctx_dim is not None and int(ctx_dim) != int(text_cfg.get("hidden_size", ctx_dim)):
         raise SourceError(f"{folder}: the UNet expects {ctx_dim}-wide text embeddings but the text encoder is "
                           f"{text_cfg.get('hidden_size')} wide")
-    if int(vae_cfg.get("latent_channels", 4)) != int(unet_cfg.get("in_channels", 4)):
-        raise SourceError(f"{folder}: the VAE makes {vae_cfg.get('latent_channels')} latent channels but the UNet "
-                          f"takes {unet_cfg.get('in_channels')}")
-    _say(progress, f"detected {family} ({fam_why}); prediction type {pt} ({pt_why}); default size {default_size}")
+    _say(progress, f"detected {family} ({fam_why}); prediction type {pt} ({pt_why}); default size {default_size}"
+                   + ("" if unet_kind == "txt2img" else f"; {kind_why}"))
 
     vendored = detect.vendored_name(family, pt)
     tok_dir, tok_why = _resolve_tokenizer(tokenizer, folder / "tokenizer", family, vendored,
@@ -491,9 +492,10 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     detection = {"family": family, "family_decided_by": fam_why, "prediction_type": pt,
                  "prediction_type_decided_by": pt_why, "default_size": default_size,
                  "default_size_decided_by": f"unet sample_size x VAE downscale {vae_scale}",
-                 "tokenizer": tok_why, "notes": []}
+                 "tokenizer": tok_why, "unet_kind": unet_kind, "unet_kind_decided_by": kind_why, "notes": []}
     return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
-                       pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection)
+                       pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
+                       unet_kind=unet_kind)
 
 
 # ------------------------------------------------------------------ single files
@@ -545,9 +547,12 @@ def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | 
     if ignored:
         detection["notes"].append(f"ignored {len(ignored)} tensors outside the model (e.g. {', '.join(ignored[:3])})")
     name = path.stem
+    unet_kind, kind_why = detect.unet_kind(info.unet_config["in_channels"], info.vae_config["latent_channels"],
+                                           str(path))
+    detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
     return LoadedModel(text_encoder, unet, vae, tok_dir, scheduler_config, info.family, info.prediction_type,
                        info.default_size, name, {"kind": "single_file", "name": path.name, "sha256": sha}, False,
-                       detection)
+                       detection, unet_kind=unet_kind)
 
 
 # ------------------------------------------------------------------ hub

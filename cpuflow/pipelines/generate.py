@@ -19,7 +19,7 @@ from ..config import MAX_SEED, GenerationRequest
 from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
 from ..rng import make_generator
-from . import sdxl
+from . import inpaint, sdxl
 from .model import LoadedModel, StageTimer
 from .stages import TILE_LATENTS, decode_latents, decode_tiled, denoise, encode_image, encode_prompt, guided_model_fn
 from .taesd import decode_taesd, encode_taesd, require_taesd
@@ -59,21 +59,26 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     req = req.with_seed()
     r = _resolve(model, req)
     is_img2img = req.init_image is not None
+    # a mask, or an inpainting UNet: cpuflow/pipelines/inpaint.py (all its input checks happen here)
+    inp = inpaint.prepare(model, req, r["width"], r["height"]) if inpaint.uses_inpaint_path(model, req) else None
     tiny = req.decoder == "taesd"
-    if tiny:
-        require_taesd(model, img2img=is_img2img)
+    if tiny:   # inpainting encodes with the full VAE (as diffusers); only the decoder may be the tiny one
+        require_taesd(model, img2img=is_img2img and inp is None)
     timer = StageTimer()
     t_start = time.perf_counter()
     load_before = model.load_seconds
 
     init_pixels = None
-    if is_img2img:
+    if inp is not None:
+        r["width"], r["height"] = inp.width, inp.height
+        _resolve(model, GenerationRequest(prompt="", width=inp.width, height=inp.height))
+    elif is_img2img:
         img = load_init_image(req.init_image, req.width, req.height)
         r["width"], r["height"] = img.size
         _resolve(model, GenerationRequest(prompt="", width=img.size[0], height=img.size[1]))
         init_pixels = image_to_array(img)
     plan = samplers.make_plan(r["sampler"], model.scheduler_config(), r["steps"], schedule=req.schedule,
-                              strength=req.strength if is_img2img else 1.0)
+                              strength=inp.strength if inp is not None else req.strength if is_img2img else 1.0)
     # an LCM UNet takes the guidance as an embedding: no negative branch (diffusers does the same)
     do_cfg = r["guidance"] > 1.0 and guidance_embedding.embedding_dim(model.manifest) is None
     dims = model.latent_dims(r["width"], r["height"], 1)
@@ -81,7 +86,7 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
 
     images: list[Image.Image] = []
     records: list[dict] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(inp.notes) if inp is not None else []
     cache: dict[str, Any] = {}
     n_images = len(req.prompts) * req.n_samples
     low_memory = model.config.low_memory
@@ -114,16 +119,19 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
         for _ in range(req.n_samples):
             seed = (req.seed + k) % (MAX_SEED + 1)
             gen = make_generator(req.rng, seed)
-            init_latents = None
-            if is_img2img:  # the tiny encoder is deterministic: it draws nothing from gen
-                init_latents = encode_taesd(model, init_pixels, timer) if tiny else \
-                    encode_image(model, init_pixels, gen, timer)
-            noise = gen.randn(shape)
-            x = samplers.initial_latents(plan, noise, init_latents)
             cb = _step_callback(progress, k, n_images, plan)
-            t0 = time.perf_counter()
-            x = denoise(model, plan, model_fn, x, gen, req.eta, callback=cb)
-            timer.add("sampling", time.perf_counter() - t0)
+            if inp is not None:
+                x = inp.sample(model, plan, model_fn, gen, shape, req.eta, cb, timer)
+            else:
+                init_latents = None
+                if is_img2img:  # the tiny encoder is deterministic: it draws nothing from gen
+                    init_latents = encode_taesd(model, init_pixels, timer) if tiny else \
+                        encode_image(model, init_pixels, gen, timer)
+                noise = gen.randn(shape)
+                x = samplers.initial_latents(plan, noise, init_latents)
+                t0 = time.perf_counter()
+                x = denoise(model, plan, model_fn, x, gen, req.eta, callback=cb)
+                timer.add("sampling", time.perf_counter() - t0)
             if tiny:
                 decoded = decode_taesd(model, x, timer)   # small at any size: no tiling needed
             elif low_memory:
@@ -138,8 +146,12 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
             else:
                 decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
             img = array_to_images(decoded)[0]
+            rec = _record(model, req, r, prompt, negative, seed, is_img2img, plan)
+            if inp is not None:
+                img = inp.finish(img)   # "masked": pasted back into the whole picture
+                rec.update(inp.record(req), width=img.width, height=img.height)
             images.append(img)
-            records.append(_record(model, req, r, prompt, negative, seed, is_img2img, plan))
+            records.append(rec)
             k += 1
     timer.seconds["load_compile"] = model.load_seconds - load_before
     warnings.extend(dict.fromkeys(model.load_warnings))   # each once, for the request that loaded it
