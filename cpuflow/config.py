@@ -113,6 +113,7 @@ class GenerationRequest:
     mask_blur: int = 0                 # Gaussian blur radius in pixels applied to the mask first
     inpaint_area: str = "whole"        # whole image | "masked": only the region around the mask, at model size
     padding: int = 32                  # "masked": pixels of context around the mask's bounding box
+    depth_map: Any = None              # path, bytes or PIL image: depth-to-image with this depth, not an estimate
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)

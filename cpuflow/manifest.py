@@ -19,7 +19,10 @@ Schema version 1 (a JSON object)::
     latent            {channels, downscale, scaling_factor, shift_factor}
     unet_kind         optional (absent: "txt2img"): what the UNet's sample input holds, with C the latent
                       channels: "txt2img" C; "inpaint" 2C+1 (latents, mask, masked-image latents, in that
-                      order, as diffusers' StableDiffusionInpaintPipeline concatenates them)
+                      order, as diffusers' StableDiffusionInpaintPipeline concatenates them); "depth"
+                      C+1 (latents, the normalised depth map: StableDiffusionDepth2ImgPipeline)
+    depth             depth models: {preprocess: {height, width, resample (PIL filter), rescale_factor,
+                      image_mean, image_std}}: what the depth_estimator component's pixel_values are
     default_size      {width, height}
     tokenizer         {path, files, max_length, bos_token_id, eos_token_id, pad_token_id}
     components        name -> Component (text_encoder, unet, vae_decoder, vae_encoder; optional
@@ -58,7 +61,8 @@ MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
 SCHEMA_VERSION = 1
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2",  # SDXL's second
-                   "taesd_decoder", "taesd_encoder")  # optional: the tiny autoencoder (export --taesd)
+                   "taesd_decoder", "taesd_encoder",  # optional: the tiny autoencoder (export --taesd)
+                   "depth_estimator")                 # depth-to-image models: the DPT depth estimator
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 FORMATS = ("onnx", "openvino")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
@@ -284,7 +288,7 @@ def check_compatible(m: Manifest) -> None:
             )
     sample = unet.input("sample")
     c = m.latent_channels
-    wants = {"txt2img": c, "inpaint": 2 * c + 1}
+    wants = {"txt2img": c, "inpaint": 2 * c + 1, "depth": c + 1}
     if m.unet_kind not in wants:
         raise ManifestError(f"model folder {m.root}: unknown unet_kind {m.unet_kind!r} "
                             f"(this cpuflow knows {', '.join(wants)})", hint="upgrade cpuflow or re-export")

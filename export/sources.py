@@ -65,7 +65,8 @@ HUB_TOKENIZERS: dict[str, list[tuple[str, str]]] = {
 _HUB_ALLOW = ["model_index.json", "scheduler/*", "tokenizer/*", "unet/*.json", "vae/*.json", "text_encoder/*.json",
               "unet/diffusion_pytorch_model*.safetensors", "vae/diffusion_pytorch_model*.safetensors",
               "text_encoder/model*.safetensors",
-              "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/model*.safetensors"]  # SDXL
+              "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/model*.safetensors",  # SDXL
+              "depth_estimator/*.json", "depth_estimator/model*.safetensors", "feature_extractor/*"]  # depth
 _HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -90,6 +91,10 @@ class LoadedModel:
     taesd_source: dict | None = None
     # What the UNet takes (export/detect.py unet_kind): "txt2img", "inpaint" (9 channels) or "depth" (5).
     unet_kind: str = "txt2img"
+    # depth models: the DPT depth estimator (transformers DPTForDepthEstimation) and the preprocessing
+    # its feature extractor does, as the manifest records it (export/depth.py)
+    depth_estimator: Any = None
+    depth_preprocess: dict | None = None
 
 
 # ------------------------------------------------------------------ small helpers
@@ -376,6 +381,7 @@ def _resolve_tokenizer(tokenizer: str | Path | None, own: Path | None, family: s
 
 # ------------------------------------------------------------------ diffusers folders
 _WEIGHT_BASES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                 "depth_estimator": ("model", "pytorch_model"),
                  "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 
 
@@ -438,8 +444,6 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
         raise SourceError(f"{folder}: the unet is a {unet_cfg.get('_class_name')}; expected UNet2DConditionModel")
     unet_kind, kind_why = detect.unet_kind(int(unet_cfg.get("in_channels", 4)),
                                            int(vae_cfg.get("latent_channels", 4)), str(folder))
-    if unet_kind == "depth":
-        raise SourceError(f"{folder}: {kind_why}; depth-to-image export is not supported yet")
     if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
         raise SourceError(f"{folder}: the UNet has extra embeddings (SDXL/upscaler); expected an SD 1.x/2.x UNet")
     family, fam_why = detect.family_from_diffusers(unet_cfg, text_cfg)
@@ -487,6 +491,12 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
         del sd
     if tok_dir.resolve().is_relative_to(folder.resolve()):
         used += [tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()]
+    depth_estimator = depth_preprocess = None
+    if unet_kind == "depth":
+        from .depth import load_depth_estimator
+        _say(progress, "loading depth_estimator")
+        depth_estimator, depth_preprocess, depth_files = load_depth_estimator(folder, allow_pickle, progress)
+        used += depth_files
     _say(progress, "hashing the source files")
     sha = _digest(folder, used)
     detection = {"family": family, "family_decided_by": fam_why, "prediction_type": pt,
@@ -495,7 +505,7 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
                  "tokenizer": tok_why, "unet_kind": unet_kind, "unet_kind_decided_by": kind_why, "notes": []}
     return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
                        pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
-                       unet_kind=unet_kind)
+                       unet_kind=unet_kind, depth_estimator=depth_estimator, depth_preprocess=depth_preprocess)
 
 
 # ------------------------------------------------------------------ single files

@@ -257,3 +257,46 @@ def test_cli_inpaint_writes_the_image_with_its_record(four, tmp_path):
                                   str(tmp_path / "i.png"), "--mask", str(empty), "--backend", "onnxruntime",
                                   "--out", str(out2), "-q"])
     assert r.exit_code != 0 and "mask is empty" in r.output and not out2.exists()
+
+
+def test_http_api_takes_the_mask_as_png_in_the_json(four):
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from cpuflow.server.app import create_app
+
+    def b64(img):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    init, mask = test_images(64, seed=6)
+    cf = _cpuflow(four[0], "onnxruntime")
+    c = TestClient(create_app({"tiny": cf}), base_url="http://127.0.0.1:7860")
+    body = {"prompt": PROMPT, "init_image": b64(init), "mask": "data:image/png;base64," + b64(mask), "steps": 2,
+            "sampler": "euler", "seed": 5, "mask_blur": 1}
+    r = c.post("/api/generate", json=body)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    import time
+    t0 = time.time()
+    while (job := c.get(f"/api/jobs/{job_id}").json())["status"] not in ("done", "failed") and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert job["status"] == "done", job
+    assert job["params"]["inpaint"] and job["images"][0]["record"]["task"] == "inpaint"
+    got = Image.open(io.BytesIO(c.get(job["images"][0]["url"]).content))
+    want = cf.inpaint(PROMPT, init, mask, steps=2, sampler="euler", seed=5, mask_blur=1).images[0]
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+    r = c.post("/api/generate", json=dict(body, mask=b64(Image.new("L", (64, 64), 0))))
+    if r.status_code == 202:   # an empty mask fails the job with a clear message, never an image
+        job_id = r.json()["id"]
+        while (job := c.get(f"/api/jobs/{job_id}").json())["status"] not in ("done", "failed"):
+            time.sleep(0.05)
+        assert job["status"] == "failed" and "mask is empty" in json.dumps(job)
+    else:
+        assert r.status_code == 422 and "mask is empty" in r.text
+    r = c.post("/api/generate", json={"prompt": PROMPT, "mask": b64(mask)})
+    assert r.status_code == 422 and "init_image" in r.text

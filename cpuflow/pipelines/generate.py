@@ -19,7 +19,7 @@ from ..config import MAX_SEED, GenerationRequest
 from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
 from ..rng import make_generator
-from . import inpaint, sdxl
+from . import depth, inpaint, sdxl
 from .model import LoadedModel, StageTimer
 from .stages import TILE_LATENTS, decode_latents, decode_tiled, denoise, encode_image, encode_prompt, guided_model_fn
 from .taesd import decode_taesd, encode_taesd, require_taesd
@@ -37,6 +37,7 @@ class GenerationResult:
     records: list[dict[str, Any]]          # one per image: everything that made it
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)   # depth-to-image: "depth_map" (PIL, --save-depth)
 
 
 def _resolve(model: LoadedModel, req: GenerationRequest) -> dict[str, Any]:
@@ -59,26 +60,28 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     req = req.with_seed()
     r = _resolve(model, req)
     is_img2img = req.init_image is not None
-    # a mask, or an inpainting UNet: cpuflow/pipelines/inpaint.py (all its input checks happen here)
-    inp = inpaint.prepare(model, req, r["width"], r["height"]) if inpaint.uses_inpaint_path(model, req) else None
-    tiny = req.decoder == "taesd"
-    if tiny:   # inpainting encodes with the full VAE (as diffusers); only the decoder may be the tiny one
-        require_taesd(model, img2img=is_img2img and inp is None)
     timer = StageTimer()
     t_start = time.perf_counter()
     load_before = model.load_seconds
+    # a mask or an inpainting UNet (cpuflow/pipelines/inpaint.py), a depth UNet (depth.py):
+    # all their input checks happen here, before sampling
+    job = inpaint.prepare(model, req, r["width"], r["height"]) if inpaint.uses_inpaint_path(model, req) else \
+        depth.prepare(model, req, timer) if depth.uses_depth_path(model, req) else None
+    tiny = req.decoder == "taesd"
+    if tiny:   # these tasks encode with the full VAE (as diffusers); only the decoder may be the tiny one
+        require_taesd(model, img2img=is_img2img and job is None)
 
     init_pixels = None
-    if inp is not None:
-        r["width"], r["height"] = inp.width, inp.height
-        _resolve(model, GenerationRequest(prompt="", width=inp.width, height=inp.height))
+    if job is not None:
+        r["width"], r["height"] = job.width, job.height
+        _resolve(model, GenerationRequest(prompt="", width=job.width, height=job.height))
     elif is_img2img:
         img = load_init_image(req.init_image, req.width, req.height)
         r["width"], r["height"] = img.size
         _resolve(model, GenerationRequest(prompt="", width=img.size[0], height=img.size[1]))
         init_pixels = image_to_array(img)
     plan = samplers.make_plan(r["sampler"], model.scheduler_config(), r["steps"], schedule=req.schedule,
-                              strength=inp.strength if inp is not None else req.strength if is_img2img else 1.0)
+                              strength=job.strength if job is not None else req.strength if is_img2img else 1.0)
     # an LCM UNet takes the guidance as an embedding: no negative branch (diffusers does the same)
     do_cfg = r["guidance"] > 1.0 and guidance_embedding.embedding_dim(model.manifest) is None
     dims = model.latent_dims(r["width"], r["height"], 1)
@@ -86,7 +89,7 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
 
     images: list[Image.Image] = []
     records: list[dict] = []
-    warnings: list[str] = list(inp.notes) if inp is not None else []
+    warnings: list[str] = list(job.notes) if job is not None else []
     cache: dict[str, Any] = {}
     n_images = len(req.prompts) * req.n_samples
     low_memory = model.config.low_memory
@@ -120,8 +123,8 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
             seed = (req.seed + k) % (MAX_SEED + 1)
             gen = make_generator(req.rng, seed)
             cb = _step_callback(progress, k, n_images, plan)
-            if inp is not None:
-                x = inp.sample(model, plan, model_fn, gen, shape, req.eta, cb, timer)
+            if job is not None:
+                x = job.sample(model, plan, model_fn, gen, shape, req.eta, cb, timer)
             else:
                 init_latents = None
                 if is_img2img:  # the tiny encoder is deterministic: it draws nothing from gen
@@ -147,9 +150,9 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
                 decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
             img = array_to_images(decoded)[0]
             rec = _record(model, req, r, prompt, negative, seed, is_img2img, plan)
-            if inp is not None:
-                img = inp.finish(img)   # "masked": pasted back into the whole picture
-                rec.update(inp.record(req), width=img.width, height=img.height)
+            if job is not None:
+                img = job.finish(img)   # inpainting "masked": pasted back into the whole picture
+                rec.update(job.record(req), width=img.width, height=img.height)
             images.append(img)
             records.append(rec)
             k += 1
@@ -163,7 +166,8 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     timer.seconds.pop("sampling", None)
     for rec in records:
         rec["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
-    return GenerationResult(images, records, dict(timer.seconds), warnings)
+    extras = {"depth_map": job.depth_image()} if isinstance(job, depth.DepthJob) else {}
+    return GenerationResult(images, records, dict(timer.seconds), warnings, extras)
 
 
 def _encode_cached(model, text, cache, timer):

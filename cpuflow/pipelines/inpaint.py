@@ -32,7 +32,7 @@ from PIL import Image
 
 from .. import inpaint_mask as mk
 from .. import samplers
-from ..errors import ModelError
+from ..errors import InvalidArgument, ModelError
 from ..image import _fit, image_to_array, load_init_image
 from .model import LoadedModel, StageTimer
 from .stages import denoise, encode_image
@@ -40,6 +40,18 @@ from .stages import denoise, encode_image
 
 def uses_inpaint_path(model: LoadedModel, req) -> bool:
     return getattr(req, "mask", None) is not None or model.manifest.unet_kind == "inpaint"
+
+
+def with_extra_channels(model_fn: Callable, cond: np.ndarray) -> Callable:
+    """The UNet's sample is ``[x_in, cond]`` on the channels: conditioning channels (mask and
+    masked-image latents, or a depth map) appended after the sampler scaled the latents, as
+    diffusers concatenates them after ``scale_model_input``. With guidance, ``model_fn``
+    duplicates the whole sample for both branches, as diffusers duplicates cond."""
+    cond = np.ascontiguousarray(cond, dtype=np.float32)
+
+    def fn(x_in, t):
+        return model_fn(np.concatenate([x_in, cond], axis=1), t)
+    return fn
 
 
 @dataclass
@@ -72,10 +84,7 @@ class InpaintJob:
         post_step = None
         if self.nine_channels:
             masked = encode_image(model, self.masked_pixels, gen, timer)
-            cond = np.concatenate([m, masked], axis=1).astype(np.float32)
-
-            def fn(x_in, t):
-                return model_fn(np.concatenate([x_in, cond], axis=1), t)
+            fn = with_extra_channels(model_fn, np.concatenate([m, masked], axis=1))
         else:
             gen.randn(shape)   # diffusers encodes the masked image here (unused): keep the stream aligned
             fn = model_fn
@@ -112,6 +121,8 @@ def prepare(model: LoadedModel, req, default_width: int, default_height: int) ->
     happens here, before any model runs."""
     m = model.manifest
     nine = m.unet_kind == "inpaint"
+    if m.unet_kind == "depth":
+        raise InvalidArgument("a depth-to-image model does not inpaint; drop --mask or use an inpainting model")
     if "vae_encoder" not in m.components:
         raise ModelError(f"{m.root} has no vae_encoder; inpainting encodes the image with it",
                          hint="re-export the model with a current `cpuflow export`")
@@ -128,7 +139,6 @@ def prepare(model: LoadedModel, req, default_width: int, default_height: int) ->
             pixels, strength = image_to_array(img), req.strength
         return InpaintJob(pixels, np.ones((1, 1, h, w), np.float32), w, h, nine, strength)
     if req.init_image is None:
-        from ..errors import InvalidArgument
         raise InvalidArgument("a mask needs an init image (the picture to repaint)",
                               hint="pass --init-image with --mask")
     area = mk.check_area(req.inpaint_area)
