@@ -26,6 +26,9 @@ Examples:
   # inpainting: repaint the white part of the mask; --inpaint-area masked works on the region only
   cpuflow generate --model exported/sd15-inpainting "a vase of tulips" --init-image room.png \
       --mask mask.png --mask-blur 4 --inpaint-area masked --padding 32 --out tulips.png
+  # depth-to-image (stable-diffusion-2-depth): keep the shape of the room, estimate its depth, save it
+  cpuflow generate --model exported/sd2-depth "a cosy wooden cabin interior" --init-image room.jpg \
+      --strength 0.8 --save-depth --out cabin.png
   # the tiny autoencoder (a folder exported with --taesd): fast decode, and a preview every 5 steps
   # written beside the image: lighthouse.preview-0005.png, lighthouse.preview-0010.png, ...
   cpuflow generate --model exported/sd15 "a lighthouse" --decoder taesd --preview-every 5 --out lighthouse.png
@@ -91,6 +94,11 @@ def _samplers_help() -> str:
                    "pasted back (fast on a large photo).")
 @click.option("--padding", type=int, default=32, show_default=True,
               help="Inpainting with --inpaint-area masked: pixels of context around the mask.")
+@click.option("--depth-map", type=click.Path(path_type=Path), default=None,
+              help="Depth-to-image models: use this depth map (a grey image, bright = near) instead of "
+                   "estimating one.")
+@click.option("--save-depth", is_flag=True,
+              help="Depth-to-image models: also write the depth map used, as OUT.depth.png (16-bit grey).")
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
               help="Inference engine (default openvino: fastest on Intel/AMD CPUs).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -116,7 +124,7 @@ def _samplers_help() -> str:
                    "has one, else a rough 1/8-size colour approximation of the latents.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
-             n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, backend, device, precision, variant, threads, rng, out, grid,
+             n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map, save_depth, backend, device, precision, variant, threads, rng, out, grid,
              no_cache, low_memory, decoder, preview_every, quiet):
     """Generate images from PROMPT (txt2img, img2img with --init-image, inpainting with --mask)."""
     from .config import GenerationRequest, LoadConfig
@@ -130,7 +138,7 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
                             height=height, n_samples=n_samples, init_image=init_image,
                             strength=strength if strength is not None else 1.0 if mask is not None else 0.8,
                             rng=rng, decoder=decoder, mask=mask, mask_blur=mask_blur, inpaint_area=inpaint_area,
-                            padding=padding).with_seed()
+                            padding=padding, depth_map=depth_map).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
@@ -167,6 +175,12 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
         written.append(save_png_atomic(img, path, rec))
     if grid:
         written.append(save_png_atomic(make_grid(result.images), paths["grid"], result.records[0]))
+    if save_depth:
+        if "depth_map" not in result.extras:
+            click.echo("warning: --save-depth: this is not a depth-to-image model; no depth map written", err=True)
+        else:
+            first = paths["images"][0]
+            written.append(save_png_atomic(result.extras["depth_map"], first.with_name(f"{first.stem}.depth.png")))
     t = result.timings
     rec0 = result.records[0]
     summary = (f"{len(result.images)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "

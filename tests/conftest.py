@@ -139,3 +139,22 @@ def tiny_inpaint_export(tmp_path_factory):
         return _INPAINT_EXPORTS[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_export(tmp_path_factory):
+    """SimpleNamespace(src, model): a tiny random depth-to-image model (5-channel UNet + tiny DPT
+    depth estimator, tests/helpers_depth.py) exported to both formats, once per session."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    from export.build import export_model
+    from export.sources import load_source
+    from helpers_depth import save_tiny_depth_folder
+
+    base = tmp_path_factory.mktemp("tiny-depth")
+    src = save_tiny_depth_folder(base / "src")
+    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                       progress=lambda *a, **k: None)
+    return SimpleNamespace(src=Path(src), model=Path(out))
