@@ -11,79 +11,54 @@ strength's timestep). A depth model needs an init image (as diffusers).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from .. import depth_map as dm
 from .. import samplers
+from ..config import GenerationRequest
 from ..errors import InvalidArgument, ModelError
-from ..image import image_to_array, load_init_image
-from .inpaint import with_extra_channels
+from ..image import check_finite, image_to_array, load_init_image
 from .model import LoadedModel, StageTimer
-from .stages import denoise, encode_image
+from .run import GenerationResult, ImageFn, ProgressFn, Run
+from .stages import encode_image
 
 COMPONENT = "depth_estimator"
 
 
-def uses_depth_path(model: LoadedModel, req) -> bool:
-    return model.manifest.unet_kind == "depth" or getattr(req, "depth_map", None) is not None
+def depth2img(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | None = None,
+              on_image: ImageFn | None = None, *, keep_images: bool = True) -> GenerationResult:
+    check_request(model, req)
+    run = Run(model, req, "depth2img", progress, on_image, keep_images=keep_images)
+    img = load_init_image(run.req.init_image, run.req.width, run.req.height)
+    run.set_size(*img.size)
+    given = run.req.depth_map is not None
+    depth = dm.load_depth_map(run.req.depth_map) if given else estimate(model, img, run.timer)
+    shape = run.latent_shape()
+    cond = dm.depth_condition(depth, shape[-2], shape[-1])
+    plan = run.make_plan(strength=run.req.strength)
+    run.record_extra.update(strength=run.req.strength, depth_map="given" if given else "estimated")
+    run.extras["depth_map"] = dm.depth_image(depth, img.width, img.height)
+    init = encode_image(model, image_to_array(img), run.timer)
+    for job in run.jobs(concat=cond):
+        noise_free = init.sample(model, job.generator)   # the encoder's draw comes first, as in diffusers
+        x = samplers.initial_latents(plan, job.noise(shape), noise_free)
+        run.finish_image(job, run.sample(job, x))
+    return run.result()
 
 
-@dataclass
-class DepthJob:
-    pixels: np.ndarray            # (1, 3, H, W) in [-1, 1]
-    depth: np.ndarray             # (1, h, w): raw depth (estimated or given)
-    width: int
-    height: int
-    strength: float
-    given: bool
-    notes: list[str] = field(default_factory=list)
-
-    def sample(self, model: LoadedModel, plan, model_fn: Callable, gen, shape: tuple[int, ...], eta: float,
-               callback, timer: StageTimer) -> np.ndarray:
-        cond = dm.depth_condition(self.depth, shape[-2], shape[-1])
-        init_latents = encode_image(model, self.pixels, gen, timer)
-        noise = gen.randn(shape)
-        x = samplers.initial_latents(plan, noise, init_latents)
-        t0 = time.perf_counter()
-        x = denoise(model, plan, with_extra_channels(model_fn, cond), x, gen, eta, callback=callback)
-        timer.add("sampling", time.perf_counter() - t0)
-        return x
-
-    def finish(self, img: Image.Image) -> Image.Image:
-        return img
-
-    def record(self, req) -> dict:
-        return {"task": "depth2img", "depth_map": "given" if self.given else "estimated"}
-
-    def depth_image(self) -> Image.Image:
-        """The depth map at the picture's size (--save-depth)."""
-        return dm.depth_image(self.depth, self.width, self.height)
-
-
-def prepare(model: LoadedModel, req, timer: StageTimer) -> DepthJob:
-    """Read the image and the depth map (or estimate it); all input checks before sampling."""
+def check_request(model: LoadedModel, req: GenerationRequest) -> None:
     m = model.manifest
     if m.unet_kind != "depth":
         raise InvalidArgument("a depth map needs a depth-to-image model (e.g. stable-diffusion-2-depth); "
                               f"{m.name} is a {m.unet_kind} model")
-    if getattr(req, "mask", None) is not None:
-        raise InvalidArgument("a depth-to-image model does not inpaint; drop --mask or use an inpainting model")
     if req.init_image is None:
         raise InvalidArgument("a depth-to-image model needs an init image (its depth is what is kept)",
                               hint="pass --init-image")
     if "vae_encoder" not in m.components:
         raise ModelError(f"{m.root} has no vae_encoder; depth-to-image encodes the image with it",
                          hint="re-export the model with a current `cpuflow export`")
-    img = load_init_image(req.init_image, req.width, req.height)
-    if req.depth_map is not None:
-        depth, given = dm.load_depth_map(req.depth_map), True
-    else:
-        depth, given = estimate(model, img, timer), False
-    return DepthJob(image_to_array(img), depth, img.width, img.height, req.strength, given)
 
 
 def estimate(model: LoadedModel, img: Image.Image, timer: StageTimer) -> np.ndarray:
@@ -97,6 +72,5 @@ def estimate(model: LoadedModel, img: Image.Image, timer: StageTimer) -> np.ndar
     t0 = time.perf_counter()
     out = model.run(COMPONENT, {"batch": 1}, {"pixel_values": x})["predicted_depth"]
     timer.add(COMPONENT, time.perf_counter() - t0)
-    from ..image import check_finite
     check_finite("depth estimator output", out)
     return np.ascontiguousarray(out, dtype=np.float32)

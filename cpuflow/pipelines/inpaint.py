@@ -23,39 +23,72 @@ from a mid-grey image, which only enters through the masked image, all zeros).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .. import inpaint_mask as mk
 from .. import samplers
+from ..config import GenerationRequest
 from ..errors import InvalidArgument, ModelError
-from ..image import _fit, image_to_array, load_init_image
-from .model import LoadedModel, StageTimer
-from .stages import denoise, encode_image
+from ..image import image_to_array, load_init_image
+from .model import LoadedModel
+from .run import GenerationResult, ImageFn, ProgressFn, Run
+from .stages import encode_image
 
 
-def uses_inpaint_path(model: LoadedModel, req) -> bool:
-    return getattr(req, "mask", None) is not None or model.manifest.unet_kind == "inpaint"
+def inpaint(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | None = None,
+            on_image: ImageFn | None = None, *, keep_images: bool = True) -> GenerationResult:
+    masked = req.mask is not None
+    task = "inpaint" if masked else "img2img" if req.init_image is not None else "txt2img"
+    run = Run(model, req, task, progress, on_image, keep_images=keep_images)
+    spec = prepare(model, run.req, run.width, run.height)
+    run.set_size(spec.width, spec.height)
+    for note in spec.notes:
+        run.warn(note)
+    plan = run.make_plan(strength=spec.strength)
+    if run.req.init_image is not None:
+        run.record_extra["strength"] = spec.strength
+    run.record_extra.update(spec.record(run.req))
+    if spec.box is not None:
+        run.finish_hook = spec.finish
+    # Encoded once per request; each image draws its own samples from them (stages.EncodedImage).
+    strength_max = spec.strength == 1.0
+    image = encode_image(model, spec.pixels, run.timer) if not spec.nine_channels or not strength_max else None
+    masked_image = encode_image(model, spec.masked_pixels, run.timer) if spec.nine_channels else None
+    shape = run.latent_shape()
+    m = mk.latent_mask(spec.mask01, shape[-2], shape[-1])
+    for job in run.jobs():
+        image_latents = image.sample(model, job.generator) if image is not None else None
+        noise = job.noise(shape)
+        x = samplers.initial_latents(plan, noise, None if strength_max else image_latents)
+        post_step = None
+        if spec.nine_channels:
+            cond = np.concatenate([m, masked_image.sample(model, job.generator)], axis=1)
+            job.model_fn = run.guided(job.conditioning, concat=cond)
+        else:
+            job.generator.randn(shape)   # diffusers encodes the masked image here (unused): keep the stream aligned
+            post_step = _blend(plan, m, image_latents, noise)
+        run.finish_image(job, run.sample(job, x, post_step=post_step))
+    return run.result()
 
 
-def with_extra_channels(model_fn: Callable, cond: np.ndarray) -> Callable:
-    """The UNet's sample is ``[x_in, cond]`` on the channels: conditioning channels (mask and
-    masked-image latents, or a depth map) appended after the sampler scaled the latents, as
-    diffusers concatenates them after ``scale_model_input``. With guidance, ``model_fn``
-    duplicates the whole sample for both branches, as diffusers duplicates cond."""
-    cond = np.ascontiguousarray(cond, dtype=np.float32)
+def _blend(plan, m: np.ndarray, image_latents: np.ndarray, noise: np.ndarray):
+    """A 4-channel UNet: after call i the known region is the image's latents noised to the
+    next call's level (none after the last), ``(1 - m) * known + m * x`` (diffusers)."""
+    keep = np.float32(1.0) - m
+    last = plan.n_model_calls - 1
 
-    def fn(x_in, t):
-        return model_fn(np.concatenate([x_in, cond], axis=1), t)
-    return fn
+    def post_step(i: int, x: np.ndarray) -> np.ndarray:
+        known = image_latents if i == last else samplers.noised_latents(plan, image_latents, noise, i + 1)
+        return keep * known + m * x
+    return post_step
 
 
 @dataclass
-class InpaintJob:
+class InpaintSpec:
+    """What a request asks, read and checked: the picture and the mask at the working size."""
     pixels: np.ndarray                  # (1, 3, H, W) in [-1, 1]: the image at the working size
     mask01: np.ndarray                  # (1, 1, H, W) binary: 1 = repaint
     width: int                          # working size (the model's in "masked" mode)
@@ -71,52 +104,22 @@ class InpaintJob:
     def masked_pixels(self) -> np.ndarray:
         return self.pixels * (self.mask01 < 0.5)   # diffusers: init_image * (mask_condition < 0.5)
 
-    def sample(self, model: LoadedModel, plan, model_fn: Callable, gen, shape: tuple[int, ...], eta: float,
-               callback, timer: StageTimer) -> np.ndarray:
-        """One image's latents: the draws, the start, the denoising loop (see the module docstring)."""
-        strength_max = self.strength == 1.0
-        image_latents = None
-        if not self.nine_channels or not strength_max:
-            image_latents = encode_image(model, self.pixels, gen, timer)
-        noise = np.asarray(gen.randn(shape), dtype=np.float32)
-        x = samplers.initial_latents(plan, noise, None if strength_max else image_latents)
-        m = mk.latent_mask(self.mask01, shape[-2], shape[-1])
-        post_step = None
-        if self.nine_channels:
-            masked = encode_image(model, self.masked_pixels, gen, timer)
-            fn = with_extra_channels(model_fn, np.concatenate([m, masked], axis=1))
-        else:
-            gen.randn(shape)   # diffusers encodes the masked image here (unused): keep the stream aligned
-            fn = model_fn
-            keep = np.float32(1.0) - m
-            last = plan.n_model_calls - 1
-
-            def post_step(i, x_new):
-                known = image_latents if i == last else samplers.noised_latents(plan, image_latents, noise, i + 1)
-                return keep * known + m * x_new
-        t0 = time.perf_counter()
-        x = denoise(model, plan, fn, x, gen, eta, callback=callback, post_step=post_step)
-        timer.add("sampling", time.perf_counter() - t0)
-        return x
-
     def finish(self, img: Image.Image) -> Image.Image:
-        """"masked" mode: the result pasted back into the original; "whole": as made."""
-        if self.box is None:
-            return img
+        """"masked" mode: the result pasted back into the original."""
         return mk.paste_back(self.paste_mask, self.original, img, self.box)
 
     def record(self, req) -> dict:
         """What the image record adds for a masked request."""
-        if getattr(req, "mask", None) is None:
+        if req.mask is None:
             return {}
-        rec = {"task": "inpaint", "mask_blur": req.mask_blur, "inpaint_area": req.inpaint_area}
+        rec = {"mask_blur": req.mask_blur, "inpaint_area": req.inpaint_area}
         if self.box is not None:
             rec["padding"] = req.padding
             rec["inpaint_box"] = list(self.box)
         return rec
 
 
-def prepare(model: LoadedModel, req, default_width: int, default_height: int) -> InpaintJob:
+def prepare(model: LoadedModel, req, default_width: int, default_height: int) -> InpaintSpec:
     """Read the image and the mask, decide the working size and region. Every input check
     happens here, before any model runs."""
     m = model.manifest
@@ -126,9 +129,7 @@ def prepare(model: LoadedModel, req, default_width: int, default_height: int) ->
     if "vae_encoder" not in m.components:
         raise ModelError(f"{m.root} has no vae_encoder; inpainting encodes the image with it",
                          hint="re-export the model with a current `cpuflow export`")
-    mask_src = getattr(req, "mask", None)
-    notes: list[str] = []
-    if mask_src is None:   # an inpainting model without a mask: repaint everything
+    if req.mask is None:   # an inpainting model without a mask: repaint everything
         if req.init_image is None:
             w, h = req.width or default_width, req.height or default_height
             pixels = np.zeros((1, 3, h, w), np.float32)
@@ -137,33 +138,28 @@ def prepare(model: LoadedModel, req, default_width: int, default_height: int) ->
             img = load_init_image(req.init_image, req.width, req.height)
             w, h = img.size
             pixels, strength = image_to_array(img), req.strength
-        return InpaintJob(pixels, np.ones((1, 1, h, w), np.float32), w, h, nine, strength)
-    if req.init_image is None:
-        raise InvalidArgument("a mask needs an init image (the picture to repaint)",
-                              hint="pass --init-image with --mask")
+        return InpaintSpec(pixels, np.ones((1, 1, h, w), np.float32), w, h, nine, strength)
     area = mk.check_area(req.inpaint_area)
     original = load_init_image(req.init_image)
-    mask = mk.load_mask(mask_src)
+    mask = mk.load_mask(req.mask)
     mask, note = _mask_to(mask, original.size)
-    if note:
-        notes.append(note)
+    notes = [note] if note else []
     mask = mk.blur(mask, req.mask_blur)
     if area == "whole":
         img = original
         if (req.width or original.width, req.height or original.height) != original.size:
             img = load_init_image(req.init_image, req.width, req.height)
-            mask = _fit(mask, *img.size)
+            mask = ImageOps.fit(mask, img.size, Image.Resampling.LANCZOS)   # as load_init_image sizes the picture
         mask01 = mk.binary_mask(mask)
         mk.require_nonempty(mask01)
-        w, h = img.size
-        return InpaintJob(image_to_array(img), mask01, w, h, nine, req.strength, notes=notes)
+        return InpaintSpec(image_to_array(img), mask01, img.width, img.height, nine, req.strength, notes=notes)
     w, h = req.width or default_width, req.height or default_height
     mk.require_nonempty(mk.binary_mask(mask))
     box = mk.crop_region(mask, w, h, req.padding)
     work = mk.crop_to_work(original, box, w, h)
     work_mask = mk.crop_to_work(mask, box, w, h).convert("L")
-    return InpaintJob(image_to_array(work), mk.binary_mask(work_mask), w, h, nine, req.strength,
-                      original=original, paste_mask=mask, box=box, notes=notes)
+    return InpaintSpec(image_to_array(work), mk.binary_mask(work_mask), w, h, nine, req.strength,
+                       original=original, paste_mask=mask, box=box, notes=notes)
 
 
 def _mask_to(mask: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, str | None]:
