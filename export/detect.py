@@ -62,6 +62,7 @@ ARCHES: dict[str, tuple[str, str, int, str]] = {
     # few-step latency variants (random weights only): a base arch's configs with ARCH_OVERRIDES applied
     "sd15-lcm": ("sd1", "epsilon", 512, "sd15"),
     "sd21-turbo": ("sd2", "epsilon", 512, "sd21-base"),
+    "sd15-inpaint": ("sd1", "epsilon", 512, "sd15"),   # stable-diffusion-inpainting: a 9-channel UNet
 }
 _SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "trained_betas": None}
@@ -77,7 +78,8 @@ ARCH_OVERRIDES: dict[str, dict[str, dict]] = {
                                  "interpolation_type": "linear", "use_karras_sigmas": False,
                                  "timestep_spacing": "trailing"}},
 }
-RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo")
+ARCH_OVERRIDES["sd15-inpaint"] = {"unet": {"in_channels": 9}}
+RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint")
 VENDORED = ("sd15", "sd21-base", "sd21-v")
 
 SD1_UNET_HEADS = 8          # v1-inference.yaml num_heads

@@ -642,8 +642,10 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
                  "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
                  else f"arch {arch}", "default_size": size, "default_size_decided_by": f"arch {arch}",
                  "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
+    unet_kind, _ = detect.unet_kind(cfgs["unet"]["in_channels"], cfgs["vae"]["latent_channels"], f"arch {arch}")
     return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
-                       size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection)
+                       size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection,
+                       unet_kind=unet_kind)
 
 
 # ------------------------------------------------------------------ entry point

@@ -42,7 +42,7 @@ from ..errors import CpuflowError, InvalidArgument, MissingDependency
 from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
-ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl")
+ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl", "sd15-inpaint")
 # --arch sdxl is exported OpenVINO-only: the direct torch -> IR path fits the 2.6 B-parameter UNet in
 # 24 GB where the ONNX path (a second copy of the weights) does not (export/torch_to_openvino.py)
 ARCH_FORMAT = {"sdxl": "openvino"}
