@@ -165,8 +165,8 @@ class GenerationRequest:
         _choice("decoder", self.decoder, DECODERS)
         if self.mask is not None or self.mask_blur or self.inpaint_area != "whole" or self.padding != 32:
             from . import inpaint_mask
-            set_("mask_blur", inpaint_mask._int_in("mask_blur", self.mask_blur, 0, inpaint_mask.MAX_BLUR))
-            set_("padding", inpaint_mask._int_in("padding", self.padding, 0, inpaint_mask.MAX_PADDING))
+            set_("mask_blur", inpaint_mask.int_in_range("mask_blur", self.mask_blur, 0, inpaint_mask.MAX_BLUR))
+            set_("padding", inpaint_mask.int_in_range("padding", self.padding, 0, inpaint_mask.MAX_PADDING))
             inpaint_mask.check_area(self.inpaint_area)
             if self.mask is None:
                 raise InvalidArgument("mask_blur / inpaint_area / padding apply to inpainting; give a mask too")

@@ -92,7 +92,7 @@ def fit_mask(mask: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, str
 
 def blur(mask: Image.Image, radius: int) -> Image.Image:
     """Gaussian blur of ``radius`` pixels (diffusers' VaeImageProcessor.blur); 0 leaves the mask."""
-    radius = _int_in("mask_blur", radius, 0, MAX_BLUR)
+    radius = int_in_range("mask_blur", radius, 0, MAX_BLUR)
     return mask.filter(ImageFilter.GaussianBlur(radius)) if radius else mask
 
 
@@ -122,7 +122,7 @@ def crop_region(mask: Image.Image, width: int, height: int, pad: int) -> tuple[i
     """(x1, y1, x2, y2): the box around the mask's non-black pixels, grown by ``pad`` (clipped to
     the image), then grown to the aspect ratio width:height and shifted back inside the image
     (A1111's "only masked" region; diffusers' ``VaeImageProcessor.get_crop_region``)."""
-    pad = _int_in("padding", pad, 0, MAX_PADDING)
+    pad = int_in_range("padding", pad, 0, MAX_PADDING)
     a = np.asarray(mask.convert("L"))
     h, w = a.shape
     cols = np.flatnonzero(a.any(axis=0))
@@ -214,7 +214,7 @@ def paste_back(mask: Image.Image, original: Image.Image, result: Image.Image,
     return out.convert("RGB")
 
 
-def _int_in(name: str, value: Any, lo: int, hi: int) -> int:
+def int_in_range(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         try:
             f = float(value)

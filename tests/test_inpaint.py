@@ -143,6 +143,23 @@ def test_sdxl_inpaint_matches_diffusers(tiny_sdxl_export, backend, strength):
     assert p >= PSNR_MIN, f"SDXL inpaint strength {strength} {backend}: {p:.1f} dB"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_sdxl_nine_channel_unet_matches_diffusers(tiny_inpaint_export, strength):
+    """The SDXL inpainting layout (a 9-channel SDXL UNet), opt-in (--runslow): one more tiny export."""
+    t = tiny_inpaint_export("sdxl")
+    pipe = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(t.src, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    init, mask = test_images(64, seed=7)
+    ref = _reference(pipe, "euler", image=init, mask_image=mask, strength=strength, height=64, width=64,
+                     guidance_scale=5.0)
+    for backend in BACKENDS:
+        res = _cpuflow(t.model, backend).inpaint(PROMPT, init, mask, strength=strength, steps=STEPS,
+                                                 sampler="euler", guidance=5.0, seed=7)
+        p = psnr(np.asarray(res.images[0]), ref)
+        assert p >= PSNR_MIN, f"SDXL 9-channel strength {strength} {backend}: {p:.1f} dB"
+
+
 def test_only_masked_matches_diffusers_padding_mask_crop(nine):
     """--inpaint-area masked --padding 8 --mask-blur 2 on a 128x96 picture, worked at 64x64:
     diffusers' padding_mask_crop=8 with the mask blurred by VaeImageProcessor.blur(mask, 2)."""
