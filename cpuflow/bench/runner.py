@@ -53,7 +53,7 @@ NO_TORCH_REFERENCE = {
 ARCH_SEED = 0                     # the random weights' seed for --arch models (export and reference alike)
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
-STAGE_ORDER = ("load", "text", "unet", "vae", "taesd", "e2e")   # load first: it fills the compiled cache
+STAGE_ORDER = ("load", "text", "depth", "unet", "vae", "taesd", "e2e")   # load first: it fills the compiled cache
 LogFn = Callable[[str], None]
 
 
