@@ -79,6 +79,18 @@ class Pipeline:
         return self(_request(prompt, dict(params, init_image=init_image, strength=strength)), progress,
                     preview=preview, preview_every=preview_every)
 
+    def inpaint(self, prompt, init_image, mask, *, strength: float = 1.0, mask_blur: int = 0,
+                inpaint_area: str = "whole", padding: int = 32, progress: ProgressFn | None = None,
+                preview: PreviewFn | None = None, preview_every: int = 1, **params: Any) -> GenerationResult:
+        """Repaint where ``mask`` is white (path, bytes or PIL image, any mode, resized to the image).
+        An inpainting model (9-channel UNet) sees the mask and the masked image; an ordinary one
+        gets the known region blended back after every step (as diffusers). ``inpaint_area="masked"``
+        works only on the region around the mask (grown by ``padding`` pixels) at the model's size
+        (or width / height) and pastes it back. ``strength`` 1 (default, as diffusers) starts from noise."""
+        return self(_request(prompt, dict(params, init_image=init_image, mask=mask, strength=strength,
+                                          mask_blur=mask_blur, inpaint_area=inpaint_area, padding=padding)),
+                    progress, preview=preview, preview_every=preview_every)
+
     def close(self) -> None:
         self.model.close()
 

@@ -23,6 +23,12 @@ Examples:
   cpuflow generate --model exported/sd15 "a watercolor of a fox" \\
       --init-image photo.jpg --strength 0.6 --out fox.png
   cpuflow generate "a green square on a white background" --n-samples 4 --grid --out grid.png
+  # inpainting: repaint the white part of the mask; --inpaint-area masked works on the region only
+  cpuflow generate --model exported/sd15-inpainting "a vase of tulips" --init-image room.png \
+      --mask mask.png --mask-blur 4 --inpaint-area masked --padding 32 --out tulips.png
+  # depth-to-image (stable-diffusion-2-depth): keep the shape of the room, estimate its depth, save it
+  cpuflow generate --model exported/sd2-depth "a cosy wooden cabin interior" --init-image room.jpg \
+      --strength 0.8 --save-depth --out cabin.png
   # the tiny autoencoder (a folder exported with --taesd): fast decode, and a preview every 5 steps
   # written beside the image: lighthouse.preview-0005.png, lighthouse.preview-0010.png, ...
   cpuflow generate --model exported/sd15 "a lighthouse" --decoder taesd --preview-every 5 --out lighthouse.png
@@ -76,8 +82,23 @@ def _samplers_help() -> str:
 @click.option("--height", "-H", type=int, default=None, help="Height in pixels (default: the model's).")
 @click.option("--n-samples", type=int, default=1, help="Images to make (seeds seed, seed+1, ...).")
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: start from this image.")
-@click.option("--strength", type=float, default=0.8,
-              help="img2img: how much to change the init image (0..1, default 0.8).")
+@click.option("--strength", type=float, default=None,
+              help="img2img / inpainting: how much to change the init image (0..1; default 0.8, "
+                   "with --mask 1.0 as diffusers).")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Inpainting: repaint where this image is white, keep where black (any mode; resized to "
+                   "the init image). Needs --init-image.")
+@click.option("--mask-blur", type=int, default=0, help="Inpainting: blur the mask by PX pixels first (soft edges).")
+@click.option("--inpaint-area", type=click.Choice(["whole", "masked"]), default="whole", show_default=True,
+              help="Inpainting: the whole picture, or only the region around the mask at the model's size, "
+                   "pasted back (fast on a large photo).")
+@click.option("--padding", type=int, default=32, show_default=True,
+              help="Inpainting with --inpaint-area masked: pixels of context around the mask.")
+@click.option("--depth-map", type=click.Path(path_type=Path), default=None,
+              help="Depth-to-image models: use this depth map (a grey image, bright = near) instead of "
+                   "estimating one.")
+@click.option("--save-depth", is_flag=True,
+              help="Depth-to-image models: also write the depth map used, as OUT.depth.png (16-bit grey).")
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
               help="Inference engine (default openvino: fastest on Intel/AMD CPUs).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -106,9 +127,11 @@ def _samplers_help() -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
-             n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
-             no_cache, low_memory, decoder, preview_every, jpeg_quality, quiet):
-    """Generate images from PROMPT (txt2img, or img2img with --init-image).
+             n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map, save_depth, backend,
+             device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder, preview_every,
+             jpeg_quality, quiet):
+    """Generate images from PROMPT (txt2img, img2img with --init-image, inpainting with --mask,
+    depth-to-image with a depth model).
 
     Each image is written as soon as it is made, so stopping a long run (Ctrl-C)
     loses only the image in progress."""
@@ -123,8 +146,10 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
         raise InvalidArgument("--strength applies to img2img: give --init-image too, or leave --strength out")
     req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
                             schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
-                            height=height, n_samples=n_samples, init_image=init_image, strength=strength,
-                            rng=rng, decoder=decoder).with_seed()
+                            height=height, n_samples=n_samples, init_image=init_image,
+                            strength=strength if strength is not None else 1.0 if mask is not None else 0.8,
+                            rng=rng, decoder=decoder, mask=mask, mask_blur=mask_blur, inpaint_area=inpaint_area,
+                            padding=padding, depth_map=depth_map).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
@@ -176,6 +201,12 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     if grid:
         written.append(save_image_atomic(make_grid(result.images), paths["grid"], result.records[0],
                                          jpeg_quality=jpeg_quality))
+    if save_depth:
+        if "depth_map" not in result.extras:
+            click.echo("warning: --save-depth: this is not a depth-to-image model; no depth map written", err=True)
+        else:
+            first = paths["images"][0]
+            written.append(save_png_atomic(result.extras["depth_map"], first.with_name(f"{first.stem}.depth.png")))
     t = result.timings
     rec0 = result.records[0]
     summary = (f"{len(result.records)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "

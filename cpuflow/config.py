@@ -109,6 +109,11 @@ class GenerationRequest:
     strength: float = 0.8              # img2img only
     rng: str = "torch"                 # torch-compatible noise (same image as diffusers) | numpy
     decoder: str = "full"              # full VAE | taesd (the tiny autoencoder; img2img encodes with it too)
+    mask: Any = None                   # path, bytes or PIL image: inpainting (white = repaint), with init_image
+    mask_blur: int = 0                 # Gaussian blur radius in pixels applied to the mask first
+    inpaint_area: str = "whole"        # whole image | "masked": only the region around the mask, at model size
+    padding: int = 32                  # "masked": pixels of context around the mask's bounding box
+    depth_map: Any = None              # path, bytes or PIL image: depth-to-image with this depth, not an estimate
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -159,6 +164,16 @@ class GenerationRequest:
         set_("strength", st)
         _choice("rng", self.rng, ("torch", "numpy"))
         _choice("decoder", self.decoder, DECODERS)
+        if self.mask is not None or self.mask_blur or self.inpaint_area != "whole" or self.padding != 32:
+            from . import inpaint_mask
+            set_("mask_blur", inpaint_mask.int_in_range("mask_blur", self.mask_blur, 0, inpaint_mask.MAX_BLUR))
+            set_("padding", inpaint_mask.int_in_range("padding", self.padding, 0, inpaint_mask.MAX_PADDING))
+            inpaint_mask.check_area(self.inpaint_area)
+            if self.mask is None:
+                raise InvalidArgument("mask_blur / inpaint_area / padding apply to inpainting; give a mask too")
+            if self.init_image is None:
+                raise InvalidArgument("a mask needs an init image (the picture to repaint)",
+                                      hint="pass --init-image with --mask")
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

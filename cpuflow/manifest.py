@@ -17,6 +17,12 @@ Schema version 1 (a JSON object)::
     validated         bool            (false: exported with --force past a failed parity gate)
     scheduler         the model's diffusers scheduler config (dict, as in scheduler_config.json)
     latent            {channels, downscale, scaling_factor, shift_factor}
+    unet_kind         optional (absent: "txt2img"): what the UNet's sample input holds, with C the latent
+                      channels: "txt2img" C; "inpaint" 2C+1 (latents, mask, masked-image latents, in that
+                      order, as diffusers' StableDiffusionInpaintPipeline concatenates them); "depth"
+                      C+1 (latents, the normalised depth map: StableDiffusionDepth2ImgPipeline)
+    depth             depth models: {preprocess: {height, width, resample (PIL filter), rescale_factor,
+                      image_mean, image_std}}: what the depth_estimator component's pixel_values are
     default_size      {width, height}
     tokenizer         {path, files, max_length, bos_token_id, eos_token_id, pad_token_id}
     components        name -> Component (text_encoder, unet, vae_decoder, vae_encoder; optional
@@ -57,7 +63,8 @@ MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
 SCHEMA_VERSION = 1
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2",  # SDXL's second
-                   "taesd_decoder", "taesd_encoder")  # optional: the tiny autoencoder (export --taesd)
+                   "taesd_decoder", "taesd_encoder",  # optional: the tiny autoencoder (export --taesd)
+                   "depth_estimator")                 # depth-to-image models: the DPT depth estimator
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 FORMATS = ("onnx", "openvino")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
@@ -143,6 +150,10 @@ class Manifest:
     tokenizer: Mapping[str, Any]
     components: Mapping[str, Component]
     files: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def unet_kind(self) -> str:
+        return str(self.raw.get("unet_kind", "txt2img"))
 
     @property
     def model_hash(self) -> str:
@@ -279,10 +290,19 @@ def check_compatible(m: Manifest) -> None:
                 f"text_encoder width {te.shape[-1]} does not match unet cross-attention width {ehs.shape[-1]}"
             )
     sample = unet.input("sample")
-    if sample.shape[1] != m.latent_channels:
+    c = m.latent_channels
+    wants = {"txt2img": c, "inpaint": 2 * c + 1, "depth": c + 1}
+    if m.unet_kind not in wants:
+        raise ManifestError(f"model folder {m.root}: unknown unet_kind {m.unet_kind!r} "
+                            f"(this cpuflow knows {', '.join(wants)})", hint="upgrade cpuflow or re-export")
+    if sample.shape[1] != wants[m.unet_kind]:
         raise IncompatibleModelError(
-            f"unet takes {sample.shape[1]} latent channels but latent.channels is {m.latent_channels}"
+            f"unet takes {sample.shape[1]} input channels but a {m.unet_kind} unet over {c} latent channels "
+            f"takes {wants[m.unet_kind]}"
         )
+    if unet.output("out_sample").shape[1] != c:
+        raise IncompatibleModelError(
+            f"unet makes {unet.output('out_sample').shape[1]} channels but latent.channels is {c}")
     dec = m.components["vae_decoder"].input("latent_sample")
     if dec.shape[1] != m.latent_channels:
         raise IncompatibleModelError(

@@ -755,11 +755,22 @@ def initial_latents(plan: SamplingPlan, noise: np.ndarray, init_latents: np.ndar
         raise InvalidArgument(
             f"init_latents shape {x0.shape} does not match noise shape {noise.shape}; they must be equal"
         )
+    return noised_latents(plan, x0, noise, 0)
+
+
+def noised_latents(plan: SamplingPlan, x0: np.ndarray, noise: np.ndarray, call: int) -> np.ndarray:
+    """The scheduler's ``add_noise(x0, noise, t)`` at the noise level of model call ``call``
+    (0: the first; img2img starts there), in the frame the sampler's latents live in.
+
+    The inpainting loop for 4-channel UNets (diffusers' StableDiffusionInpaintPipeline)
+    noises the known region to ``timesteps[i + 1]`` after step i; the schedulers then
+    read their own step index: ``sigmas[begin_index + i + 1]`` (Euler-like, DPM-Solver)
+    or ``alphas_cumprod[timesteps[i + 1]]`` (DDIM, PLMS, LCM)."""
     name = plan.sampler
     if name in ("ddim", "plms", "lcm"):
-        a = _f32(plan.alphas_cumprod[int(plan.timesteps[0])])
+        a = _f32(plan.alphas_cumprod[int(plan.timesteps[call])])
         return _f32(np.sqrt(a)) * x0 + _f32(np.sqrt(_f32(_ONE - a))) * noise
-    sigma = plan.sigmas[plan.begin_index]
+    sigma = plan.sigmas[plan.begin_index + call]
     if name == "dpmpp_2m":
         alpha_t, sigma_t = denoiser.vp_alpha_sigma(sigma)
         return alpha_t * x0 + sigma_t * noise
@@ -773,6 +784,7 @@ class NoiseGenerator(Protocol):
 
 ModelFn = Callable[[np.ndarray, float], np.ndarray]
 Callback = Callable[[int, int, np.ndarray, Optional[np.ndarray]], None]
+PostStep = Callable[[int, np.ndarray], np.ndarray]
 
 
 def sample(
@@ -783,6 +795,7 @@ def sample(
     generator: NoiseGenerator | None,
     eta: float = 0.0,
     callback: Callback | None = None,
+    post_step: PostStep | None = None,
 ) -> np.ndarray:
     """Run the sampler; returns the final latents (before VAE scaling).
 
@@ -792,7 +805,10 @@ def sample(
     ``generator.randn(x.shape)`` at the points and in the order diffusers'
     ``scheduler.step`` draws it. ``callback(i, n, x, x0_pred)`` runs after
     every model call (``n = plan.n_model_calls``); an exception it raises
-    propagates (cancellation).
+    propagates (cancellation). ``post_step(i, x) -> x`` replaces the latents
+    after model call i, before the next call and the callback (inpainting
+    with a 4-channel UNet blends the known region back there, as diffusers does
+    after each ``scheduler.step``).
     """
     if not isinstance(plan, SamplingPlan):
         raise InvalidArgument(f"plan must be a SamplingPlan from make_plan, got {type(plan).__name__}")
@@ -810,16 +826,17 @@ def sample(
         raise InvalidArgument(f"sampler {plan.sampler!r} draws noise while sampling; pass a generator")
     x = np.asarray(x, dtype=np.float32)
     run = _LOOPS[plan.sampler]
-    return run(plan, _Model(model_fn, x.shape, plan.n_model_calls, callback), x, generator, eta_f)
+    return run(plan, _Model(model_fn, x.shape, plan.n_model_calls, callback, post_step), x, generator, eta_f)
 
 
 class _Model:
     """Calls model_fn, checks its output, and reports progress."""
 
-    __slots__ = ("fn", "shape", "n", "callback", "i")
+    __slots__ = ("fn", "shape", "n", "callback", "post_step", "i")
 
-    def __init__(self, fn: ModelFn, shape: tuple[int, ...], n: int, callback: Callback | None):
-        self.fn, self.shape, self.n, self.callback, self.i = fn, shape, n, callback, 0
+    def __init__(self, fn: ModelFn, shape: tuple[int, ...], n: int, callback: Callback | None,
+                 post_step: PostStep | None = None):
+        self.fn, self.shape, self.n, self.callback, self.post_step, self.i = fn, shape, n, callback, post_step, 0
 
     def __call__(self, x_in: np.ndarray, t: float) -> np.ndarray:
         out = np.asarray(self.fn(x_in, float(t)), dtype=np.float32)
@@ -829,11 +846,15 @@ class _Model:
             )
         return out
 
-    def done(self, x: np.ndarray, x0: np.ndarray | None) -> None:
+    def done(self, x: np.ndarray, x0: np.ndarray | None) -> np.ndarray:
+        """After model call i: the post-step hook (may replace x), then the callback; returns x."""
         i = self.i
         self.i += 1
+        if self.post_step is not None:
+            x = np.asarray(self.post_step(i, x), dtype=np.float32)
         if self.callback is not None:
             self.callback(i, self.n, x, x0)
+        return x
 
 
 def _randn(generator: NoiseGenerator, shape: tuple[int, ...]) -> np.ndarray:
@@ -875,7 +896,7 @@ def _run_ddim(plan, model, x, generator, eta):
         x = _f32(np.sqrt(a_prev)) * x0 + direction
         if eta > 0:
             x = x + std * _randn(generator, x.shape)
-        model.done(x, x0)
+        x = model.done(x, x0)
     return x
 
 
@@ -921,7 +942,7 @@ def _run_plms(plan, model, x, generator, eta):
         else:
             e = _f32(1 / 24) * (_f32(55) * ets[-1] - _f32(59) * ets[-2] + _f32(37) * ets[-3] - _f32(9) * ets[-4])
         x = _pndm_prev_sample(plan, sample_in, timestep, prev_t, e, pred, final_alpha)
-        model.done(x, None)
+        x = model.done(x, None)
     return x
 
 
@@ -951,7 +972,7 @@ def _run_euler(plan, model, x, generator, eta):
         d = denoiser.ve_derivative(x, x0, sigma)
         dt = _f32(sig[k + 1] - sigma)
         x = x + d * dt
-        model.done(x, x0)
+        x = model.done(x, x0)
     return x
 
 
@@ -974,7 +995,7 @@ def _run_euler_a(plan, model, x, generator, eta):
         d = denoiser.ve_derivative(x, x0, sigma)
         x = x + d * _f32(sigma_down - sigma)
         x = x + _randn(generator, x.shape) * sigma_up
-        model.done(x, x0)
+        x = model.done(x, x0)
     return x
 
 
@@ -1013,7 +1034,7 @@ def _run_heun(plan, model, x, generator, eta):
             d = (prev_d + d) / _f32(2)
             x = x_prev + d * dt
             prev_d = dt = x_prev = None
-        model.done(x, x0)
+        x = model.done(x, x0)
     return x
 
 
@@ -1067,7 +1088,7 @@ def _run_dpmpp_2m(plan, model, x, generator, eta):
         if lower_order_nums < 2:
             lower_order_nums += 1
         x = x_new
-        model.done(x, x0)
+        x = model.done(x, x0)
     return x
 
 
@@ -1105,7 +1126,7 @@ def _run_lcm(plan, model, x, generator, eta):
             x = _f32(np.sqrt(a_prev)) * denoised + _f32(np.sqrt(b_prev)) * noise
         else:
             x = denoised
-        model.done(x, denoised)
+        x = model.done(x, denoised)
     return x
 
 

@@ -67,7 +67,10 @@ def build_pipeline(spec: dict) -> tuple[Any, Any]:
                              tokenizer=tokenizer)
     cfg = dict(loaded.scheduler_config)
     sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
-    pipe = diffusers.StableDiffusionPipeline(
+    # an inpainting UNet (9 channels) runs in diffusers' inpainting pipeline
+    cls = diffusers.StableDiffusionInpaintPipeline if getattr(loaded, "unet_kind", "") == "inpaint" else \
+        diffusers.StableDiffusionPipeline
+    pipe = cls(
         vae=loaded.vae, text_encoder=loaded.text_encoder, unet=loaded.unet,
         tokenizer=CLIPTokenizer.from_pretrained(str(loaded.tokenizer_dir)),
         scheduler=sched_cls.from_config(cfg), safety_checker=None, feature_extractor=None,
@@ -225,8 +228,13 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
 
             out.update(measure(unet_call, spec["warmup"], spec["repeat"], progress))
             out["unet_batch"] = b
-        elif stage == "vae":
-            z = torch.randn(lat_shape, generator=gen)
+        elif stage == "depth":   # the DPT depth estimator, as StableDiffusionDepth2ImgPipeline runs it
+            pre = loaded.depth_preprocess
+            pv = torch.rand((1, 3, pre["height"], pre["width"]), generator=gen) * 2 - 1
+            out.update(measure(lambda: loaded.depth_estimator(pixel_values=pv).predicted_depth, spec["warmup"],
+                               spec["repeat"], progress))
+        elif stage == "vae":   # the VAE's latent channels (an inpainting UNet takes more)
+            z = torch.randn((1, int(pipe.vae.config.latent_channels)) + lat_shape[2:], generator=gen)
             sf = float(pipe.vae.config.scaling_factor)
             out.update(measure(lambda: pipe.vae.decode(z / sf, return_dict=False)[0], spec["warmup"],
                                spec["repeat"], progress))
@@ -239,8 +247,13 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
                 for tm in timers.values():
                     tm.take()
                 g = torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0)))
+                extra = {}
+                if getattr(loaded, "unet_kind", "txt2img") == "inpaint":   # as cpuflow runs txt2img on it:
+                    from PIL import Image                                   # an all-white mask (pipelines/inpaint.py)
+                    extra = {"image": Image.new("RGB", (w, h), (128, 128, 128)),
+                             "mask_image": Image.new("L", (w, h), 255), "strength": 1.0}
                 pipe(prompt=spec["prompt"], num_inference_steps=int(spec["steps"]), guidance_scale=guidance,
-                     width=w, height=h, generator=g, output_type="pil")
+                     width=w, height=h, generator=g, output_type="pil", **extra)
                 row = {}
                 for name, tm in timers.items():
                     s, c = tm.take()

@@ -44,6 +44,7 @@ from . import validate
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
+from .depth import manifest_entry as depth_entry
 from .fewstep_defaults import generation_defaults, user_defaults
 from .taesd import NOT_QUANTIZED as TAESD_NOT_QUANTIZED
 from .taesd import TAESD_COMPONENTS
@@ -167,7 +168,8 @@ def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: 
     enc = _param_count(getattr(vae, "encoder", None)) + _param_count(getattr(vae, "quant_conv", None))
     dec = _param_count(vae) - enc
     counts = [_param_count(loaded.text_encoder), _param_count(loaded.unet), dec, enc,
-              _param_count(getattr(loaded, "text_encoder_2", None))]  # SDXL's second text encoder
+              _param_count(getattr(loaded, "text_encoder_2", None)),  # SDXL's second text encoder
+              _param_count(getattr(loaded, "depth_estimator", None))]  # depth-to-image's DPT
     per_param = 4 if weights == "fp32" else 2
     kept = (sum(counts) + _param_count(getattr(loaded, "taesd", None))) * per_param * len(formats)
     # the raw ONNX export beside the finished files; none on the direct torch -> OpenVINO path
@@ -512,7 +514,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     # OpenVINO only: torch -> IR directly, no ONNX intermediate (export/torch_to_openvino.py)
     direct = "onnx" not in formats
     steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats) - direct) + 1
-    quantizable = [n for n in specs if n not in TAESD_COMPONENTS]  # the tiny autoencoder stays fp32
+    # the tiny autoencoder and the depth estimator (run once per image) stay fp32
+    quantizable = [n for n in specs if n not in TAESD_COMPONENTS and n != "depth_estimator"]
     if modes:  # quantize + validate per file, calibration
         steps.total += 2 * quant.count_jobs(modes, formats, quantizable) + (prompts is not None)
     steps.info(f"[export] {loaded.name}: {', '.join(formats)}, {weights} weights -> {len(specs)} components"
@@ -591,6 +594,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         "validated": bool(all_passed),
         "scheduler": _jsonable(dict(loaded.scheduler_config)),
         "latent": latent,
+        "unet_kind": str(getattr(loaded, "unet_kind", "txt2img")),  # what the UNet's input channels hold
         "default_size": {"width": int(loaded.default_size), "height": int(loaded.default_size)},
         "tokenizer": tokenizer,
         "components": components,
@@ -611,6 +615,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
                                    steps=default_steps, guidance=default_guidance)
     if defaults:  # the user's, Turbo's or LCM's steps / guidance (export/fewstep_defaults.py)
         manifest["defaults"] = {**manifest.get("defaults", {}), **defaults}
+    if depth_entry(loaded) is not None:   # the depth estimator's preprocessing, replayed by the runtime
+        manifest["depth"] = depth_entry(loaded)
     if taesd_entry(getattr(loaded, "taesd_source", None)) is not None:
         manifest["export"]["taesd"] = taesd_entry(loaded.taesd_source)
         if modes:

@@ -92,10 +92,12 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--random-weights", is_flag=True,
               help="Build the --arch architecture with random weights (no SOURCE): for latency work, "
                    "images are noise.")
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl", "sd15-lcm", "sd21-turbo"]), default=None,
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint"]),
+              default=None,
               help="Architecture for --random-weights (or to force one for a single-file SOURCE). sd15-lcm "
                    "(LCM-Dreamshaper-v7: guidance-embedding UNet, LCMScheduler) and sd21-turbo (SD-Turbo: Euler, "
-                   "trailing timesteps) are latency variants for --random-weights only.")
+                   "trailing timesteps) are latency variants for --random-weights only, as is sd15-inpaint "
+                   "(stable-diffusion-inpainting: a 9-channel UNet).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for --random-weights, the parity-check inputs and the calibration runs.")
 @click.option("--quantize", "quantize", multiple=True, type=click.Choice(QUANTIZE_MODES),
@@ -159,7 +161,7 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
         raise InvalidArgument("--random-weights needs --arch (sd15, sd21, sd21-v, sdxl, sd15-lcm or sd21-turbo)")
-    if arch in ("sd15-lcm", "sd21-turbo") and not random_weights:
+    if arch in ("sd15-lcm", "sd21-turbo", "sd15-inpaint") and not random_weights:
         raise InvalidArgument(f"--arch {arch} is a random-weights latency variant: use it with --random-weights "
                               "(a real LCM / Turbo model is exported from its folder or hub id, no --arch needed)")
 

@@ -23,7 +23,8 @@ import torch
 from cpuflow.manifest import TensorSpec
 
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder",
-                   "taesd_decoder", "taesd_encoder")  # the last two only with --taesd (export/taesd.py)
+                   "taesd_decoder", "taesd_encoder",  # only with --taesd (export/taesd.py)
+                   "depth_estimator")                 # only for depth-to-image models (export/depth.py)
 
 
 # --- wrappers ----------------------------------------------------------------
@@ -265,7 +266,16 @@ def component_specs(loaded: Any, max_length: int) -> dict[str, ComponentSpec]:
         "vae_decoder": vae_decoder_spec(loaded.vae),
         "vae_encoder": vae_encoder_spec(loaded.vae),
         **taesd_specs(getattr(loaded, "taesd", None)),
+        **_depth_specs(loaded),
     }
+
+
+def _depth_specs(loaded: Any) -> dict[str, ComponentSpec]:
+    model = getattr(loaded, "depth_estimator", None)
+    if model is None:
+        return {}
+    from .depth import COMPONENT, depth_estimator_spec
+    return {COMPONENT: depth_estimator_spec(model, loaded.depth_preprocess)}
 
 
 def torch_inputs(feeds: dict[str, np.ndarray], spec: ComponentSpec) -> tuple[torch.Tensor, ...]:

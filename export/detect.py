@@ -62,6 +62,7 @@ ARCHES: dict[str, tuple[str, str, int, str]] = {
     # few-step latency variants (random weights only): a base arch's configs with ARCH_OVERRIDES applied
     "sd15-lcm": ("sd1", "epsilon", 512, "sd15"),
     "sd21-turbo": ("sd2", "epsilon", 512, "sd21-base"),
+    "sd15-inpaint": ("sd1", "epsilon", 512, "sd15"),   # stable-diffusion-inpainting: a 9-channel UNet
 }
 _SCALED_LINEAR = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "steps_offset": 1, "trained_betas": None}
@@ -77,7 +78,8 @@ ARCH_OVERRIDES: dict[str, dict[str, dict]] = {
                                  "interpolation_type": "linear", "use_karras_sigmas": False,
                                  "timestep_spacing": "trailing"}},
 }
-RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo")
+ARCH_OVERRIDES["sd15-inpaint"] = {"unet": {"in_channels": 9}}
+RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint")
 VENDORED = ("sd15", "sd21-base", "sd21-v")
 
 SD1_UNET_HEADS = 8          # v1-inference.yaml num_heads
@@ -317,11 +319,12 @@ def unet_config_from_checkpoint(sd: Mapping, family: str, base: Mapping, default
     if not conv_in or len(conv_in) != 4:
         raise SourceError(f"{where}: UNet conv_in ({p}input_blocks.0.0.weight) is missing or not a conv weight")
     in_ch = conv_in[1]
-    if in_ch != 4:
-        what = {9: "an inpainting model", 5: "a depth-conditioned model", 7: "an upscaler", 8: "an instruct-pix2pix model"}
+    if in_ch not in (4, 9):  # 9: an inpainting UNet (export/detect.py unet_kind); 4: text-to-image
+        what = {5: "a depth-conditioned model: export its diffusers folder, which holds the depth estimator",
+                7: "an upscaler", 8: "an instruct-pix2pix model"}
         raise SourceError(
             f"{where}: the UNet takes {in_ch} input channels ({what.get(in_ch, 'not a text-to-image model')}); "
-            "expected 4 (text-to-image SD 1.x/2.x)")
+            "expected 4 (text-to-image SD 1.x/2.x) or 9 (inpainting)")
     if any(k.startswith(p + "label_emb") for k in keys):
         raise SourceError(f"{where}: the UNet has class/label embeddings (an upscaler or unCLIP model); "
                           "expected a text-to-image SD 1.x/2.x UNet")
@@ -496,15 +499,37 @@ def detect_checkpoint(sd: Mapping, *, filename: str | None = None, metadata: Map
         raise SourceError(
             f"{where}: the UNet's cross-attention expects {unet_cfg['cross_attention_dim']}-wide text embeddings "
             f"but the text encoder is {text_cfg['hidden_size']} wide")
-    if unet_cfg["in_channels"] != vae_cfg["latent_channels"]:
-        raise SourceError(f"{where}: the UNet takes {unet_cfg['in_channels']} latent channels but the VAE makes "
-                          f"{vae_cfg['latent_channels']}")
+    kind, kind_why = unet_kind(unet_cfg["in_channels"], vae_cfg["latent_channels"], where)
+    if kind != "txt2img":
+        notes.append(kind_why)
     n_ema = sum(1 for k in sd if k.startswith(EMA_PREFIX))
     extract_ema = n_ema > 100
     if extract_ema:
         notes.append(f"the checkpoint holds EMA weights ({n_ema} tensors): using them for the UNet")
     return CheckpointInfo(family, evidence, pt, pt_why, size, size_why, name, unet_cfg, vae_cfg, text_cfg,
                           text_kind, extract_ema, notes)
+
+
+# ------------------------------------------------------------------ what the UNet takes
+# The UNet's input channels against the VAE's latent channels C say what the model is for:
+#   C          text-to-image (also inpaints, by blending the known region back each step)
+#   2C + 1     inpainting: latents, the mask, the masked image's latents (diffusers' StableDiffusionInpaintPipeline)
+#   C + 1      depth-to-image: latents, the depth map (StableDiffusionDepth2ImgPipeline)
+UNET_KINDS = ("txt2img", "inpaint", "depth")
+
+
+def unet_kind(in_channels: int, latent_channels: int, where: str = "the model") -> tuple[str, str]:
+    """(kind, evidence) from the UNet's input channels; SourceError for anything else."""
+    cin, c = int(in_channels), int(latent_channels)
+    if cin == c:
+        return "txt2img", f"the UNet takes the {c} latent channels"
+    if cin == 2 * c + 1:
+        return "inpaint", (f"an inpainting UNet: {cin} input channels = {c} latents + 1 mask + "
+                           f"{c} masked-image latents")
+    if cin == c + 1:
+        return "depth", f"a depth-conditioned UNet: {cin} input channels = {c} latents + 1 depth map"
+    raise SourceError(f"{where}: the UNet takes {cin} input channels but the VAE makes {c} latent channels; "
+                      f"expected {c} (text-to-image), {2 * c + 1} (inpainting) or {c + 1} (depth)")
 
 
 def family_from_diffusers(unet_config: Mapping, text_config: Mapping) -> tuple[str, str]:

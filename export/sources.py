@@ -65,7 +65,8 @@ HUB_TOKENIZERS: dict[str, list[tuple[str, str]]] = {
 _HUB_ALLOW = ["model_index.json", "scheduler/*", "tokenizer/*", "unet/*.json", "vae/*.json", "text_encoder/*.json",
               "unet/diffusion_pytorch_model*.safetensors", "vae/diffusion_pytorch_model*.safetensors",
               "text_encoder/model*.safetensors",
-              "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/model*.safetensors"]  # SDXL
+              "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/model*.safetensors",  # SDXL
+              "depth_estimator/*.json", "depth_estimator/model*.safetensors", "feature_extractor/*"]  # depth
 _HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -88,6 +89,12 @@ class LoadedModel:
     # The tiny autoencoder (AutoencoderTiny) added with --taesd, and where it came from (export/taesd.py).
     taesd: Any = None
     taesd_source: dict | None = None
+    # What the UNet takes (export/detect.py unet_kind): "txt2img", "inpaint" (9 channels) or "depth" (5).
+    unet_kind: str = "txt2img"
+    # depth models: the DPT depth estimator (transformers DPTForDepthEstimation) and the preprocessing
+    # its feature extractor does, as the manifest records it (export/depth.py)
+    depth_estimator: Any = None
+    depth_preprocess: dict | None = None
 
 
 # ------------------------------------------------------------------ small helpers
@@ -374,6 +381,7 @@ def _resolve_tokenizer(tokenizer: str | Path | None, own: Path | None, family: s
 
 # ------------------------------------------------------------------ diffusers folders
 _WEIGHT_BASES = {"unet": ("diffusion_pytorch_model",), "vae": ("diffusion_pytorch_model",),
+                 "depth_estimator": ("model", "pytorch_model"),
                  "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 
 
@@ -434,9 +442,8 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     used.append(sched_path)
     if unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise SourceError(f"{folder}: the unet is a {unet_cfg.get('_class_name')}; expected UNet2DConditionModel")
-    if int(unet_cfg.get("in_channels", 4)) != 4:
-        raise SourceError(f"{folder}: the UNet takes {unet_cfg.get('in_channels')} input channels "
-                          "(inpainting/depth/upscaler); expected 4 (text-to-image SD 1.x/2.x)")
+    unet_kind, kind_why = detect.unet_kind(int(unet_cfg.get("in_channels", 4)),
+                                           int(vae_cfg.get("latent_channels", 4)), str(folder))
     if unet_cfg.get("addition_embed_type") or unet_cfg.get("class_embed_type"):
         raise SourceError(f"{folder}: the UNet has extra embeddings (SDXL/upscaler); expected an SD 1.x/2.x UNet")
     family, fam_why = detect.family_from_diffusers(unet_cfg, text_cfg)
@@ -463,10 +470,8 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     if ctx_dim is not None and int(ctx_dim) != int(text_cfg.get("hidden_size", ctx_dim)):
         raise SourceError(f"{folder}: the UNet expects {ctx_dim}-wide text embeddings but the text encoder is "
                           f"{text_cfg.get('hidden_size')} wide")
-    if int(vae_cfg.get("latent_channels", 4)) != int(unet_cfg.get("in_channels", 4)):
-        raise SourceError(f"{folder}: the VAE makes {vae_cfg.get('latent_channels')} latent channels but the UNet "
-                          f"takes {unet_cfg.get('in_channels')}")
-    _say(progress, f"detected {family} ({fam_why}); prediction type {pt} ({pt_why}); default size {default_size}")
+    _say(progress, f"detected {family} ({fam_why}); prediction type {pt} ({pt_why}); default size {default_size}"
+                   + ("" if unet_kind == "txt2img" else f"; {kind_why}"))
 
     vendored = detect.vendored_name(family, pt)
     tok_dir, tok_why = _resolve_tokenizer(tokenizer, folder / "tokenizer", family, vendored,
@@ -486,14 +491,21 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
         del sd
     if tok_dir.resolve().is_relative_to(folder.resolve()):
         used += [tok_dir / f for f in TOKENIZER_FILES if (tok_dir / f).is_file()]
+    depth_estimator = depth_preprocess = None
+    if unet_kind == "depth":
+        from .depth import load_depth_estimator
+        _say(progress, "loading depth_estimator")
+        depth_estimator, depth_preprocess, depth_files = load_depth_estimator(folder, allow_pickle, progress)
+        used += depth_files
     _say(progress, "hashing the source files")
     sha = _digest(folder, used)
     detection = {"family": family, "family_decided_by": fam_why, "prediction_type": pt,
                  "prediction_type_decided_by": pt_why, "default_size": default_size,
                  "default_size_decided_by": f"unet sample_size x VAE downscale {vae_scale}",
-                 "tokenizer": tok_why, "notes": []}
+                 "tokenizer": tok_why, "unet_kind": unet_kind, "unet_kind_decided_by": kind_why, "notes": []}
     return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
-                       pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection)
+                       pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
+                       unet_kind=unet_kind, depth_estimator=depth_estimator, depth_preprocess=depth_preprocess)
 
 
 # ------------------------------------------------------------------ single files
@@ -545,9 +557,12 @@ def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | 
     if ignored:
         detection["notes"].append(f"ignored {len(ignored)} tensors outside the model (e.g. {', '.join(ignored[:3])})")
     name = path.stem
+    unet_kind, kind_why = detect.unet_kind(info.unet_config["in_channels"], info.vae_config["latent_channels"],
+                                           str(path))
+    detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
     return LoadedModel(text_encoder, unet, vae, tok_dir, scheduler_config, info.family, info.prediction_type,
                        info.default_size, name, {"kind": "single_file", "name": path.name, "sha256": sha}, False,
-                       detection)
+                       detection, unet_kind=unet_kind)
 
 
 # ------------------------------------------------------------------ hub
@@ -627,8 +642,10 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
                  "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
                  else f"arch {arch}", "default_size": size, "default_size_decided_by": f"arch {arch}",
                  "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
+    unet_kind, _ = detect.unet_kind(cfgs["unet"]["in_channels"], cfgs["vae"]["latent_channels"], f"arch {arch}")
     return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
-                       size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection)
+                       size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection,
+                       unet_kind=unet_kind)
 
 
 # ------------------------------------------------------------------ entry point

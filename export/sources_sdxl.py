@@ -101,9 +101,10 @@ def _check_configs(where: str, unet_cfg: dict, vae_cfg: dict, te_cfg: dict, te2_
     """Refuse what the SDXL export does not handle; return the number of time ids."""
     if unet_cfg.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise SourceError(f"{where}: the unet is a {unet_cfg.get('_class_name')}; expected UNet2DConditionModel")
-    if int(unet_cfg.get("in_channels", 4)) != 4:
-        raise SourceError(f"{where}: the UNet takes {unet_cfg.get('in_channels')} input channels "
-                          "(inpainting?); expected 4 (text-to-image SDXL)")
+    kind, kind_why = detect.unet_kind(int(unet_cfg.get("in_channels", 4)), int(vae_cfg.get("latent_channels", 4)),
+                                      where)
+    if kind == "depth":
+        raise SourceError(f"{where}: {kind_why}; SDXL depth-to-image is not supported")
     if unet_cfg.get("addition_embed_type") != "text_time":
         raise SourceError(f"{where}: the UNet's addition_embed_type is {unet_cfg.get('addition_embed_type')!r}; "
                           "an SDXL UNet has 'text_time'")
@@ -127,9 +128,6 @@ def _check_configs(where: str, unet_cfg: dict, vae_cfg: dict, te_cfg: dict, te2_
     if n_ids != wants:
         raise SourceError(f"{where}: the UNet takes {n_ids} time ids but requires_aesthetics_score is "
                           f"{bool(index.get('requires_aesthetics_score'))} (which means {wants})")
-    if int(vae_cfg.get("latent_channels", 4)) != int(unet_cfg.get("in_channels", 4)):
-        raise SourceError(f"{where}: the VAE makes {vae_cfg.get('latent_channels')} latent channels but the UNet "
-                          f"takes {unet_cfg.get('in_channels')}")
     return n_ids
 
 
@@ -160,7 +158,8 @@ def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, predi
     src._need_torch()
     index = src._read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
-    if cls and cls not in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+    if cls and cls not in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                           "StableDiffusionXLInpaintPipeline"):
         raise SourceError(f"{folder} is a {cls}; cpuflow exports SDXL base pipelines "
                           "(StableDiffusionXLPipeline) only")
     for comp in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
@@ -219,9 +218,12 @@ def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, predi
                  "prediction_type": pt, "prediction_type_decided_by": pt_why, "default_size": size,
                  "default_size_decided_by": f"unet sample_size x VAE downscale {vae_scale}",
                  "tokenizer": tok_why, "tokenizer_2": tok2_why, "notes": []}
+    unet_kind, kind_why = detect.unet_kind(int(cfgs["unet"].get("in_channels", 4)),
+                                           int(cfgs["vae"].get("latent_channels", 4)), str(folder))
+    detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
     return SDXLLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, FAMILY,
                            pt, size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
-                           text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=tok2_dir,
+                           unet_kind=unet_kind, text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=tok2_dir,
                            pipeline_config=_pipeline_config(index))
 
 

@@ -122,3 +122,50 @@ def tiny_sdxl_taesd_ov_export(tmp_path_factory):
     attach_taesd(loaded, tiny, info)
     out = export_model(loaded, base / "model", formats=("openvino",), progress=lambda *a, **k: None)
     return SimpleNamespace(src=Path(src), model=Path(out), taesd_info=info)
+
+
+_INPAINT_EXPORTS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_export(tmp_path_factory):
+    """tiny_inpaint_export(kind) -> SimpleNamespace(src, model): a tiny random model whose UNet takes
+    9 channels (inpainting), kind "sd1" or "sdxl", exported to both formats once per session."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    def make(kind: str = "sd1"):
+        if kind not in _INPAINT_EXPORTS:
+            from export.build import export_model
+            from export.sources import load_source
+            from helpers_inpaint import save_tiny_inpaint_folder, save_tiny_sdxl_inpaint_folder
+
+            base = tmp_path_factory.mktemp(f"tiny-inpaint-{kind}")
+            src = (save_tiny_sdxl_inpaint_folder(base / "src") if kind == "sdxl"
+                   else save_tiny_inpaint_folder(base / "src", kind))
+            out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                               progress=lambda *a, **k: None)
+            _INPAINT_EXPORTS[kind] = SimpleNamespace(src=Path(src), model=Path(out))
+        return _INPAINT_EXPORTS[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_export(tmp_path_factory):
+    """SimpleNamespace(src, model): a tiny random depth-to-image model (5-channel UNet + tiny DPT
+    depth estimator, tests/helpers_depth.py) exported to both formats, once per session."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    from export.build import export_model
+    from export.sources import load_source
+    from helpers_depth import save_tiny_depth_folder
+
+    base = tmp_path_factory.mktemp("tiny-depth")
+    src = save_tiny_depth_folder(base / "src")
+    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                       progress=lambda *a, **k: None)
+    return SimpleNamespace(src=Path(src), model=Path(out))

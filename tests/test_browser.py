@@ -213,3 +213,66 @@ def test_token_login_and_init_image_in_the_browser(browser, tmp_path):
         assert _pixel(browser, 2, 2)[:3] == list(colour_of(PROMPT, 7))
         assert browser.execute_script("return document.cookie") == ""   # HttpOnly: scripts cannot read it
         browser.get_log("browser")   # the first visit's 401 is logged on purpose; clear it
+
+
+class _MaskRecorder(FakePipeline):
+    """The fake pipeline, keeping the mask each request carried (PNG bytes) and its inpaint options."""
+
+    def __init__(self):
+        super().__init__(step_delay=0.01)
+        self.masks: list = []
+
+    def __call__(self, req, progress=None):
+        self.masks.append(None if req.mask is None else (bytes(req.mask), req.inpaint_area, req.mask_blur))
+        return super().__call__(req, progress)
+
+
+def test_paint_a_mask_over_the_init_image(browser, tmp_path):
+    """Inpainting in the page: the init image appears under a canvas; a brush stroke paints the
+    mask white, the eraser takes part of it back, and the request carries that mask as a PNG at the
+    picture's size; "Clear mask" empties it (then no mask is sent)."""
+    import io
+
+    import numpy as np
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(init)
+    pipe = _MaskRecorder()
+    with LiveServer({"fake": pipe}) as srv:
+        browser.get(srv.url + "/")
+        _wait(browser, "return document.getElementById('model').options.length > 0")
+        browser.find_element(By.ID, "init").send_keys(str(init))
+        _wait(browser, "return document.getElementById('mask-box').className === '' && "
+                       "document.getElementById('mask-canvas').width === 64")
+        canvas = browser.find_element(By.ID, "mask-canvas")
+        shown = canvas.size["width"]                       # CSS pixels; the picture is 64 wide
+        scale = shown / 64
+        browser.execute_script("const b = document.getElementById('brush'); b.value = arguments[0];"
+                               "b.dispatchEvent(new Event('input'));", int(8 * scale))   # 8 picture pixels wide
+
+        def stroke(x0, y0, x1, y1):   # picture pixels -> offsets from the canvas centre
+            off = lambda v: int((v - 32) * scale)  # noqa: E731
+            ActionChains(browser).move_to_element_with_offset(canvas, off(x0), off(y0)).click_and_hold() \
+                .move_by_offset(off(x1) - off(x0), off(y1) - off(y0)).release().perform()
+
+        stroke(10, 20, 50, 20)                              # a horizontal white band at y = 20
+        browser.find_element(By.ID, "eraser").click()
+        stroke(30, 12, 30, 28)                              # erase a vertical cut through it at x = 30
+        browser.find_element(By.ID, "eraser").click()
+        Select = __import__("selenium.webdriver.support.select", fromlist=["Select"]).Select
+        Select(browser.find_element(By.ID, "inpaint-area")).select_by_value("masked")
+        _generate(browser, steps=2, seed=3)
+        assert pipe.masks and pipe.masks[-1] is not None
+        png, area, blur = pipe.masks[-1]
+        m = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+        assert m.shape == (64, 64) and area == "masked" and blur == 4
+        assert m[20, 15] == 255 and m[20, 45] == 255        # painted
+        assert m[20, 30] == 0                               # erased
+        assert m[5, 5] == 0 and m[40, 20] == 0              # never painted
+        browser.find_element(By.ID, "clear-mask").click()
+        n = len(pipe.masks)
+        browser.find_element(By.ID, "generate").click()
+        _wait(browser, "return document.querySelectorAll('#gallery .card img').length >= 2", timeout=60)
+        assert len(pipe.masks) == n + 1 and pipe.masks[-1] is None
+        _no_console_errors(browser)

@@ -119,7 +119,7 @@ def test_damaged_files_refused_before_any_backend(tmp_path):
 def test_incompatible_components_name_both_sides(tmp_path):
     with pytest.raises(IncompatibleModelError, match="text_encoder width 64 .* cross-attention width 32"):
         write_manifest(tmp_path, make_manifest(tmp_path, te_width=64, unet_ctx=32))
-    with pytest.raises(IncompatibleModelError, match="unet takes 8 latent channels"):
+    with pytest.raises(IncompatibleModelError, match="unet takes 8 input channels"):
         write_manifest(tmp_path, make_manifest(tmp_path, unet_ch=8))
 
 

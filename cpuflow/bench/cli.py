@@ -48,7 +48,8 @@ is that process's high-water mark (VmHWM).
 @click.command("bench", epilog=EXAMPLES,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl"]),
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl",
+                                           "sd15-inpaint"]),
               default=None,
               help="Benchmark this architecture with random weights instead of MODEL_DIR (exported once, "
                    "cached under the user cache dir in bench-models/; needs the export extra the first time). "
@@ -111,7 +112,7 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
 
     if (model_dir is None) == (arch is None):
         raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch "
-                              "sd15|sd21|sd21-v|sd15-lcm|sd21-turbo|sdxl")
+                              "sd15|sd21|sd21-v|sd15-lcm|sd21-turbo|sdxl|sd15-inpaint")
     if (rebuild or tokenizer_dir) and arch is None:
         raise InvalidArgument("--rebuild and --tokenizer go with --arch")
     if reference_source and reference is None:

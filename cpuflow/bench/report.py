@@ -14,6 +14,7 @@ from typing import Any
 
 STAGE_ROWS = (
     ("text", "text encoder, 1 call"),
+    ("depth", "depth estimator, 1 call"),
     ("unet", "UNet, 1 call"),
     ("vae", "VAE decode"),
     ("taesd", "TAESD decode"),

@@ -42,7 +42,7 @@ from ..errors import CpuflowError, InvalidArgument, MissingDependency
 from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
-ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl")
+ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl", "sd15-inpaint")
 # --arch sdxl is exported OpenVINO-only: the direct torch -> IR path fits the 2.6 B-parameter UNet in
 # 24 GB where the ONNX path (a second copy of the weights) does not (export/torch_to_openvino.py)
 ARCH_FORMAT = {"sdxl": "openvino"}
@@ -53,7 +53,7 @@ NO_TORCH_REFERENCE = {
 ARCH_SEED = 0                     # the random weights' seed for --arch models (export and reference alike)
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
-STAGE_ORDER = ("load", "text", "unet", "vae", "taesd", "e2e")   # load first: it fills the compiled cache
+STAGE_ORDER = ("load", "text", "depth", "unet", "vae", "taesd", "e2e")   # load first: it fills the compiled cache
 LogFn = Callable[[str], None]
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROGRESS_PREFIX = "@@cpuflow-bench-progress "
-STAGES = ("text", "unet", "vae", "taesd", "e2e", "load")
+STAGES = ("text", "unet", "vae", "taesd", "e2e", "load", "depth")   # depth: a depth model's estimator
 DEFAULT_STAGES = ("text", "unet", "vae", "e2e", "load")   # taesd only when asked: not every folder has it
 UNET_TIMESTEP = 500.0   # any value: latency does not depend on it
 
@@ -129,7 +129,7 @@ def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
     lat = model.latent_dims(w, h, 1)
     return {"text_encoder": {"batch": 1}, "text_encoder_2": {"batch": 1},   # the second: SDXL
             "unet": dict(lat, batch=unet_batch(spec)),
-            "vae_decoder": dict(lat), "taesd_decoder": dict(lat)}
+            "vae_decoder": dict(lat), "taesd_decoder": dict(lat), "depth_estimator": {"batch": 1}}
 
 
 def unet_batch(spec: dict) -> int:
@@ -139,6 +139,7 @@ def unet_batch(spec: dict) -> int:
 
 
 STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",), "taesd": ("taesd_decoder",),
+                    "depth": ("depth_estimator",),
                     "e2e": ("text_encoder", "unet", "vae_decoder"),
                     "load": ("text_encoder", "unet", "vae_decoder")}
 
@@ -224,7 +225,8 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
         cond = rng.standard_normal(hidden, dtype=np.float32)
         uncond = rng.standard_normal(hidden, dtype=np.float32) if unet_batch(spec) == 2 else None
         lat = model.latent_dims(w, h, 1)
-        x = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
+        # the UNet's own input channels: 9 for an inpainting UNet, 5 for a depth one
+        x = rng.standard_normal((1, int(unet.input("sample").shape[1]), lat["latent_height"], lat["latent_width"]),
                                 dtype=np.float32)
         fn = guided_model_fn(model, cond, uncond, float(spec["guidance"]), lat, timer)
         out.update(measure(lambda: fn(x, UNET_TIMESTEP), spec["warmup"], spec["repeat"], progress))
@@ -240,6 +242,11 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
         z = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
                                 dtype=np.float32)
         out.update(measure(lambda: decode_taesd(model, z, timer), spec["warmup"], spec["repeat"], progress))
+    elif stage == "depth":   # the depth estimator on one preprocessed image (cpuflow/pipelines/depth.py)
+        est = model.manifest.components["depth_estimator"]
+        pv = rng.uniform(-1, 1, est.input("pixel_values").resolve({"batch": 1})).astype(np.float32)
+        out.update(measure(lambda: model.run("depth_estimator", {"batch": 1}, {"pixel_values": pv}),
+                           spec["warmup"], spec["repeat"], progress))
     elif stage == "e2e":
         req = GenerationRequest(prompt=spec["prompt"], steps=int(spec["steps"]), guidance=float(spec["guidance"]),
                                 width=w, height=h, seed=int(spec.get("gen_seed", 0)), decoder=decoder)

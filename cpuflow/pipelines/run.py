@@ -58,6 +58,7 @@ class GenerationResult:
     records: list[dict[str, Any]]          # one per image: everything that made it
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)   # depth-to-image: "depth_map" (PIL, --save-depth)
 
 
 def uses_cfg(manifest, guidance: float) -> bool:
@@ -133,6 +134,9 @@ class Run:
         self.images: list[Image.Image] = []
         self.records: list[dict[str, Any]] = []
         self.record_extra: dict[str, Any] = {}     # task-specific fields for every record
+        self.extras: dict[str, Any] = {}           # task-specific results beside the images
+        # a task's last touch on each decoded image (inpainting "masked": pasted back into the picture)
+        self.finish_hook: Callable[[Image.Image], Image.Image] | None = None
         self.plan = None
         self._encoded: dict[str, Any] = {}
         self._pending: list[tuple[np.ndarray, dict]] = []   # low-memory: sampled, not yet decoded
@@ -228,10 +232,13 @@ class Run:
                 k += 1
 
     # -- stages -----------------------------------------------------------------------
-    def sample(self, job: ImageJob, x: np.ndarray) -> np.ndarray:
+    def sample(self, job: ImageJob, x: np.ndarray, post_step=None) -> np.ndarray:
+        """Denoise ``x`` with the job's UNet; ``post_step(i, x) -> x`` runs after every
+        model call (samplers.sample; inpainting with a 4-channel UNet blends there)."""
         cb = None if self.progress is None else self._step_callback(job.index)
         t0 = time.perf_counter()
-        x = denoise(self.model, self.plan, job.model_fn, x, job.generator, self.req.eta, callback=cb)
+        x = denoise(self.model, self.plan, job.model_fn, x, job.generator, self.req.eta, callback=cb,
+                    post_step=post_step)
         self.timer.add("sampling", time.perf_counter() - t0)
         return x
 
@@ -264,6 +271,9 @@ class Run:
 
     def emit(self, image: Image.Image, rec: dict[str, Any]) -> None:
         """A finished image and its record: keep it, and hand it to ``on_image``."""
+        if self.finish_hook is not None:
+            image = self.finish_hook(image)
+            rec.update(width=image.width, height=image.height)
         if self.keep_images:
             self.images.append(image)
         self.records.append(rec)
@@ -293,7 +303,7 @@ class Run:
         t.pop("sampling", None)
         for rec in self.records:
             rec["timings"] = {k: round(v, 4) for k, v in t.items()}
-        return GenerationResult(self.images, self.records, dict(t), self.warnings)
+        return GenerationResult(self.images, self.records, dict(t), self.warnings, self.extras)
 
     def variants(self) -> dict[str, str]:
         """The variant each component this image goes through runs. From the model and

@@ -90,8 +90,8 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
 
 
 def denoise(model: LoadedModel, plan, model_fn, x: np.ndarray, generator, eta: float,
-            callback=None) -> np.ndarray:
-    x = samplers.sample(plan, model_fn, x, generator=generator, eta=eta, callback=callback)
+            callback=None, post_step=None) -> np.ndarray:
+    x = samplers.sample(plan, model_fn, x, generator=generator, eta=eta, callback=callback, post_step=post_step)
     check_finite("latents after sampling", x)
     return x
 

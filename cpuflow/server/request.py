@@ -49,7 +49,11 @@ class GenerateBody(BaseModel):
     seed: int | None = None              # none: random (the job reports it)
     n_samples: int = 1
     init_image: str | None = None        # base64 (or a data: URL) of a PNG/JPEG/WebP/...: img2img
-    strength: float = 0.8
+    strength: float | None = None        # none: 0.8 for img2img, 1.0 with a mask (as diffusers)
+    mask: str | None = None              # base64 PNG (or any image), white = repaint: inpainting, with init_image
+    mask_blur: int = 0
+    inpaint_area: Literal["whole", "masked"] = "whole"   # masked: the region around the mask at model size
+    padding: int = 32
     eta: float = 0.0
     rng: Literal["torch", "numpy"] = "torch"
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
@@ -121,8 +125,19 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
             if v is not None and (isinstance(v, bool) or v <= 0 or v % 8):
                 raise InvalidArgument(f"{name} must be a positive multiple of 8, got {v}")
         # bytes and a neutral name: no path is ever opened, none reaches an error message
-        img = load_init_image(init_bytes, width, height, name="(uploaded)")
-        width, height = img.size
+        masked = body.mask is not None and body.inpaint_area == "masked"
+        img = load_init_image(init_bytes, None if masked else width, None if masked else height, name="(uploaded)")
+        if masked:   # the picture keeps its size; the model works at width x height
+            if img.width * img.height > limits.max_pixels:
+                raise ResourceLimitError(f"the init image's {img.width}x{img.height} pixels are over this "
+                                         f"server's limit of {limits.max_pixels} pixels per image")
+        else:
+            width, height = img.size
+    mask_bytes = None
+    if body.mask is not None:
+        if init_bytes is None:
+            raise InvalidArgument("a mask needs an init_image (the picture to repaint)")
+        mask_bytes = decode_base64(body.mask, limits.max_init_bytes, what="mask")
     width = width if width is not None else info["width"]
     height = height if height is not None else info["height"]
     if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0 \
@@ -132,8 +147,11 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
     req = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
                             width=width, height=height, seed=body.seed, n_samples=body.n_samples,
-                            eta=body.eta, init_image=init_bytes, strength=body.strength,
-                            rng=body.rng, decoder=body.decoder).with_seed()
+                            eta=body.eta, init_image=init_bytes,
+                            strength=body.strength if body.strength is not None else
+                            1.0 if mask_bytes is not None else 0.8,
+                            rng=body.rng, decoder=body.decoder, mask=mask_bytes, mask_blur=body.mask_blur,
+                            inpaint_area=body.inpaint_area, padding=body.padding).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -148,17 +166,19 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
               "decoder": req.decoder}
+    if mask_bytes is not None:
+        params.update(inpaint=True, mask_blur=req.mask_blur, inpaint_area=req.inpaint_area, padding=req.padding)
     return req, params
 
 
-def decode_base64(text: str, max_bytes: int) -> bytes:
+def decode_base64(text: str, max_bytes: int, what: str = "init image") -> bytes:
     s = _DATA_URL_RE.sub("", text.strip(), count=1)
     if len(s) > (max_bytes * 4) // 3 + 4:
-        raise ResourceLimitError(f"init image is over this server's limit of {max_bytes} bytes")
+        raise ResourceLimitError(f"{what} is over this server's limit of {max_bytes} bytes")
     try:
         data = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageInputError("init image is not valid base64") from None
+        raise ImageInputError(f"{what} is not valid base64") from None
     if not data:
-        raise ImageInputError("init image is empty")
+        raise ImageInputError(f"{what} is empty")
     return data
