@@ -537,6 +537,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         spec = specs[name]
         comp_dir = staging / name
         module = wrap_for_export(loaded, spec)
+        if spec.side_files is not None:  # e.g. the token-embedding table, read before the module goes
+            spec.config.update(spec.side_files(comp_dir, weights))
         feeds = spec.sample_inputs(spec.check_dims, seed=seed + 1)
         with steps.step(name, "torch reference"):
             ref = run_torch(module, spec, feeds)
