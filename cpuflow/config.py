@@ -109,6 +109,8 @@ class GenerationRequest:
     strength: float = 0.8              # img2img only
     rng: str = "torch"                 # torch-compatible noise (same image as diffusers) | numpy
     decoder: str = "full"              # full VAE | taesd (the tiny autoencoder; img2img encodes with it too)
+    clip_skip: int | None = None       # None: the model's default; 1 = the text encoder's own layer (A1111)
+    embeddings: tuple[str, ...] = ()   # textual-inversion files, "FILE" or "FILE:TOKEN" (cpuflow/embeddings.py)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -159,6 +161,11 @@ class GenerationRequest:
         set_("strength", st)
         _choice("rng", self.rng, ("torch", "numpy"))
         _choice("decoder", self.decoder, DECODERS)
+        from .prompt_encoding import check_clip_skip
+        check_clip_skip(self.clip_skip)
+        if isinstance(self.embeddings, str) or not all(isinstance(e, str) for e in self.embeddings):
+            raise InvalidArgument("embeddings must be a list of file paths (FILE or FILE:TOKEN)")
+        set_("embeddings", tuple(self.embeddings))
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

@@ -16,7 +16,9 @@ from PIL import Image
 
 from .. import __version__, guidance_embedding, samplers
 from ..config import MAX_SEED, GenerationRequest
+from ..embeddings import EmbeddingSet
 from ..errors import InvalidArgument
+from ..prompt_encoding import PromptOptions, default_clip_skip, fit_to_unet, pad_to_same_length
 from ..image import array_to_images, image_to_array, load_init_image
 from ..rng import make_generator
 from . import sdxl
@@ -85,27 +87,18 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     cache: dict[str, Any] = {}
     n_images = len(req.prompts) * req.n_samples
     low_memory = model.config.low_memory
+    popts = PromptOptions(clip_skip=req.clip_skip, embeddings=EmbeddingSet.load(req.embeddings))
+    encode = lambda text: _encode_cached(model, text, cache, timer, popts)  # noqa: E731
     if low_memory:
         # All prompts first, then the text encoder leaves memory before the UNet comes in.
         for prompt, negative in zip(req.prompts, req.negative_prompts):
-            _encode_cached(model, prompt, cache, timer)
-            if do_cfg:
-                _encode_cached(model, negative, cache, timer)
+            _conditioning(model, encode, prompt, negative, do_cfg, warnings)
         model.release("text_encoder")
         model.release("text_encoder_2")
     k = 0
     xl = sdxl.is_sdxl(model)
     for prompt, negative in zip(req.prompts, req.negative_prompts):
-        cond = _encode_cached(model, prompt, cache, timer)
-        if xl and do_cfg:  # SDXL: an empty negative prompt may mean zeros (cpuflow/pipelines/sdxl.py)
-            uncond = sdxl.negative_conditioning(model, negative, cond,
-                                                lambda: _encode_cached(model, negative, cache, timer))
-        else:
-            uncond = _encode_cached(model, negative, cache, timer) if do_cfg else None
-        for note, enc in (("prompt", cond), ("negative prompt", uncond)):
-            if enc is not None and enc.truncated:
-                warnings.append(f"{note} is longer than the text encoder's {model.max_length} tokens; "
-                                f"dropped: {enc.dropped_text!r}")
+        cond, uncond = _conditioning(model, encode, prompt, negative, do_cfg, warnings)
         if xl:
             model_fn = sdxl.guided_model_fn(model, cond, uncond, r["guidance"], dims, timer, r["width"], r["height"])
         else:
@@ -154,10 +147,31 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     return GenerationResult(images, records, dict(timer.seconds), warnings)
 
 
-def _encode_cached(model, text, cache, timer):
+def _encode_cached(model, text, cache, timer, options):
     if text not in cache:
-        cache[text] = (sdxl.encode_prompt if sdxl.is_sdxl(model) else encode_prompt)(model, text, timer)
+        cache[text] = encode_prompt(model, text, timer, options)
     return cache[text]
+
+
+def _conditioning(model, encode, prompt: str, negative: str, do_cfg: bool, warnings: list[str]):
+    """(cond, uncond) for one prompt: A1111-encoded (cpuflow/prompt_encoding.py), both
+    padded to the same number of chunks with the empty prompt's encoding, and cut to
+    one chunk for an export whose UNet takes 77 tokens only."""
+    cond = encode(prompt)
+    uncond = None
+    if do_cfg and sdxl.is_sdxl(model):  # SDXL: an empty negative prompt may mean zeros (cpuflow/pipelines/sdxl.py)
+        uncond = sdxl.negative_conditioning(model, negative, cond, lambda: encode(negative))
+    elif do_cfg:
+        uncond = encode(negative)
+    if uncond is not None and uncond.embeddings.shape[1] != cond.embeddings.shape[1]:
+        cond, uncond = pad_to_same_length(cond, uncond, encode(""))
+    for c in (cond, uncond):
+        if c is not None:
+            warnings.extend(w for w in c.warnings if w not in warnings)
+    cond = fit_to_unet(model, cond, warnings, "the prompt")
+    if uncond is not None:
+        uncond = fit_to_unet(model, uncond, warnings, "the negative prompt")
+    return cond, uncond
 
 
 def _step_callback(progress: ProgressFn | None, k: int, n_images: int, plan):
@@ -197,6 +211,9 @@ def _record(model: LoadedModel, req: GenerationRequest, r: dict, prompt: str, ne
         "decoder": req.decoder,
         "cpuflow_version": __version__,
     }
+    rec["clip_skip"] = req.clip_skip if req.clip_skip is not None else default_clip_skip(m)
+    if req.embeddings:
+        rec["embeddings"] = list(req.embeddings)
     if r["sampler"] == "ddim":
         rec["eta"] = req.eta
     if is_img2img:
