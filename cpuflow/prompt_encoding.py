@@ -234,9 +234,10 @@ def fit_to_unet(model, cond: Conditioning, warnings: list[str], what: str) -> Co
     fixed = unet_context_length(model)
     if fixed is None or cond.embeddings.shape[1] <= fixed:
         return cond
-    warnings.append(f"{what} needs {cond.embeddings.shape[1] // fixed} chunks of {fixed} tokens but this "
-                    f"export's UNet takes {fixed} tokens: only the first chunk is used "
-                    "(re-export the model with this cpuflow for long prompts)")
+    msg = (f"{what} needs {cond.embeddings.shape[1] // fixed} chunks of {fixed - 2} tokens but this export's UNet "
+           f"takes one: only the first chunk is used (re-export the model with this cpuflow for long prompts)")
+    if msg not in warnings:
+        warnings.append(msg)
     return Conditioning(cond.embeddings[:, :fixed], cond.pooled, cond.warnings, cond.is_zeros)
 
 

@@ -163,14 +163,17 @@ def _conditioning(model, encode, prompt: str, negative: str, do_cfg: bool, warni
         uncond = sdxl.negative_conditioning(model, negative, cond, lambda: encode(negative))
     elif do_cfg:
         uncond = encode(negative)
-    if uncond is not None and uncond.embeddings.shape[1] != cond.embeddings.shape[1]:
-        cond, uncond = pad_to_same_length(cond, uncond, encode(""))
     for c in (cond, uncond):
         if c is not None:
             warnings.extend(w for w in c.warnings if w not in warnings)
-    cond = fit_to_unet(model, cond, warnings, "the prompt")
     if uncond is not None:
+        # cut to what an old export's UNet takes first (each with its own warning), then pad
+        cond = fit_to_unet(model, cond, warnings, "the prompt")
         uncond = fit_to_unet(model, uncond, warnings, "the negative prompt")
+        if uncond.embeddings.shape[1] != cond.embeddings.shape[1]:
+            cond, uncond = pad_to_same_length(cond, uncond, encode(""))
+    else:
+        cond = fit_to_unet(model, cond, warnings, "the prompt")
     return cond, uncond
 
 
