@@ -78,18 +78,18 @@ class EmbeddingSet:
             out.append((ids, e.name, e.n_vectors))
         return out
 
-    def vectors_for(self, encoder: str, width: int) -> dict[str, np.ndarray]:
+    def vectors_for(self, encoder: str, width: int, *, sdxl: bool) -> dict[str, np.ndarray]:
         """name -> (n, width) vectors for one text encoder; a clear error when
-        an embedding was made for another text encoder."""
+        an embedding was made for another model family or text encoder."""
         out = {}
         for e in self.embeddings:
-            if "" in e.parts:
-                v = e.parts[""]
-            elif SDXL_PARTS.get(encoder) in e.parts:
-                v = e.parts[SDXL_PARTS[encoder]]
-            else:
+            if sdxl and "" in e.parts:
+                raise InvalidArgument(f"embedding {e.name!r} ({e.path}) is made for one text encoder; this SDXL "
+                                      "model needs an SDXL embedding (clip_l and clip_g)")
+            if not sdxl and "" not in e.parts:
                 raise InvalidArgument(f"embedding {e.name!r} ({e.path}) is an SDXL embedding (clip_l / clip_g); "
                                       "this model has one text encoder")
+            v = e.parts[""] if "" in e.parts else e.parts[SDXL_PARTS[encoder]]
             if v.shape[1] != width:
                 raise InvalidArgument(
                     f"embedding {e.name!r} ({e.path}) is made for a text encoder of width {v.shape[1]}; "

@@ -195,7 +195,8 @@ def encode_text(model, encoders: Sequence[Encoder], text: str, options: PromptOp
         chunks = chunks + [empty_chunk(enc.token_ids())] * (n - len(chunks))
         layer = _layer_index(model, enc, clip_skip)
         vectors = {} if options.embeddings is None else options.embeddings.vectors_for(
-            enc.name, int(model.manifest.components[enc.name].config.get("hidden_size", 0)))
+            enc.name, int(model.manifest.components[enc.name].config.get("hidden_size", 0)),
+            sdxl=len(encoders) > 1)
         zs = []
         for i, chunk in enumerate(chunks):
             z, p = _run_chunk(model, enc, chunk, layer, vectors, timer)
