@@ -49,12 +49,12 @@ class Encoder:
 
     def token_ids(self) -> TokenIds:
         t = self.tokenizer
-        return TokenIds(bos=t.bos_id, eos=t.eos_id, pad=t.pad_id, comma=t.vocab.get(",</w>"),
+        return TokenIds(bos=t.bos_id, eos=t.eos_id, pad=t.pad_id, comma=t.token_id(",</w>"),
                         max_length=self.max_length)
 
 
 @dataclass
-class Conditioning:
+class EncodedPrompt:
     """The encoded prompt: ``embeddings`` (1, 77 * chunks, width) float32;
     ``pooled`` (1, projection) for SDXL, else None."""
     embeddings: np.ndarray
@@ -62,8 +62,8 @@ class Conditioning:
     warnings: list[str] = field(default_factory=list)
     is_zeros: bool = False        # SDXL's "no negative prompt": zeros, padded with zeros
 
-    def zeros(self) -> "Conditioning":
-        return Conditioning(np.zeros_like(self.embeddings),
+    def zeros(self) -> "EncodedPrompt":
+        return EncodedPrompt(np.zeros_like(self.embeddings),
                             None if self.pooled is None else np.zeros_like(self.pooled), [], True)
 
 
@@ -182,8 +182,8 @@ def chunks_for(enc: Encoder, text: str, options: PromptOptions, warnings: list[s
 
 
 def encode_text(model, encoders: Sequence[Encoder], text: str, options: PromptOptions, timer=None, *,
-                what: str = "prompt") -> Conditioning:
-    """Encode ``text`` with every encoder (SDXL: both) into one Conditioning."""
+                what: str = "prompt") -> EncodedPrompt:
+    """Encode ``text`` with every encoder (SDXL: both) into one EncodedPrompt."""
     clip_skip = options.clip_skip if options.clip_skip is not None else default_clip_skip(model.manifest)
     check_clip_skip(clip_skip)
     warnings: list[str] = []
@@ -205,20 +205,20 @@ def encode_text(model, encoders: Sequence[Encoder], text: str, options: PromptOp
                 pooled = np.asarray(p, dtype=np.float32)
         states.append(np.concatenate(zs, axis=1))
     emb = np.concatenate(states, axis=-1) if len(states) > 1 else states[0]
-    return Conditioning(np.ascontiguousarray(emb, dtype=np.float32), pooled, list(dict.fromkeys(warnings)))
+    return EncodedPrompt(np.ascontiguousarray(emb, dtype=np.float32), pooled, list(dict.fromkeys(warnings)))
 
 
-def pad_to_same_length(a: Conditioning, b: Conditioning, empty: Conditioning) -> tuple[Conditioning, Conditioning]:
+def pad_to_same_length(a: EncodedPrompt, b: EncodedPrompt, empty: EncodedPrompt) -> tuple[EncodedPrompt, EncodedPrompt]:
     """Prompt and negative prompt padded to the same number of chunks with the
     encoding of the empty prompt (A1111's ``pad_cond``), so both fit one UNet batch."""
     n = max(a.embeddings.shape[1], b.embeddings.shape[1])
 
-    def pad(c: Conditioning) -> Conditioning:
+    def pad(c: EncodedPrompt) -> EncodedPrompt:
         missing = (n - c.embeddings.shape[1]) // empty.embeddings.shape[1]
         if missing <= 0:
             return c
         filler = np.zeros_like(empty.embeddings) if c.is_zeros else empty.embeddings
-        return Conditioning(np.concatenate([c.embeddings] + [filler] * missing, axis=1), c.pooled, c.warnings,
+        return EncodedPrompt(np.concatenate([c.embeddings] + [filler] * missing, axis=1), c.pooled, c.warnings,
                             c.is_zeros)
     return pad(a), pad(b)
 
@@ -229,7 +229,7 @@ def unet_context_length(model) -> int | None:
     return d if isinstance(d, int) else None
 
 
-def fit_to_unet(model, cond: Conditioning, warnings: list[str], what: str) -> Conditioning:
+def fit_to_unet(model, cond: EncodedPrompt, warnings: list[str], what: str) -> EncodedPrompt:
     """An export whose UNet takes a fixed 77 tokens (before schema 2) gets the
     first chunk only, with a warning that says how to get the rest."""
     fixed = unet_context_length(model)
@@ -239,7 +239,7 @@ def fit_to_unet(model, cond: Conditioning, warnings: list[str], what: str) -> Co
            f"takes one: only the first chunk is used (re-export the model with this cpuflow for long prompts)")
     if msg not in warnings:
         warnings.append(msg)
-    return Conditioning(cond.embeddings[:, :fixed], cond.pooled, cond.warnings, cond.is_zeros)
+    return EncodedPrompt(cond.embeddings[:, :fixed], cond.pooled, cond.warnings, cond.is_zeros)
 
 
 def text_length_dims(model, cond_len: int) -> dict[str, int]:

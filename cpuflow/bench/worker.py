@@ -269,13 +269,13 @@ def _sdxl_unet_call(model, spec: dict, rng, timer):
     import numpy as np
 
     from ..pipelines.sdxl import guided_model_fn as sdxl_guided
-    from ..prompt_encoding import Conditioning
+    from ..prompt_encoding import EncodedPrompt
 
     unet = model.manifest.components["unet"]
     w, h = int(spec["width"]), int(spec["height"])
 
     def prompt():
-        return Conditioning(rng.standard_normal(text_shape(unet), dtype=np.float32),
+        return EncodedPrompt(rng.standard_normal(text_shape(unet), dtype=np.float32),
                             rng.standard_normal(unet.input("text_embeds").resolve({"batch": 1}), dtype=np.float32))
     cond = prompt()
     uncond = prompt() if unet_batch(spec) == 2 else None

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ManifestError
-from ..prompt_encoding import Conditioning
+from ..prompt_encoding import EncodedPrompt
 from . import stages
 from .model import LoadedModel, StageTimer
 
@@ -62,8 +62,8 @@ def time_ids(model: LoadedModel, width: int, height: int) -> tuple[np.ndarray, n
     return np.asarray([pos], np.float32), np.asarray([neg], np.float32)
 
 
-def negative_conditioning(model: LoadedModel, negative_text: str, cond: Conditioning,
-                          encode: Callable[[], Conditioning]) -> Conditioning:
+def negative_conditioning(model: LoadedModel, negative_text: str, cond: EncodedPrompt,
+                          encode: Callable[[], EncodedPrompt]) -> EncodedPrompt:
     """The negative branch: zeros for an empty negative prompt when the model says so
     (diffusers: no negative prompt + force_zeros_for_empty_prompt), else ``encode()``."""
     if negative_text == "" and options(model)["force_zeros_for_empty_prompt"]:
@@ -71,13 +71,14 @@ def negative_conditioning(model: LoadedModel, negative_text: str, cond: Conditio
     return encode()
 
 
-def guided_model_fn(model: LoadedModel, cond: Conditioning, uncond: Conditioning | None,
-                    guidance: float, latent_dims: dict, timer: StageTimer, width: int, height: int
-                    ) -> Callable[[np.ndarray, float], np.ndarray]:
+def guided_model_fn(model: LoadedModel, cond: EncodedPrompt, uncond: EncodedPrompt | None,
+                    guidance: float, latent_dims: dict, timer: StageTimer, width: int, height: int,
+                    **unet_inputs) -> Callable[[np.ndarray, float], np.ndarray]:
     """The SDXL UNet with classifier-free guidance: stages.guided_model_fn with the
     pooled text embeddings and the time ids as per-branch inputs."""
     pos_ids, neg_ids = time_ids(model, width, height)
     return stages.guided_model_fn(
         model, cond.embeddings, None if uncond is None else uncond.embeddings, guidance, latent_dims, timer,
         cond_extra={"text_embeds": cond.pooled, "time_ids": pos_ids},
-        uncond_extra=None if uncond is None else {"text_embeds": uncond.pooled, "time_ids": neg_ids})
+        uncond_extra=None if uncond is None else {"text_embeds": uncond.pooled, "time_ids": neg_ids},
+        **unet_inputs)
