@@ -95,11 +95,13 @@ def test_missing_or_damaged_model_exit_3(model, tmp_path):
     assert not (tmp_path / "b.png").exists()
 
 
-def test_long_prompt_is_truncated_with_a_warning(model, tmp_path):
+def test_long_prompt_on_an_old_export_is_cut_with_a_warning(model, tmp_path):
+    """The shipped model is a schema-1 export (UNet of 77 tokens): the first chunk is used;
+    long prompts on a current export: tests/test_prompts.py."""
     long = "a red circle " + " ".join(f"word{i}" for i in range(200))
     r = run("generate", "--model", model, long, "--steps", 1, "--out", tmp_path / "l.png", "-q")
     assert r.exit_code == 0, r.output
-    assert "warning: prompt is longer than the text encoder's 77 tokens; dropped:" in r.output
+    assert "warning: the prompt needs 4 chunks" in r.output and "re-export" in r.output
 
 
 def test_any_multiple_of_8_works(model, tmp_path):
