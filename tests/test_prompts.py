@@ -58,8 +58,8 @@ FRAGMENTS = [
     (_words(4) + " ", 1.0), (EMB, 1.0), (" ", 1.0), ("painting", 1.2 * 1.1), (" ", 1.1),
     ("landscape", 1.1 / 1.1 / 1.1),
 ]
-NEGATIVE = "blue sky, (city at night:0.7)"
-NEG_FRAGMENTS = [("blue sky, ", 1.0), ("city at night", 0.7)]
+NEGATIVE = "blue sky, myemb (city at night:0.7)"       # a negative embedding too
+NEG_FRAGMENTS = [("blue sky, ", 1.0), (EMB, 1.0), (" ", 1.0), ("city at night", 0.7)]
 
 
 # --- the reference -------------------------------------------------------------------

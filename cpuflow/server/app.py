@@ -75,15 +75,28 @@ class GenerateBody(BaseModel):
     eta: float = 0.0
     rng: Literal["torch", "numpy"] = "torch"
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
+    clip_skip: int | None = None         # A1111's meaning (1 = the model's own layer); none: the model's
+    embeddings: list[str] = []           # names from GET /api/models "embeddings" (loaded with serve --embedding)
+
+
+class ParamsFromImageBody(BaseModel):
+    """POST /api/params-from-image: a PNG (base64 or data: URL) whose parameters fill the form."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str
 
 
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
                max_queue: int | None = None, limits: Limits | None = None, load_options: dict | None = None,
-               preview_every: int | None = None) -> FastAPI:
+               preview_every: int | None = None, embeddings=()) -> FastAPI:
     """``models``: id -> exported model folder, ``None`` (the shipped model) or a
     loaded :class:`cpuflow.Pipeline`. ``allowed_hosts``: exact Host header values
-    (default: localhost / 127.0.0.1 / [::1] with ``port``)."""
+    (default: localhost / 127.0.0.1 / [::1] with ``port``). ``embeddings``:
+    textual-inversion files (FILE or FILE:TOKEN) a request may name; read now, so a
+    bad file stops the server from starting, and no request ever names a path."""
     limits = limits or Limits()
+    from ..embeddings import load_embedding
+    embedding_specs = {load_embedding(spec).name: spec for spec in embeddings}
     if max_queue is not None:
         limits = replace(limits, max_queue=max_queue)
     if not models:
@@ -132,6 +145,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         return {"models": [dict(info, default=(mid == default_model)) for mid, info in infos.items()],
                 "samplers": [{"name": n, "description": s.description} for n, s in SAMPLERS.items()],
                 "schedules": ["default", "karras"],
+                "embeddings": sorted(embedding_specs),
                 "limits": {"max_pixels": limits.max_pixels, "max_steps": limits.max_steps,
                            "max_samples": limits.max_samples, "max_prompt_chars": limits.max_prompt_chars,
                            "max_init_bytes": limits.max_init_bytes, "max_queue": limits.max_queue}}
@@ -141,7 +155,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         model_id = body.model if body.model is not None else default_model
         if model_id not in pipes:
             raise InvalidArgument(f"model must be one of {', '.join(pipes)} (see /api/models)")
-        req, params = _build_request(body, infos[model_id], limits)
+        req, params = _build_request(body, infos[model_id], limits, embedding_specs)
         job = Job(model_id=model_id, request=req, params=params, n_images=req.n_samples)
         try:
             pos = queue.submit(job)
@@ -149,6 +163,12 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
             return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
         return JSONResponse(job.to_json(position=pos), status_code=202,
                             headers={"Location": f"/api/jobs/{job.id}"})
+
+    @app.post("/api/params-from-image", summary="Generation parameters read from a PNG (cpuflow's or A1111's)")
+    def params_from_image(body: ParamsFromImageBody):
+        from ..from_image import params_from_png
+        params, notes = params_from_png(_decode_base64(body.image, limits.max_init_bytes, what="image"))
+        return {"params": params, "notes": notes}
 
     @app.get("/api/jobs", summary="Recent jobs, newest first")
     def list_jobs():
@@ -222,7 +242,13 @@ def describe(mid: str, pipe: Any) -> dict:
     }
 
 
-def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[GenerationRequest, dict]:
+def _build_request(body: GenerateBody, info: dict, limits: Limits,
+                   embedding_specs: Mapping[str, str] | None = None) -> tuple[GenerationRequest, dict]:
+    embedding_specs = embedding_specs or {}
+    unknown = [e for e in body.embeddings if e not in embedding_specs]
+    if unknown:
+        have = ", ".join(sorted(embedding_specs)) or "none (start the server with --embedding FILE)"
+        raise InvalidArgument(f"unknown embedding {unknown[0]!r}; this server has: {have}")
     for name in ("prompt", "negative_prompt"):
         n = len(getattr(body, name))
         if n > min(limits.max_prompt_chars, MAX_PROMPT_CHARS):
@@ -252,7 +278,8 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
                             width=width, height=height, seed=body.seed, n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes, strength=body.strength,
-                            rng=body.rng, decoder=body.decoder).with_seed()
+                            rng=body.rng, decoder=body.decoder, clip_skip=body.clip_skip,
+                            embeddings=tuple(embedding_specs[e] for e in body.embeddings)).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -266,22 +293,22 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
               "guidance": req.guidance if req.guidance is not None else info["guidance"],
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
-              "decoder": req.decoder}
+              "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings)}
     return req, params
 
 
-def _decode_base64(text: str, max_bytes: int) -> bytes:
+def _decode_base64(text: str, max_bytes: int, what: str = "init image") -> bytes:
     s = _DATA_URL_RE.sub("", text.strip(), count=1)
     if len(s) > (max_bytes * 4) // 3 + 4:
-        raise ResourceLimitError(f"init image is over this server's limit of {max_bytes} bytes")
+        raise ResourceLimitError(f"{what} is over this server's limit of {max_bytes} bytes")
     try:
         data = base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):
         from ..errors import ImageInputError
-        raise ImageInputError("init image is not valid base64") from None
+        raise ImageInputError(f"{what} is not valid base64") from None
     if not data:
         from ..errors import ImageInputError
-        raise ImageInputError("init image is empty")
+        raise ImageInputError(f"{what} is empty")
     return data
 
 
