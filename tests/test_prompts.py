@@ -388,3 +388,26 @@ def test_prompt_limit_and_bad_weight_are_clear_errors(sd1):
         pipe.txt2img("(cat:1.2.3)", steps=1)
     r = pipe.txt2img("(unclosed cat", steps=1)
     assert any("unclosed" in w for w in r.warnings)
+
+
+def test_default_clip_skip_comes_from_the_manifest(sd1, tmp_path):
+    """export --default-clip-skip N writes defaults.clip_skip; a request without clip_skip uses it."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from export.cli import export_command
+    r = CliRunner().invoke(export_command, ["--random-weights", "--arch", "sd15", str(tmp_path / "x"),
+                                            "--default-clip-skip", "0"])
+    assert r.exit_code != 0 and "clip_skip must be an integer from 1 to 12" in r.output   # before any load
+    model = tmp_path / "m"
+    shutil.copytree(sd1[0].model, model)
+    raw = json.loads((model / "cpuflow.json").read_text())
+    raw.setdefault("defaults", {})["clip_skip"] = 2
+    (model / "cpuflow.json").write_text(json.dumps(raw))
+    with Pipeline.load(model, backend="onnxruntime", precision="f32", use_cache=False) as mine:
+        got = encode_prompt(mine.model, "a red car", StageTimer(), PromptOptions())
+    want = encode_prompt(_cpuflow(sd1[0].model, "onnxruntime").model, "a red car", StageTimer(),
+                         PromptOptions(clip_skip=2))
+    assert np.array_equal(got.embeddings, want.embeddings)
