@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InvalidArgument, ModelError
+from .image import check_finite
 from .prompt_parser import Chunk, EmbeddingWord, TokenIds, chunk_prompt, empty_chunk, parse_prompt
 from .tokenizer import ClipTokenizer
 
@@ -103,8 +104,13 @@ def check_clip_skip(value: int | None) -> None:
 
 
 # --- running one chunk -------------------------------------------------------------
+def _token_table(path: Path) -> np.ndarray:
+    st = path.stat()   # a re-export in place is a new file: a new key
+    return _load_table(str(path), st.st_mtime_ns, st.st_size)
+
+
 @lru_cache(maxsize=4)
-def _token_table(path: str) -> np.ndarray:
+def _load_table(path: str, _mtime_ns: int, _size: int) -> np.ndarray:
     # memory-mapped: only the rows a prompt uses are read
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
@@ -130,7 +136,7 @@ def _run_chunk(model, enc: Encoder, chunk: Chunk, layer: int, vectors: Mapping[s
     comp = model.manifest.components[enc.name]
     ids = np.asarray([chunk.ids], dtype=np.int64)
     if takes_token_embeddings(comp):
-        table = _token_table(str(model.manifest.path(comp.config["token_embeddings"]["path"])))
+        table = _token_table(Path(model.manifest.path(comp.config["token_embeddings"]["path"])))
         emb = np.asarray(table[ids[0]], dtype=np.float32)
         for pos, name in chunk.embeddings:
             v = vectors[name]
@@ -138,10 +144,7 @@ def _run_chunk(model, enc: Encoder, chunk: Chunk, layer: int, vectors: Mapping[s
         feeds = {"inputs_embeds": emb[None]}
         if any(s.name == "input_ids" for s in comp.inputs):
             feeds["input_ids"] = ids       # where the pooled output is read (the first eos)
-    else:
-        if chunk.embeddings:
-            raise ModelError(f"{model.manifest.root}: this export's {enc.name} takes token ids only, so "
-                             "textual-inversion embeddings cannot be used", hint=REEXPORT)
+    else:   # schema 1: token ids (encode_text refused embeddings for it)
         feeds = {"input_ids": ids}
     t0 = time.perf_counter()
     out = model.run(enc.name, {"batch": 1}, feeds)
@@ -151,9 +154,7 @@ def _run_chunk(model, enc: Encoder, chunk: Chunk, layer: int, vectors: Mapping[s
         z = out["hidden_states"][:, layer]
     else:
         z = out[enc.default_output]
-    if not np.isfinite(z).all():
-        from .errors import NumericalError
-        raise NumericalError(f"{enc.name} output is not finite")
+    check_finite(f"{enc.name} output", z)
     return np.asarray(z, dtype=np.float32), out.get("text_embeds")
 
 
@@ -186,6 +187,11 @@ def encode_text(model, encoders: Sequence[Encoder], text: str, options: PromptOp
     """Encode ``text`` with every encoder (SDXL: both) into one EncodedPrompt."""
     clip_skip = options.clip_skip if options.clip_skip is not None else default_clip_skip(model.manifest)
     check_clip_skip(clip_skip)
+    if options.embeddings is not None:
+        for enc in encoders:
+            if not takes_token_embeddings(model.manifest.components[enc.name]):
+                raise ModelError(f"{model.manifest.root}: this export's {enc.name} takes token ids only, so "
+                                 "textual-inversion embeddings cannot be used", hint=REEXPORT)
     warnings: list[str] = []
     per_encoder = [chunks_for(enc, text, options, warnings if i == 0 else [], what)
                    for i, enc in enumerate(encoders)]

@@ -378,6 +378,11 @@ def test_old_export_runs_plain_and_weighted_prompts_and_asks_to_reexport(tmp_pat
     assert any("only the first chunk" in w and "re-export" in w for w in long.warnings)
     with pytest.raises(ModelError, match="clip skip 2.*re-export"):
         pipe.txt2img("a red circle", steps=1, clip_skip=2)
+    emb = tmp_path / "e.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"emb_params": np.zeros((1, 32), np.float32)}, str(emb))
+    with pytest.raises(ModelError, match="embeddings cannot be used.*re-export"):
+        pipe.txt2img("a red circle", steps=1, embeddings=[str(emb)])
 
 
 def test_prompt_limit_and_bad_weight_are_clear_errors(sd1):
