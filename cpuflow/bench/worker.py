@@ -122,11 +122,10 @@ def measure(fn: Callable[[], Any], warmup: int, repeat: int, progress: Progress,
 
 # ---------------------------------------------------------------- cpuflow stages
 def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
-    from ..prompt_encoding import text_length_dims
-
     """The static shapes a txt2img of spec's size compiles, exactly as
     :func:`cpuflow.pipelines.generate.generate` asks for them (so the
     compiled-model cache written by one worker is found by the next)."""
+    from ..prompt_encoding import text_length_dims
     w, h = int(spec["width"]), int(spec["height"])
     lat = model.latent_dims(w, h, 1)
     return {"text_encoder": {"batch": 1}, "text_encoder_2": {"batch": 1},   # the second: SDXL
