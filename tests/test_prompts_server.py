@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -70,9 +70,6 @@ def test_cli_from_image_explicit_options_win(tmp_path, monkeypatch):
     png = tmp_path / "old.png"
     png.write_bytes(_png(A1111_TEXT))
     seen = {}
-
-    class Stop(Exception):
-        pass
 
     def fake_request(**kw):
         seen.update(kw)
