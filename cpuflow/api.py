@@ -58,7 +58,9 @@ class Pipeline:
                 preview_every: int = 1, **params: Any) -> GenerationResult:
         """Text to image. ``params``: negative_prompt, steps, sampler, schedule,
         guidance, width, height, seed, n_samples, eta, rng, decoder ("full" or
-        "taesd": the tiny autoencoder, when the folder was exported with --taesd).
+        "taesd": the tiny autoencoder, when the folder was exported with --taesd),
+        clip_skip (A1111's: 1 = the model's own layer) and embeddings (textual-inversion
+        files, "FILE" or "FILE:TOKEN"). Prompts take A1111's syntax (README "Prompts").
         ``preview(image, info)`` gets a PIL preview every ``preview_every`` steps
         (through the tiny autoencoder when the folder has it, else a cheap
         latent -> RGB approximation at 1/8 size; see cpuflow/previews.py)."""

@@ -63,7 +63,7 @@ def _samplers_help() -> str:
 
 
 @main.command(epilog=EXAMPLES_GENERATE)
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--model", "-m", type=click.Path(path_type=Path), default=None,
               help="Exported model folder (default: the model shipped with cpuflow).")
 @click.option("--negative-prompt", "-n", default="", help="What the image should not show.")
@@ -122,6 +122,15 @@ def _samplers_help() -> str:
               help="Write a preview of the image every N steps beside the output, as OUT.preview-0005.png "
                    "(image-00000.preview-0005.png in a folder): through the tiny autoencoder when the folder "
                    "has one, else a rough 1/8-size colour approximation of the latents.")
+@click.option("--clip-skip", type=int, default=None, metavar="N",
+              help="Read the text encoder N-1 layers before its last one (A1111's Clip skip: 1 = the model's "
+                   "own layer, 2 = diffusers' clip_skip=1; default: the model's).")
+@click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
+              help="A textual-inversion embedding (.safetensors, A1111 .pt, diffusers learned_embeds), used "
+                   "in the prompt by its file name or TOKEN. Repeatable.")
+@click.option("--from-image", type=click.Path(path_type=Path), default=None, metavar="PNG",
+              help="Take prompt, negative prompt, seed, sampler, schedule, steps, guidance, size and clip skip "
+                   "from a PNG's parameters (cpuflow's or AUTOMATIC1111's); options given as well win.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -129,10 +138,12 @@ def _samplers_help() -> str:
 def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
              n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map, save_depth, backend,
              device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder, preview_every,
-             jpeg_quality, quiet):
+             clip_skip, embeddings, from_image, jpeg_quality, quiet):
     """Generate images from PROMPT (txt2img, img2img with --init-image, inpainting with --mask,
     depth-to-image with a depth model).
 
+    PROMPT takes AUTOMATIC1111's syntax: (word) and (word:1.3) weights, [word],
+    BREAK, any length (75-token chunks); see the README's "Prompts" section.
     Each image is written as soon as it is made, so stopping a long run (Ctrl-C)
     loses only the image in progress."""
     from .config import GenerationRequest, LoadConfig
@@ -141,15 +152,20 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     from .pipelines.model import LoadedModel
     from .previews import with_previews
 
+    given = dict(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler, schedule=schedule,
+                 guidance=guidance, seed=seed, width=width, height=height, clip_skip=clip_skip)
+    if from_image is not None:
+        from .from_image import apply_from_image
+        given = apply_from_image(ctx, from_image, given, quiet=quiet)
+    if given["prompt"] is None:
+        raise InvalidArgument("give a PROMPT (or --from-image PNG)")
     # Validate everything the user typed before loading anything.
     if init_image is None and ctx.get_parameter_source("strength") == click.core.ParameterSource.COMMANDLINE:
         raise InvalidArgument("--strength applies to img2img: give --init-image too, or leave --strength out")
-    req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
-                            schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
-                            height=height, n_samples=n_samples, init_image=init_image,
+    req = GenerationRequest(**given, eta=eta, n_samples=n_samples, init_image=init_image,
                             strength=strength if strength is not None else 1.0 if mask is not None else 0.8,
                             rng=rng, decoder=decoder, mask=mask, mask_blur=mask_blur, inpaint_area=inpaint_area,
-                            padding=padding, depth_map=depth_map).with_seed()
+                            padding=padding, depth_map=depth_map, embeddings=embeddings).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)

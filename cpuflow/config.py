@@ -114,6 +114,8 @@ class GenerationRequest:
     inpaint_area: str = "whole"        # whole image | "masked": only the region around the mask, at model size
     padding: int = 32                  # "masked": pixels of context around the mask's bounding box
     depth_map: Any = None              # path, bytes or PIL image: depth-to-image with this depth, not an estimate
+    clip_skip: int | None = None       # None: the model's default; 1 = the text encoder's own layer (A1111)
+    embeddings: tuple[str, ...] = ()   # textual-inversion files, "FILE" or "FILE:TOKEN" (cpuflow/embeddings.py)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -174,6 +176,11 @@ class GenerationRequest:
             if self.init_image is None:
                 raise InvalidArgument("a mask needs an init image (the picture to repaint)",
                                       hint="pass --init-image with --mask")
+        from .prompt_encoding import check_clip_skip
+        check_clip_skip(self.clip_skip)
+        if isinstance(self.embeddings, str) or not all(isinstance(e, str) for e in self.embeddings):
+            raise InvalidArgument("embeddings must be a list of file paths (FILE or FILE:TOKEN)")
+        set_("embeddings", tuple(self.embeddings))
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

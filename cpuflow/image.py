@@ -571,6 +571,8 @@ def a1111_parameters(params: Mapping[str, Any]) -> str:
         fields.append(("Model hash", str(params["model_hash"])[:10]))
     put("Model", "model_name")
     put("Denoising strength", "strength", _fmt_num)
+    if params.get("clip_skip") not in (None, 1, "1"):   # A1111 writes it only when it is not 1
+        fields.append(("Clip skip", _fmt_num(params["clip_skip"])))
     version = params.get("cpuflow_version")
     if version:
         fields.append(("Version", f"cpuflow {version}"))
@@ -643,6 +645,8 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
             out["model_name"] = value
         elif key == "Denoising strength":
             out["strength"] = num(value)
+        elif key == "Clip skip":
+            out["clip_skip"] = num(value)
         elif key == "Version":
             if value.startswith("cpuflow "):
                 out["cpuflow_version"] = value[len("cpuflow "):]

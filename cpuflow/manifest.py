@@ -8,7 +8,7 @@ the runtime needs and the manifest lacks is an export bug, reported as a
 Schema version 1 (a JSON object)::
 
     format            "cpuflow-model"
-    schema_version    1
+    schema_version    2 (1 is still read: see SCHEMA_VERSION)
     complete          true            (false/absent: an export that never finished)
     name              human name
     family            "sd1" | "sd2" | "sdxl"
@@ -61,7 +61,12 @@ from .manifest_values import check_values
 
 MANIFEST_NAME = "cpuflow.json"
 FORMAT = "cpuflow-model"
-SCHEMA_VERSION = 1
+# 2: text encoders take token embeddings (inputs_embeds; the table beside them in
+# token_embeddings.npy) and give every layer's hidden_states (clip skip); the
+# unet's text length is symbolic ("text_length": 77 x prompt chunks). Folders of
+# schema 1 still run: plain and weighted prompts of one chunk.
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2",  # SDXL's second
                    "taesd_decoder", "taesd_encoder",  # optional: the tiny autoencoder (export --taesd)
                    "depth_estimator")                 # depth-to-image models: the DPT depth estimator
@@ -228,7 +233,7 @@ def parse_manifest(root: Path, data: Mapping[str, Any]) -> Manifest:
     if not isinstance(data, Mapping) or data.get("format") != FORMAT:
         raise ManifestError(f"{root / MANIFEST_NAME} is not a cpuflow manifest", hint=_REEXPORT)
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         if isinstance(version, int) and version > SCHEMA_VERSION:
             raise ManifestError(
                 f"model folder {root} uses manifest schema {version}, this cpuflow reads {SCHEMA_VERSION}",

@@ -101,7 +101,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
-def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads):
+@click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
+              help="A textual-inversion embedding requests may use (by name, in their \"embeddings\" list). "
+                   "Repeatable.")
+def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads, embeddings):
     """Serve a web page and a JSON API for generating images on this machine."""
     token = token or None            # an empty CPUFLOW_TOKEN is no token
     if token == "random":
@@ -115,7 +118,7 @@ def serve_command(models, host, port, token, allow_host, max_queue, backend, pre
     ids = model_ids(models)
     load = {"backend": backend, "precision": precision, "threads": threads}
     app = create_app(ids, token=token, allowed_hosts=default_allowed_hosts(port, host, allow_host), port=port,
-                     max_queue=max_queue, load_options=load)
+                     max_queue=max_queue, load_options=load, embeddings=embeddings)
     shown = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"

@@ -147,6 +147,10 @@ class ClipTokenizer:
             raise InvalidArgument(f"prompt must be a string, got {type(text).__name__}")
         return self._tok.encode(_scrub_surrogates(text), add_special_tokens=False).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry (e.g. ``",</w>"``, where prompt chunks may break), or None."""
+        return self._tok.token_to_id(token)
+
     def __call__(self, text: str, max_length: int | None = None) -> TokenizedPrompt:
         """bos + ids + eos, truncated and padded to ``max_length`` (default: the config's)."""
         try:

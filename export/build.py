@@ -413,7 +413,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  calibration_prompts: str | os.PathLike | list[str] | None = None,
                  calibration_size: int = CALIBRATION_SIZE,
                  calibration_steps: int = CALIBRATION_STEPS,
-                 default_steps: int | None = None, default_guidance: float | None = None) -> Path:
+                 default_steps: int | None = None, default_guidance: float | None = None,
+                 default_clip_skip: int | None = None) -> Path:
     """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
 
     formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
@@ -428,9 +429,12 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     ``calibration_prompts``: a file, a list, or None for the shipped list) run
     for ``calibration_steps`` steps each (export/calibrate.py).
     default_steps / default_guidance: the manifest's generation ``defaults``
-    (else decided by export/fewstep_defaults.py: Turbo, LCM, or none).
+    (else decided by export/fewstep_defaults.py: Turbo, LCM, or none);
+    default_clip_skip: ``defaults.clip_skip`` (A1111's meaning; the runtime's default is 1).
     Returns the absolute OUT_DIR."""
     user_defaults(default_steps, default_guidance)  # a bad value fails before any work
+    from cpuflow.prompt_encoding import check_clip_skip
+    check_clip_skip(default_clip_skip)
     formats = tuple(dict.fromkeys(formats))
     if not formats or any(f not in FORMATS for f in formats):
         raise InvalidArgument(f"formats must be a non-empty subset of {list(FORMATS)}, got {list(formats)}")
@@ -481,7 +485,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
             _build(loaded, staging, formats=formats, weights=weights, force=force,
                    steps=steps, exporter=exporter, release_modules=release_modules, seed=seed,
                    modes=modes, prompts=prompts, calibration_steps=calibration_steps,
-                   default_steps=default_steps, default_guidance=default_guidance)
+                   default_steps=default_steps, default_guidance=default_guidance,
+                   default_clip_skip=default_clip_skip)
             _crash_point("staged")
             _move_into_place(staging, out_dir)
         except BaseException:
@@ -494,7 +499,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
            steps: _Steps, exporter: str, release_modules: bool, seed: int,
            modes: tuple[str, ...] = (), prompts: list[str] | None = None,
            calibration_steps: int = CALIBRATION_STEPS, default_steps: int | None = None,
-           default_guidance: float | None = None) -> None:
+           default_guidance: float | None = None, default_clip_skip: int | None = None) -> None:
     te_cfg = loaded.text_encoder.config
     vae_cfg = loaded.vae.config
     # Everything read from the torch modules is read now, before they are released.
@@ -529,6 +534,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         spec = specs[name]
         comp_dir = staging / name
         module = wrap_for_export(loaded, spec)
+        if spec.side_files is not None:  # e.g. the token-embedding table, read before the module goes
+            spec.config.update(spec.side_files(comp_dir, weights))
         feeds = spec.sample_inputs(spec.check_dims, seed=seed + 1)
         with steps.step(name, "torch reference"):
             ref = run_torch(module, spec, feeds)
@@ -617,6 +624,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         manifest["defaults"] = {**manifest.get("defaults", {}), **defaults}
     if depth_entry(loaded) is not None:   # the depth estimator's preprocessing, replayed by the runtime
         manifest["depth"] = depth_entry(loaded)
+    if default_clip_skip is not None:   # e.g. 2 for models trained on CLIP's penultimate layer
+        manifest["defaults"] = {**manifest.get("defaults", {}), "clip_skip": int(default_clip_skip)}
     if taesd_entry(getattr(loaded, "taesd_source", None)) is not None:
         manifest["export"]["taesd"] = taesd_entry(loaded.taesd_source)
         if modes:

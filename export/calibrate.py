@@ -151,7 +151,8 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         n = len(held)
         picks = sorted({0, n // 2, n - 1})[:HELD_OUT_POINTS] if n else []
         held_out = [held[i] for i in picks]
-        used_precision = model.session("unet", dict(dims, batch=2)).info.precision
+        from cpuflow.prompt_encoding import text_length_dims
+        used_precision = model.session("unet", dict(dims, batch=2, **text_length_dims(model, 77))).info.precision
     finally:
         model.close()
     info = {

@@ -124,9 +124,12 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="Guidance scale used when no --guidance is given, recorded in cpuflow.json. Default: 0 for "
                    "the Turbo hub ids, 8.5 for an LCM with a guidance embedding (1 without), else 7.5 (SDXL: 5). "
                    "E.g. --default-guidance 0 for SD-Turbo (no negative branch).")
+@click.option("--default-clip-skip", "default_clip_skip", type=int, default=None, metavar="N",
+              help="Clip skip used when no --clip-skip is given (A1111's meaning: 1 = the text encoder's own "
+                   "layer, 2 = one earlier, as many anime models expect), recorded in cpuflow.json. Default: 1.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps, loras, taesd, default_steps, default_guidance):
+                   calibration_steps, loras, taesd, default_steps, default_guidance, default_clip_skip):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -139,7 +142,8 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
              random_weights=random_weights, arch=arch, seed=seed, taesd=taesd,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps),
-             loras=loras, default_steps=default_steps, default_guidance=default_guidance)
+             loras=loras, default_steps=default_steps, default_guidance=default_guidance,
+             default_clip_skip=default_clip_skip)
 
 
 def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:
@@ -156,7 +160,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
          random_weights, arch, seed, quantize=None, loras=(), taesd=None, default_steps=None,
-         default_guidance=None) -> None:
+         default_guidance=None, default_clip_skip=None) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -168,6 +172,8 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     from .build import ConsoleProgress, export_model, preflight
     from .fewstep_defaults import user_defaults
     user_defaults(default_steps, default_guidance)  # a bad value fails before the (slow) load
+    from cpuflow.prompt_encoding import check_clip_skip
+    check_clip_skip(default_clip_skip)
     from .sources import load_source
 
     quantize = dict(quantize or {})
@@ -201,7 +207,7 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
                            progress=progress, seed=seed, default_steps=default_steps,
-                           default_guidance=default_guidance, **quantize)
+                           default_guidance=default_guidance, default_clip_skip=default_clip_skip, **quantize)
     finally:
         progress.close()
     del loaded

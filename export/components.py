@@ -22,6 +22,7 @@ import torch
 
 from cpuflow.manifest import TensorSpec
 
+TEXT_LENGTH = "text_length"   # the UNet's symbolic text dimension: 77 x chunks
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder",
                    "taesd_decoder", "taesd_encoder",  # only with --taesd (export/taesd.py)
                    "depth_estimator")                 # only for depth-to-image models (export/depth.py)
@@ -29,17 +30,64 @@ COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder",
 
 # --- wrappers ----------------------------------------------------------------
 class TextEncoderWrapper(torch.nn.Module):
-    """input_ids int64 [batch, 77] -> last_hidden_state [batch, 77, hidden].
+    """inputs_embeds float32 [batch, 77, hidden] (token embeddings, before the
+    position embeddings) [+ input_ids int64 [batch, 77] where a pooled output is
+    read at the first eos] -> last_hidden_state [batch, 77, hidden] and
+    hidden_states [batch, layers + 1, 77, hidden] (every layer's output, the
+    embeddings first), with the final layer norm applied (``normed``: what SD 1.x
+    clip skip reads, A1111's ``final_layer_norm(hidden_states[-N])``) or raw
+    (SDXL, as diffusers' ``hidden_states[-(clip_skip + 2)]``), [+ text_embeds].
 
-    The CLIPTextModel "as configured": SD 2.x checkpoints already hold only the
-    layers up to the penultimate one, so last_hidden_state is right for both."""
+    Taking token embeddings instead of ids lets the runtime put textual-inversion
+    vectors in without a re-export; the token-embedding table is saved beside the
+    encoder (``token_embeddings.npy``). The CLIP model runs as transformers has
+    it: a forward hook hands it ``inputs_embeds`` as its token-embedding output,
+    so position embeddings, causal mask and pooling are transformers' own code.
+    (SD 2.x checkpoints hold only the layers up to the penultimate one, so the
+    last layer is right for both SD families.)"""
 
-    def __init__(self, text_encoder: torch.nn.Module):
+    def __init__(self, text_encoder: torch.nn.Module, *, normed: bool, pooled: bool):
         super().__init__()
         self.text_encoder = text_encoder
+        self.normed, self.pooled = normed, pooled
+        core = getattr(text_encoder, "text_model", text_encoder)
+        self.core = getattr(core, "text_model", core)   # transformers 4.x: CLIPTextModel.text_model
+        self.token_embedding = self.core.embeddings.token_embedding
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=input_ids, return_dict=False)[0]
+    def forward(self, inputs_embeds: torch.Tensor, input_ids: torch.Tensor | None = None):
+        if input_ids is None:
+            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.int64)
+        handle = self.token_embedding.register_forward_hook(lambda _m, _i, _o: inputs_embeds)
+        try:
+            out = self.text_encoder(input_ids=input_ids, output_hidden_states=True)
+        finally:
+            handle.remove()
+        hs = out.hidden_states
+        if self.normed:
+            hs = [self.core.final_layer_norm(h) for h in hs]
+        stacked = torch.stack(list(hs), dim=1)
+        if self.pooled:
+            return out.hidden_states[-2], stacked, out.text_embeds
+        return (out.last_hidden_state if self.normed else out.hidden_states[-2]), stacked
+
+
+def token_embedding_table(text_encoder: torch.nn.Module) -> np.ndarray:
+    core = getattr(text_encoder, "text_model", text_encoder)
+    core = getattr(core, "text_model", core)
+    return core.embeddings.token_embedding.weight.detach().float().cpu().numpy()
+
+
+def save_token_embeddings(text_encoder: torch.nn.Module, path, weights: str = "fp32") -> dict[str, Any]:
+    """Write the token-embedding table (vocab x hidden) as .npy (float16 with
+    --weights fp16, storage only) and return its manifest entry."""
+    from pathlib import Path as _P
+    table = token_embedding_table(text_encoder)
+    if weights == "fp16":
+        table = table.astype(np.float16)
+    path = _P(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, table, allow_pickle=False)
+    return {"shape": list(table.shape), "dtype": str(table.dtype)}
 
 
 class UNetWrapper(torch.nn.Module):
@@ -96,6 +144,8 @@ class ComponentSpec:
     check_dims: dict[str, int]           # symbol -> size used by the parity gate (differs)
     config: dict[str, Any] = field(default_factory=dict)
     make_inputs: Callable[[dict[str, int], np.random.Generator], dict[str, np.ndarray]] | None = None
+    # files written beside the model file (comp_dir, weights) -> config entries (the token-embedding table)
+    side_files: Callable[[Any, str], dict[str, Any]] | None = None
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         assert self.make_inputs is not None
@@ -136,27 +186,65 @@ def _vae_downscale(vae: Any) -> int:
     return 2 ** (len(_cfg(vae).block_out_channels) - 1)
 
 
-def text_encoder_spec(text_encoder: Any, max_length: int) -> ComponentSpec:
+TOKEN_EMBEDDINGS_FILE = "token_embeddings.npy"
+
+
+def text_encoder_spec(text_encoder: Any, max_length: int, *, name: str = "text_encoder",
+                      normed: bool = True, pooled: bool = False) -> ComponentSpec:
+    """The text-encoder contract of manifest schema 2 (see TextEncoderWrapper).
+    ``default_layer`` in the config is the layer the model uses by default
+    (-1: last_hidden_state, SD; -2: the penultimate, SDXL); clip skip N reads
+    ``hidden_states[default_layer - (N - 1)]``."""
     cfg = _cfg(text_encoder)
-    hidden = int(cfg.hidden_size)
-    vocab = int(cfg.vocab_size)
-    inp = _spec("input_ids", "int64", ["batch", max_length])
-    out = _spec("last_hidden_state", "float32", ["batch", max_length, hidden])
+    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+    n_layers = int(cfg.num_hidden_layers)
+    embeds = _spec("inputs_embeds", "float32", ["batch", max_length, hidden])
+    ids = _spec("input_ids", "int64", ["batch", max_length])
+    first = _spec("last_hidden_state" if normed else "penultimate_hidden_states", "float32",
+                  ["batch", max_length, hidden])
+    states = _spec("hidden_states", "float32", ["batch", n_layers + 1, max_length, hidden])
+    inputs = [embeds, ids] if pooled else [embeds]
+    outputs = [first, states]
+    config = {"hidden_size": hidden, "vocab_size": vocab, "max_position_embeddings": int(cfg.max_position_embeddings),
+              "num_hidden_layers": n_layers, "default_layer": -1 if normed else -2,
+              "hidden_states": "final_layer_norm" if normed else "raw",
+              "token_embeddings": {"path": f"{name}/{TOKEN_EMBEDDINGS_FILE}", "shape": [vocab, hidden]}}
+    if not normed:
+        config["hidden_states_layer"] = -2
+    if pooled:
+        proj = int(cfg.projection_dim)
+        outputs.append(_spec("text_embeds", "float32", ["batch", proj]))
+        config["projection_dim"] = proj
+    table = text_encoder.get_input_embeddings().weight if hasattr(text_encoder, "get_input_embeddings") else None
+    eos = int(getattr(cfg, "eos_token_id", vocab - 1) or vocab - 1)
 
     def make(dims, rng):
         b = dims["batch"]
-        ids = rng.integers(0, vocab, size=(b, max_length), dtype=np.int64)
-        return {"input_ids": ids}
+        tok = rng.integers(0, vocab, size=(b, max_length), dtype=np.int64)
+        if pooled:   # an eos somewhere, as a tokenizer puts it
+            tok[:, rng.integers(1, max_length)] = min(eos, vocab - 1)
+        if table is not None:
+            emb = table.detach().float().cpu().numpy()[tok]
+        else:
+            emb = rng.standard_normal((b, max_length, hidden), dtype=np.float32)
+        feeds = {"inputs_embeds": np.ascontiguousarray(emb, dtype=np.float32)}
+        if pooled:
+            feeds["input_ids"] = tok
+        return feeds
 
-    return ComponentSpec(
-        name="text_encoder", source_attr="text_encoder", wrap=TextEncoderWrapper,
-        inputs=[inp], outputs=[out], dynamic_axes={inp.name: _axes(inp), out.name: _axes(out)},
+    def wrap(te):
+        return TextEncoderWrapper(te, normed=normed, pooled=pooled)
+
+    spec = ComponentSpec(
+        name=name, source_attr=name, wrap=wrap,
+        inputs=inputs, outputs=outputs, dynamic_axes={s.name: _axes(s) for s in [*inputs, *outputs]},
         trace_dims={"batch": 1}, check_dims={"batch": 2},
-        config={"hidden_size": hidden, "vocab_size": vocab,
-                "max_position_embeddings": int(cfg.max_position_embeddings),
-                "num_hidden_layers": int(cfg.num_hidden_layers)},
-        make_inputs=make,
+        config=config, make_inputs=make,
     )
+    spec.side_files = lambda comp_dir, weights: {"token_embeddings": {
+        "path": f"{name}/{TOKEN_EMBEDDINGS_FILE}",
+        **save_token_embeddings(text_encoder, comp_dir / TOKEN_EMBEDDINGS_FILE, weights)}}
+    return spec
 
 
 def unet_spec(unet: Any, max_length: int) -> ComponentSpec:
@@ -169,7 +257,8 @@ def unet_spec(unet: Any, max_length: int) -> ComponentSpec:
     up = _unet_up_factor(unet)
     sample = _spec("sample", "float32", ["batch", cin, "latent_height", "latent_width"])
     timestep = _spec("timestep", "float32", ["batch"])
-    ehs = _spec("encoder_hidden_states", "float32", ["batch", max_length, cross])
+    # any number of 77-token chunks (long prompts): one compiled shape per length at run time
+    ehs = _spec("encoder_hidden_states", "float32", ["batch", TEXT_LENGTH, cross])
     out = _spec("out_sample", "float32", ["batch", cout, "latent_height", "latent_width"])
 
     def make(dims, rng):
@@ -178,7 +267,8 @@ def unet_spec(unet: Any, max_length: int) -> ComponentSpec:
         return {
             "sample": rng.standard_normal((b, cin, h, w), dtype=np.float32),
             "timestep": t,
-            "encoder_hidden_states": rng.standard_normal((b, max_length, cross), dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((b, dims.get(TEXT_LENGTH, max_length), cross),
+                                                         dtype=np.float32),
         }
 
     config = {"in_channels": cin, "out_channels": cout, "cross_attention_dim": cross,
@@ -193,9 +283,10 @@ def unet_spec(unet: Any, max_length: int) -> ComponentSpec:
         # the upsamplers (interpolate(size=...)), and the traced graph takes any
         # latent size (e.g. 520x520 images, latent 65). Traced at a multiple, the
         # graph would bake in scale_factor=2 and fail on such sizes.
-        trace_dims={"batch": 1, "latent_height": up + max(1, up // 2), "latent_width": 2 * up},
-        # validate at another batch, a multiple height and a non-multiple width
-        check_dims={"batch": 2, "latent_height": 2 * up, "latent_width": 3 * up - 1},
+        trace_dims={"batch": 1, "latent_height": up + max(1, up // 2), "latent_width": 2 * up,
+                    TEXT_LENGTH: max_length},
+        # validate at another batch, a multiple height, a non-multiple width and two text chunks
+        check_dims={"batch": 2, "latent_height": 2 * up, "latent_width": 3 * up - 1, TEXT_LENGTH: 2 * max_length},
         config=config, make_inputs=make,
     )
     if getattr(cfg, "time_cond_proj_dim", None) is not None:  # LCM: guidance as an input

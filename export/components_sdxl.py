@@ -2,11 +2,11 @@
 
 SDXL conditions the UNet on two CLIP text encoders and two extra inputs:
 
-* ``text_encoder`` (CLIPTextModel): input_ids -> ``penultimate_hidden_states``
+* ``text_encoder`` (CLIPTextModel): inputs_embeds -> ``penultimate_hidden_states``
   (``hidden_states[-2]``, NOT last_hidden_state: diffusers' ``encode_prompt`` with
-  ``clip_skip=None``);
-* ``text_encoder_2`` (CLIPTextModelWithProjection): input_ids ->
-  ``penultimate_hidden_states`` and ``text_embeds`` (the projected pooled output);
+  ``clip_skip=None``) and every layer's raw ``hidden_states`` (clip skip);
+* ``text_encoder_2`` (CLIPTextModelWithProjection): inputs_embeds + input_ids ->
+  the same two and ``text_embeds`` (the projected pooled output);
 * ``unet``: sample, timestep, encoder_hidden_states (both penultimate states
   concatenated on the channels, 768 + 1280 = 2048 at full size), ``text_embeds``
   [batch, 1280] and ``time_ids`` [batch, 6] (original size, crop top-left, target
@@ -27,29 +27,6 @@ from .guidance_unet import SDXLGuidanceEmbeddedUNetWrapper, has_guidance_input
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
-class PenultimateTextEncoderWrapper(torch.nn.Module):
-    """input_ids int64 [batch, 77] -> penultimate_hidden_states [batch, 77, hidden]."""
-
-    def __init__(self, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids=input_ids, output_hidden_states=True).hidden_states[-2]
-
-
-class PooledTextEncoderWrapper(torch.nn.Module):
-    """input_ids -> (penultimate_hidden_states [batch, 77, hidden], text_embeds [batch, projection])."""
-
-    def __init__(self, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.text_encoder = text_encoder
-
-    def forward(self, input_ids: torch.Tensor):
-        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True)
-        return out.hidden_states[-2], out.text_embeds
-
-
 class SDXLUNetWrapper(torch.nn.Module):
     """(sample, timestep, encoder_hidden_states, text_embeds, time_ids) -> out_sample."""
 
@@ -63,28 +40,11 @@ class SDXLUNetWrapper(torch.nn.Module):
                          return_dict=False)[0]
 
 
-def _ids_maker(vocab: int, max_length: int):
-    def make(dims, rng):
-        return {"input_ids": rng.integers(0, vocab, size=(dims["batch"], max_length), dtype=np.int64)}
-    return make
-
-
 def text_encoder_spec(text_encoder: Any, max_length: int, *, name: str, pooled: bool) -> base.ComponentSpec:
-    cfg = text_encoder.config
-    hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
-    inp = base._spec("input_ids", "int64", ["batch", max_length])
-    outs = [base._spec("penultimate_hidden_states", "float32", ["batch", max_length, hidden])]
-    config = {"hidden_size": hidden, "vocab_size": vocab, "max_position_embeddings": int(cfg.max_position_embeddings),
-              "num_hidden_layers": int(cfg.num_hidden_layers), "hidden_states_layer": -2}
-    if pooled:
-        proj = int(cfg.projection_dim)
-        outs.append(base._spec("text_embeds", "float32", ["batch", proj]))
-        config["projection_dim"] = proj
-    return base.ComponentSpec(
-        name=name, source_attr=name, wrap=PooledTextEncoderWrapper if pooled else PenultimateTextEncoderWrapper,
-        inputs=[inp], outputs=outs, dynamic_axes={s.name: base._axes(s) for s in [inp, *outs]},
-        trace_dims={"batch": 1}, check_dims={"batch": 2}, config=config, make_inputs=_ids_maker(vocab, max_length),
-    )
+    """SDXL's encoders: the penultimate layer by default and raw hidden states for
+    clip skip (diffusers' SDXL ``encode_prompt``); text_encoder_2 also gives
+    ``text_embeds`` pooled at the first eos of ``input_ids``."""
+    return base.text_encoder_spec(text_encoder, max_length, name=name, normed=False, pooled=pooled)
 
 
 def unet_spec(unet: Any, max_length: int, text_embeds_dim: int) -> base.ComponentSpec:

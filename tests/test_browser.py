@@ -275,4 +275,36 @@ def test_paint_a_mask_over_the_init_image(browser, tmp_path):
         browser.find_element(By.ID, "generate").click()
         _wait(browser, "return document.querySelectorAll('#gallery .card img').length >= 2", timeout=60)
         assert len(pipe.masks) == n + 1 and pipe.masks[-1] is None
+
+
+def test_dropping_a_png_fills_the_form(browser, tmp_path):
+    """A PNG with AUTOMATIC1111 parameters dropped on the page: its prompt (with A1111
+    weights), negative prompt, seed, sampler, schedule, steps, guidance, size and clip skip
+    fill the form (cpuflow reads them on the server: POST /api/params-from-image)."""
+    import base64
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", "a (red:1.2) circle, BREAK blue background\nNegative prompt: green\n"
+                                "Steps: 12, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, "
+                                "Size: 128x96, Model hash: abcdef0123, Clip skip: 2, Version: v1.10.1")
+    png = tmp_path / "a1111.png"
+    Image.new("RGB", (128, 96), "white").save(png, pnginfo=info)
+    data = base64.b64encode(png.read_bytes()).decode()
+    with LiveServer({"fake": FakePipeline(step_delay=0.01)}) as srv:
+        browser.get(srv.url + "/")
+        _wait(browser, "return document.getElementById('model').options.length > 0")
+        browser.execute_script(
+            "const b = Uint8Array.from(atob(arguments[0]), (c) => c.charCodeAt(0));"
+            "const dt = new DataTransfer(); dt.items.add(new File([b], 'a1111.png', {type: 'image/png'}));"
+            "document.getElementById('gallery').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true,"
+            " cancelable: true}));", data)
+        _wait(browser, "return document.getElementById('status').textContent.startsWith('Settings loaded')")
+        value = lambda i: browser.execute_script(f"return document.getElementById('{i}').value")  # noqa: E731
+        assert value("prompt") == "a (red:1.2) circle, BREAK blue background" and value("negative") == "green"
+        assert (value("steps"), value("guidance"), value("width"), value("height")) == ("12", "6.5", "128", "96")
+        assert (value("sampler"), value("schedule"), value("seed"), value("clip-skip")) == \
+            ("euler_a", "karras", "1234", "2")
+        assert not browser.execute_script("return document.getElementById('seed-random').checked")
         _no_console_errors(browser)

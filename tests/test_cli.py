@@ -95,11 +95,16 @@ def test_missing_or_damaged_model_exit_3(model, tmp_path):
     assert not (tmp_path / "b.png").exists()
 
 
-def test_long_prompt_is_truncated_with_a_warning(model, tmp_path):
-    long = "a red circle " + " ".join(f"word{i}" for i in range(200))
+def test_long_prompts_run_and_an_old_export_cuts_them_with_a_warning(model, tmp_path):
+    """A current export takes prompts of several 75-token chunks (parity: tests/test_prompts.py);
+    the shipped model is a schema-1 export (UNet of 77 tokens): its first chunk is used, with a warning."""
+    long = "a red circle " + " ".join(["a red car in the city at night"] * 25)   # 3 chunks here, 7 shipped
     r = run("generate", "--model", model, long, "--steps", 1, "--out", tmp_path / "l.png", "-q")
     assert r.exit_code == 0, r.output
-    assert "warning: prompt is longer than the text encoder's 77 tokens; dropped:" in r.output
+    assert "warning" not in r.output
+    r = run("generate", long, "--steps", 1, "--out", tmp_path / "s.png", "-q")
+    assert r.exit_code == 0, r.output
+    assert "warning: the prompt needs 7 chunks" in r.output and "re-export" in r.output
 
 
 def test_any_multiple_of_8_works(model, tmp_path):
@@ -126,7 +131,7 @@ def test_info_human_and_json(model):
     assert r.exit_code == 0, r.output
     assert "family       sd1" in r.output and "unet" in r.output and "psnr" in r.output
     r = run("info", model, "--json")
-    assert json.loads(r.output)["schema_version"] == 1
+    assert json.loads(r.output)["schema_version"] == 2
 
 
 def test_samplers_listed():

@@ -156,7 +156,7 @@ def test_io_contract_and_dynamic_dims(exported, kind):
     path, _ = exported[kind]
     m = load_manifest(path, verify=False)
     expect = {
-        "text_encoder": (["input_ids"], ["last_hidden_state"]),
+        "text_encoder": (["inputs_embeds"], ["last_hidden_state", "hidden_states"]),
         "unet": (["sample", "timestep", "encoder_hidden_states"], ["out_sample"]),
         "vae_decoder": (["latent_sample"], ["sample"]),
         "vae_encoder": (["sample"], ["latent_parameters"]),
@@ -178,7 +178,13 @@ def test_io_contract_and_dynamic_dims(exported, kind):
             for d, want in zip(dims, spec.shape):
                 assert d.is_dynamic if isinstance(want, str) else d.get_length() == want
     te = m.components["text_encoder"]
-    assert te.input("input_ids").shape == ("batch", 77) and te.input("input_ids").dtype == "int64"
+    # schema 2: token embeddings in (the table beside the encoder), every layer's states out
+    hidden = te.config["hidden_size"]
+    assert te.input("inputs_embeds").shape == ("batch", 77, hidden) and te.input("inputs_embeds").dtype == "float32"
+    assert te.output("hidden_states").shape == ("batch", te.config["num_hidden_layers"] + 1, 77, hidden)
+    table = np.load(m.path(te.config["token_embeddings"]["path"]))
+    assert table.shape == (te.config["vocab_size"], hidden)
+    assert m.components["unet"].input("encoder_hidden_states").shape[1] == "text_length"   # 77 x chunks
     assert m.components["vae_encoder"].output("latent_parameters").shape[1] == 2 * m.latent_channels
 
 

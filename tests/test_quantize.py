@@ -222,7 +222,8 @@ def test_broken_quantization_fails_the_export_unless_forced(plain, tmp_path, mon
     raw = _raw(folder)
     comps = {"text_encoder": raw["components"]["text_encoder"]}
     te = comps["text_encoder"]["variants"]["fp32"]["files"]["onnx"][0]
-    feeds = {"input_ids": np.random.default_rng(0).integers(0, 300, (2, 77), dtype=np.int64)}
+    hidden = comps["text_encoder"]["config"]["hidden_size"]
+    feeds = {"inputs_embeds": 0.02 * np.random.default_rng(0).standard_normal((2, 77, hidden), dtype=np.float32)}
     checks = {"text_encoder": quant.Check(feeds, validate.run_onnx(folder / te, feeds))}
     real = quant.quantize_per_axis_uint8
     monkeypatch.setattr(quant, "quantize_per_axis_uint8",  # a mirrored code book: garbage weights

@@ -89,10 +89,10 @@ def test_export_manifest(sdxl):
     assert m["defaults"] == {"guidance": 5.0}                               # diffusers' SDXL default
     assert m["tokenizer"]["pad_token_id"] != m["tokenizer_2"]["pad_token_id"]   # tokenizer_2 pads with "!"
     unet = {s["name"]: s["shape"] for s in m["components"]["unet"]["inputs"]}
-    assert unet["encoder_hidden_states"] == ["batch", 77, 96]               # 32 + 64
+    assert unet["encoder_hidden_states"] == ["batch", "text_length", 96]    # 32 + 64; 77 x prompt chunks
     assert unet["text_embeds"] == ["batch", 32] and unet["time_ids"] == ["batch", 6]
     te2 = [s["name"] for s in m["components"]["text_encoder_2"]["outputs"]]
-    assert te2 == ["penultimate_hidden_states", "text_embeds"]
+    assert te2 == ["penultimate_hidden_states", "hidden_states", "text_embeds"]
     for comp in m["components"].values():
         for fmt in ("onnx", "openvino"):
             assert comp["variants"]["fp32"]["parity"][fmt]["passed"]

@@ -125,10 +125,11 @@ def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
     """The static shapes a txt2img of spec's size compiles, exactly as
     :func:`cpuflow.pipelines.generate.generate` asks for them (so the
     compiled-model cache written by one worker is found by the next)."""
+    from ..prompt_encoding import text_length_dims
     w, h = int(spec["width"]), int(spec["height"])
     lat = model.latent_dims(w, h, 1)
     return {"text_encoder": {"batch": 1}, "text_encoder_2": {"batch": 1},   # the second: SDXL
-            "unet": dict(lat, batch=unet_batch(spec)),
+            "unet": dict(lat, batch=unet_batch(spec), **text_length_dims(model, 77)),  # one prompt chunk
             "vae_decoder": dict(lat), "taesd_decoder": dict(lat), "depth_estimator": {"batch": 1}}
 
 
@@ -211,17 +212,14 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
         out.update(times_s=[load_s], warmup_times_s=[], rss_after_load_bytes=memory_status()["rss"],
                    run_peak_rss_bytes=None)
     elif stage == "text":
-        prompt = spec["prompt"]
-        encode = encode_prompt
-        if model.manifest.family == "sdxl":  # both text encoders, one call each
-            from ..pipelines.sdxl import encode_prompt as encode
-        out.update(measure(lambda: encode(model, prompt, timer), spec["warmup"], spec["repeat"], progress))
+        prompt = spec["prompt"]   # SDXL: both text encoders, one call each
+        out.update(measure(lambda: encode_prompt(model, prompt, timer), spec["warmup"], spec["repeat"], progress))
     elif stage == "unet" and model.manifest.family == "sdxl":
         out.update(measure(_sdxl_unet_call(model, spec, rng, timer), spec["warmup"], spec["repeat"], progress))
         out["unet_batch"] = unet_batch(spec)
     elif stage == "unet":
         unet = model.manifest.components["unet"]
-        hidden = unet.input("encoder_hidden_states").resolve({"batch": 1})
+        hidden = text_shape(unet)
         cond = rng.standard_normal(hidden, dtype=np.float32)
         uncond = rng.standard_normal(hidden, dtype=np.float32) if unet_batch(spec) == 2 else None
         lat = model.latent_dims(w, h, 1)
@@ -265,21 +263,26 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     return out
 
 
+def text_shape(unet) -> tuple[int, ...]:
+    """One prompt chunk's UNet text input shape (batch 1, 77 tokens)."""
+    spec = unet.input("encoder_hidden_states")
+    return spec.resolve({"batch": 1, **({spec.shape[1]: 77} if isinstance(spec.shape[1], str) else {})})
+
+
 def _sdxl_unet_call(model, spec: dict, rng, timer):
     """One SDXL UNet call as the pipeline makes it (cpuflow.pipelines.sdxl.guided_model_fn:
     random embeddings and pooled text_embeds, the real time ids), batch 2 with guidance."""
     import numpy as np
 
-    from ..pipelines.sdxl import SDXLEncodedPrompt, guided_model_fn as sdxl_guided
+    from ..pipelines.sdxl import guided_model_fn as sdxl_guided
+    from ..prompt_encoding import EncodedPrompt
 
     unet = model.manifest.components["unet"]
     w, h = int(spec["width"]), int(spec["height"])
 
     def prompt():
-        return SDXLEncodedPrompt(rng.standard_normal(unet.input("encoder_hidden_states").resolve({"batch": 1}),
-                                                     dtype=np.float32),
-                                 rng.standard_normal(unet.input("text_embeds").resolve({"batch": 1}),
-                                                     dtype=np.float32), False, "")
+        return EncodedPrompt(rng.standard_normal(text_shape(unet), dtype=np.float32),
+                            rng.standard_normal(unet.input("text_embeds").resolve({"batch": 1}), dtype=np.float32))
     cond = prompt()
     uncond = prompt() if unet_batch(spec) == 2 else None
     lat = model.latent_dims(w, h, 1)

@@ -35,8 +35,10 @@ from PIL import Image
 
 from .. import __version__, guidance_embedding, samplers
 from ..config import MAX_SEED, GenerationRequest
+from ..embeddings import EmbeddingSet
 from ..errors import InvalidArgument
 from ..image import array_to_images
+from ..prompt_encoding import PromptOptions, default_clip_skip, fit_to_unet, pad_to_same_length
 from ..rng import make_generator
 from . import sdxl
 from .model import LoadedModel, StageTimer
@@ -96,7 +98,7 @@ class Conditioning:
     """One prompt / negative prompt pair, encoded, and the guided UNet over it."""
     prompt: str
     negative: str
-    cond: Any                     # EncodedPrompt or sdxl.SDXLEncodedPrompt
+    cond: Any                     # prompt_encoding.EncodedPrompt
     uncond: Any                   # the same, or None without a negative branch
 
 
@@ -138,6 +140,8 @@ class Run:
         # a task's last touch on each decoded image (inpainting "masked": pasted back into the picture)
         self.finish_hook: Callable[[Image.Image], Image.Image] | None = None
         self.plan = None
+        self.prompt_options = PromptOptions(clip_skip=self.req.clip_skip,
+                                            embeddings=EmbeddingSet.load(self.req.embeddings))
         self._encoded: dict[str, Any] = {}
         self._pending: list[tuple[np.ndarray, dict]] = []   # low-memory: sampled, not yet decoded
         self._t_start = time.perf_counter()
@@ -179,35 +183,41 @@ class Run:
 
     # -- prompts ----------------------------------------------------------------------
     def encode(self, text: str):
-        """Each distinct text is encoded once per request."""
+        """Each distinct text is encoded once per request (A1111's way: cpuflow/prompt_encoding.py)."""
         if text not in self._encoded:
-            encode = sdxl.encode_prompt if sdxl.is_sdxl(self.model) else encode_prompt
-            self._encoded[text] = encode(self.model, text, self.timer)
+            self._encoded[text] = encode_prompt(self.model, text, self.timer, self.prompt_options)
         return self._encoded[text]
+
+    def _pair(self, prompt: str, negative: str):
+        """(cond, uncond) for one prompt: encoded, cut to one chunk for an export whose
+        UNet takes 77 tokens only, then padded to the same number of chunks with the
+        empty prompt's encoding (A1111's pad_cond) so both fit one UNet batch."""
+        cond, uncond = self.encode(prompt), None
+        if self.do_cfg and sdxl.is_sdxl(self.model):  # an empty SDXL negative may mean zeros (sdxl.py)
+            uncond = sdxl.negative_conditioning(self.model, negative, cond, lambda: self.encode(negative))
+        elif self.do_cfg:
+            uncond = self.encode(negative)
+        for enc in (cond, uncond):
+            for w in (enc.warnings if enc is not None else ()):
+                self.warn(w)
+        cond = fit_to_unet(self.model, cond, self.warnings, "the prompt")
+        if uncond is not None:
+            uncond = fit_to_unet(self.model, uncond, self.warnings, "the negative prompt")
+            if uncond.embeddings.shape[1] != cond.embeddings.shape[1]:
+                cond, uncond = pad_to_same_length(cond, uncond, self.encode(""))
+        return cond, uncond
 
     def conditionings(self) -> Iterator[Conditioning]:
         pairs = list(zip(self.req.prompts, self.req.negative_prompts))
         if self.model.config.low_memory:
             # All prompts first, then the text encoders leave memory before the UNet comes in.
-            for prompt, negative in pairs:
-                self.encode(prompt)
-                if self.do_cfg:
-                    self.encode(negative)
+            pairs_encoded = [self._pair(prompt, negative) for prompt, negative in pairs]
             self.model.release("text_encoder")
             self.model.release("text_encoder_2")
-        xl = sdxl.is_sdxl(self.model)
-        for prompt, negative in pairs:
-            cond = self.encode(prompt)
-            uncond = None
-            if self.do_cfg:
-                if xl:  # an empty SDXL negative prompt may mean zeros (cpuflow/pipelines/sdxl.py)
-                    uncond = sdxl.negative_conditioning(self.model, negative, cond, lambda: self.encode(negative))
-                else:
-                    uncond = self.encode(negative)
-            for note, enc in (("prompt", cond), ("negative prompt", uncond)):
-                if enc is not None and enc.truncated:
-                    self.warn(f"{note} is longer than the text encoder's {self.model.max_length} tokens; "
-                              f"dropped: {enc.dropped_text!r}")
+        else:
+            pairs_encoded = None
+        for i, (prompt, negative) in enumerate(pairs):
+            cond, uncond = pairs_encoded[i] if pairs_encoded is not None else self._pair(prompt, negative)
             yield Conditioning(prompt, negative, cond, uncond)
 
     def guided(self, c: Conditioning, **unet_inputs: Any) -> Callable[[np.ndarray, float], np.ndarray]:
@@ -345,6 +355,9 @@ class Run:
         }
         if p["sampler"] == "ddim":
             rec["eta"] = req.eta
+        rec["clip_skip"] = req.clip_skip if req.clip_skip is not None else default_clip_skip(m)
+        if req.embeddings:
+            rec["embeddings"] = list(req.embeddings)
         rec.update(self.record_extra)
         rec.update(extra)
         return rec

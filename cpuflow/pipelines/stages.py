@@ -15,27 +15,16 @@ import numpy as np
 from .. import guidance_embedding, samplers
 from ..errors import ModelError
 from ..image import check_finite
+from ..prompt_encoding import EncodedPrompt, PromptOptions, encode_text, encoders_of, text_length_dims
 from .model import LoadedModel, StageTimer
 
 
-@dataclass(frozen=True)
-class EncodedPrompt:
-    embeddings: np.ndarray      # (1, max_length, hidden) float32
-    truncated: bool
-    dropped_text: str
-
-
-def encode_prompt(model: LoadedModel, text: str, timer: StageTimer) -> EncodedPrompt:
-    """Tokenize (truncating at the encoder's window, reporting what was cut)
-    and run the text encoder. diffusers does the same for the positive and
-    the negative prompt separately."""
-    tok = model.tokenizer(text, max_length=model.max_length)
-    t0 = time.perf_counter()
-    out = model.run("text_encoder", {"batch": 1},
-                    {"input_ids": tok.ids.astype(np.int64)[None, :]})["last_hidden_state"]
-    timer.add("text_encoder", time.perf_counter() - t0)
-    check_finite("text encoder output", out)
-    return EncodedPrompt(np.ascontiguousarray(out, dtype=np.float32), tok.truncated, tok.dropped_text)
+def encode_prompt(model: LoadedModel, text: str, timer: StageTimer,
+                  options: PromptOptions | None = None) -> EncodedPrompt:
+    """The prompt through the model's text encoder(s), A1111's way: weights,
+    BREAK, 77-token chunks, clip skip, textual-inversion words
+    (cpuflow/prompt_encoding.py; SDXL: both encoders and the pooled embeds)."""
+    return encode_text(model, encoders_of(model), text, options or PromptOptions(), timer)
 
 
 def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
@@ -61,7 +50,7 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
         uncond = None
         extra[guidance_embedding.INPUT_NAME] = guidance_embedding.guidance_embedding(guidance, emb_dim)
     batch = 1 if uncond is None else 2
-    dims = dict(latent_dims, batch=batch)
+    dims = dict(latent_dims, batch=batch, **text_length_dims(model, cond.shape[1]))
     ehs = cond if uncond is None else np.concatenate([uncond, cond], axis=0)
     for name, c in cond_extra.items():
         extra[name] = c if uncond is None else np.concatenate([uncond_extra[name], c], axis=0)

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import CpuflowError, InvalidArgument
 from .jobs import ImageStore, Job, JobQueue, QueueFull, scrub
-from .request import GenerateBody, Limits, describe, validation_problems
+from .request import GenerateBody, Limits, ParamsFromImageBody, decode_base64, describe, validation_problems
 from .request import build_request as _build_request
 from .runner import make_runner
 from .security import SecurityMiddleware, default_allowed_hosts, security_headers
@@ -44,11 +44,15 @@ MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
                max_queue: int | None = None, limits: Limits | None = None, load_options: dict | None = None,
-               preview_every: int | None = None) -> FastAPI:
+               preview_every: int | None = None, embeddings=()) -> FastAPI:
     """``models``: id -> exported model folder, ``None`` (the shipped model) or a
     loaded :class:`cpuflow.Pipeline`. ``allowed_hosts``: exact Host header values
-    (default: localhost / 127.0.0.1 / [::1] with ``port``)."""
+    (default: localhost / 127.0.0.1 / [::1] with ``port``). ``embeddings``:
+    textual-inversion files (FILE or FILE:TOKEN) a request may name; read now, so a
+    bad file stops the server from starting, and no request ever names a path."""
     limits = limits or Limits()
+    from ..embeddings import load_embedding
+    embedding_specs = {load_embedding(spec).name: spec for spec in embeddings}
     if max_queue is not None:
         limits = replace(limits, max_queue=max_queue)
     if not models:
@@ -97,6 +101,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         return {"models": [dict(info, default=(mid == default_model)) for mid, info in infos.items()],
                 "samplers": [{"name": n, "description": s.description} for n, s in SAMPLERS.items()],
                 "schedules": ["default", "karras"],
+                "embeddings": sorted(embedding_specs),
                 "limits": {"max_pixels": limits.max_pixels, "max_steps": limits.max_steps,
                            "max_samples": limits.max_samples, "max_prompt_chars": limits.max_prompt_chars,
                            "max_init_bytes": limits.max_init_bytes, "max_queue": limits.max_queue}}
@@ -106,7 +111,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         model_id = body.model if body.model is not None else default_model
         if model_id not in pipes:
             raise InvalidArgument(f"model must be one of {', '.join(pipes)} (see /api/models)")
-        req, params = _build_request(body, infos[model_id], limits)
+        req, params = _build_request(body, infos[model_id], limits, embedding_specs=embedding_specs)
         check = getattr(pipes[model_id], "check", None)   # a real Pipeline: refuse what would fail later
         if check is not None:
             check(req)
@@ -117,6 +122,12 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
             return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
         return JSONResponse(job.to_json(position=pos), status_code=202,
                             headers={"Location": f"/api/jobs/{job.id}"})
+
+    @app.post("/api/params-from-image", summary="Generation parameters read from a PNG (cpuflow's or A1111's)")
+    def params_from_image(body: ParamsFromImageBody):
+        from ..from_image import params_from_png
+        params, notes = params_from_png(decode_base64(body.image, limits.max_init_bytes, what="image"))
+        return {"params": params, "notes": notes}
 
     @app.get("/api/jobs", summary="Recent jobs, newest first")
     def list_jobs():

@@ -57,6 +57,15 @@ class GenerateBody(BaseModel):
     eta: float = 0.0
     rng: Literal["torch", "numpy"] = "torch"
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
+    clip_skip: int | None = None         # A1111's meaning (1 = the model's own layer); none: the model's
+    embeddings: list[str] = []           # names from GET /api/models "embeddings" (loaded with serve --embedding)
+
+
+class ParamsFromImageBody(BaseModel):
+    """POST /api/params-from-image: a PNG (base64 or data: URL) whose parameters fill the form."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str
 
 
 def validation_problems(errors: Iterable[dict]) -> str:
@@ -104,10 +113,16 @@ def describe(mid: str, pipe: Any) -> dict:
 
 
 def build_request(body: GenerateBody, info: dict, limits: Limits,
-                  init_bytes: bytes | None = None) -> tuple[GenerationRequest, dict]:
+                  init_bytes: bytes | None = None, embedding_specs: dict[str, str] | None = None
+                  ) -> tuple[GenerationRequest, dict]:
     """The request and its parameters with the model's defaults filled in.
     ``init_bytes``: the init image's bytes (the caller read them: base64 from the
     HTTP body, a file for a batch job); none and ``body.init_image`` set: decoded here."""
+    embedding_specs = embedding_specs or {}
+    unknown = [e for e in body.embeddings if e not in embedding_specs]
+    if unknown:
+        have = ", ".join(sorted(embedding_specs)) or "none (start the server with --embedding FILE)"
+        raise InvalidArgument(f"unknown embedding {unknown[0]!r}; this server has: {have}")
     for name in ("prompt", "negative_prompt"):
         n = len(getattr(body, name))
         if n > min(limits.max_prompt_chars, MAX_PROMPT_CHARS):
@@ -151,7 +166,8 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
                             strength=body.strength if body.strength is not None else
                             1.0 if mask_bytes is not None else 0.8,
                             rng=body.rng, decoder=body.decoder, mask=mask_bytes, mask_blur=body.mask_blur,
-                            inpaint_area=body.inpaint_area, padding=body.padding).with_seed()
+                            inpaint_area=body.inpaint_area, padding=body.padding, clip_skip=body.clip_skip,
+                            embeddings=tuple(embedding_specs[e] for e in body.embeddings)).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -165,7 +181,7 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
               "guidance": req.guidance if req.guidance is not None else info["guidance"],
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
-              "decoder": req.decoder}
+              "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings)}
     if mask_bytes is not None:
         params.update(inpaint=True, mask_blur=req.mask_blur, inpaint_area=req.inpaint_area, padding=req.padding)
     return req, params
