@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import SCHEDULES
 from .errors import InvalidArgument, MissingDependency
 
 EXAMPLES_GENERATE = """
@@ -65,8 +66,9 @@ def _samplers_help() -> str:
               help="Denoising steps (default: the model's, from its export: 1 for SD-Turbo, 4 for an LCM, else 20).")
 @click.option("--sampler", default=None, help="Sampler (default: the model's own scheduler). "
               "One of: ddim, plms, euler, euler_a, heun, dpmpp_2m, lcm.")
-@click.option("--schedule", type=click.Choice(["default", "karras"]), default="default",
-              help="Noise schedule: the model's trained timesteps, or Karras sigmas.")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default="default",
+              help="Noise schedule: default = what the model's scheduler config says (Karras sigmas "
+                   "when it sets use_karras_sigmas); karras / uniform force Karras sigmas on / off.")
 @click.option("--guidance", "-g", type=float, default=None,
               help="Classifier-free guidance scale (default: the model's, usually 7.5; 0 for SD-Turbo; "
                    "1 or less skips the negative branch: 2x faster).")

@@ -18,7 +18,9 @@ from .errors import InvalidArgument, ResourceLimitError
 BACKENDS = ("openvino", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "f32")
-SCHEDULES = ("default", "karras")
+# Noise schedules (--schedule): "default" is what the model's scheduler config says
+# (its own use_karras_sigmas included); "karras" forces Karras sigmas on, "uniform" off.
+SCHEDULES = ("default", "karras", "uniform")
 DECODERS = ("full", "taesd")    # taesd: the tiny autoencoder (export --taesd)
 
 MAX_STEPS = 1000

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..config import MAX_PROMPT_CHARS, GenerationRequest
+from ..config import MAX_PROMPT_CHARS, SCHEDULES, GenerationRequest
 from ..errors import CpuflowError, InvalidArgument, ResourceLimitError
 from .jobs import ImageStore, Job, JobQueue, QueueFull, scrub
 from .runner import make_runner
@@ -62,7 +62,7 @@ class GenerateBody(BaseModel):
     negative_prompt: str = ""
     model: str | None = None             # an id from GET /api/models; none: the first model
     sampler: str | None = None           # none: the model's own scheduler
-    schedule: Literal["default", "karras"] = "default"
+    schedule: Literal[SCHEDULES] = "default"  # type: ignore[valid-type]
     steps: int | None = None
     guidance: float | None = None
     width: int | None = None
@@ -130,7 +130,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         from ..samplers import SAMPLERS
         return {"models": [dict(info, default=(mid == default_model)) for mid, info in infos.items()],
                 "samplers": [{"name": n, "description": s.description} for n, s in SAMPLERS.items()],
-                "schedules": ["default", "karras"],
+                "schedules": list(SCHEDULES),
                 "limits": {"max_pixels": limits.max_pixels, "max_steps": limits.max_steps,
                            "max_samples": limits.max_samples, "max_prompt_chars": limits.max_prompt_chars,
                            "max_init_bytes": limits.max_init_bytes, "max_queue": limits.max_queue}}
