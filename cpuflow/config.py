@@ -68,7 +68,7 @@ class LoadConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    variant: str | None = None         # None: the fastest variant present (fp32 today)
+    variant: str | None = None         # None: chosen by measured fidelity (cpuflow/variants.py)
     cache_dir: Path | None = None      # None: the user cache dir; see backends/cache.py
     use_cache: bool = True
     verify: str = "size"               # size | sha256

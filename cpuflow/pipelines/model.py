@@ -18,12 +18,9 @@ from ..config import PRECISIONS, LoadConfig
 from ..errors import CpuflowError, ModelError
 from ..manifest import Manifest, load_manifest
 from ..tokenizer import ClipTokenizer
+from ..variants import VariantChoice, choose_variant
 
 FORMAT_OF_BACKEND = {"openvino": "openvino", "onnxruntime": "onnx"}
-
-# The order in which variants are preferred when the user names none: the
-# fastest first (see bench/README.md); fp32 is always present.
-VARIANT_PREFERENCE = ("int8", "hybrid", "int8-weights", "fp32")
 
 # diffusers scheduler class -> our sampler name: the model's own sampler is the default.
 SAMPLER_OF_SCHEDULER = {
@@ -67,6 +64,8 @@ class LoadedModel:
             raise ModelError(f"{root} has no {self.format} files (it has: {have})",
                              hint=(f"use --backend {other[0]}" if other else "re-export the model")
                              + f" or re-export with --format {self.format}")
+        # Which variant runs, and why (cpuflow/variants.py: by measured fidelity).
+        self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant)
         tok_dir = self.manifest.path(self.manifest.tokenizer["path"])
         self.tokenizer = ClipTokenizer.from_dir(tok_dir)
         self.max_length = int(self.manifest.tokenizer.get("max_length", self.tokenizer.max_length))
@@ -98,22 +97,11 @@ class LoadedModel:
 
     # -- variants -------------------------------------------------------------
     def variant_of(self, component: str) -> str:
+        """The chosen variant, or fp32 for a component that has no such file."""
         comp = self.manifest.components[component]
-        usable = [v for v, var in comp.variants.items() if self.format in var.files]
-        if self.config.variant is not None:
-            if self.config.variant in usable:
-                return self.config.variant
-            if self.config.variant not in {v for c in self.manifest.components.values() for v in c.variants}:
-                all_v = sorted({v for c in self.manifest.components.values() for v in c.variants})
-                raise ModelError(f"variant {self.config.variant!r} is not in this model (it has: {', '.join(all_v)})")
-            return "fp32"  # this component has no such variant: it runs in fp32
-        preferred = self.manifest.raw.get("defaults", {}).get("variant")
-        if preferred in usable:
-            return preferred   # the model's author chose (e.g. quality over speed for a tiny model)
-        for v in VARIANT_PREFERENCE:
-            if v in usable:
-                return v
-        return "fp32"
+        name = self.variant_choice.name
+        var = comp.variants.get(name)
+        return name if var is not None and self.format in var.files else "fp32"
 
     # -- sessions -------------------------------------------------------------
     def session(self, component: str, dims: Mapping[str, int]) -> Session:
