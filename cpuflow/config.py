@@ -73,6 +73,7 @@ class LoadConfig:
     use_cache: bool = True
     verify: str = "size"               # size | sha256
     low_memory: bool = False           # one component in memory at a time, tiled VAE decode
+    max_session_bytes: int | None = None   # compiled sessions kept (LRU); None: half the RAM
 
     def __post_init__(self):
         _choice("backend", self.backend, BACKENDS)
@@ -83,6 +84,8 @@ class LoadConfig:
             t = _int("threads", self.threads)
             if not 1 <= t <= 1024:
                 raise InvalidArgument(f"threads must be between 1 and 1024, got {t}")
+        if self.max_session_bytes is not None and _int("max_session_bytes", self.max_session_bytes) < 1:
+            raise InvalidArgument(f"max_session_bytes must be positive, got {self.max_session_bytes}")
         if self.backend == "openvino" and self.device == "cuda":
             raise InvalidArgument("device cuda runs on the onnxruntime backend; use --backend onnxruntime")
         if self.backend == "onnxruntime" and self.precision == "bf16":

@@ -78,7 +78,11 @@ def check_bind(host: str, token: str | None) -> None:
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto", show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
-def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads):
+@click.option("--max-session-memory", type=click.FloatRange(0.001, None), default=None, metavar="GIB",
+              help="Memory for compiled sessions (one per component and image size); the least recently "
+                   "used are freed beyond it (default: half the RAM).")
+def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads,
+                  max_session_memory):
     """Serve a web page and a JSON API for generating images on this machine."""
     token = token or None            # an empty CPUFLOW_TOKEN is no token
     if token == "random":
@@ -90,6 +94,8 @@ def serve_command(models, host, port, token, allow_host, max_queue, backend, pre
 
     ids = model_ids(models)
     load = {"backend": backend, "precision": precision, "threads": threads}
+    if max_session_memory is not None:
+        load["max_session_bytes"] = int(max_session_memory * 2**30)
     app = create_app(ids, token=token, allowed_hosts=default_allowed_hosts(port, host, allow_host), port=port,
                      max_queue=max_queue, load_options=load)
     shown = host if host not in ("0.0.0.0", "::") else "127.0.0.1"

@@ -172,7 +172,7 @@ def _step_callback(progress: ProgressFn | None, k: int, n_images: int, plan):
 def _record(model: LoadedModel, req: GenerationRequest, r: dict, prompt: str, negative: str, seed: int,
             is_img2img: bool, plan) -> dict[str, Any]:
     m = model.manifest
-    infos = {name: s.info for (name, _), s in model._sessions.items()}
+    infos = {name: s.info for name, _, s in model.loaded_sessions()}
     unet_info = infos.get("unet")
     rec = {
         "task": "img2img" if is_img2img else "txt2img",
@@ -192,7 +192,7 @@ def _record(model: LoadedModel, req: GenerationRequest, r: dict, prompt: str, ne
         "backend": model.config.backend,
         "device": unet_info.device if unet_info else model.config.device,
         "precision": unet_info.precision if unet_info else model.config.precision,
-        "variant": {name: getattr(s, "variant", "fp32") for (name, _), s in model._sessions.items()},
+        "variant": {name: getattr(s, "variant", "fp32") for name, _, s in model.loaded_sessions()},
         "threads": model.config.threads,
         "decoder": req.decoder,
         "cpuflow_version": __version__,

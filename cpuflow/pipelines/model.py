@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from ..errors import CpuflowError, ModelError
 from ..manifest import Manifest, load_manifest
 from ..tokenizer import ClipTokenizer
 from ..variants import VariantChoice, choose_variant
+from .session_cache import SessionCache
 
 FORMAT_OF_BACKEND = {"openvino": "openvino", "onnxruntime": "onnx"}
 
@@ -76,7 +77,8 @@ class LoadedModel:
         self.options = BackendOptions(device=config.device, precision=self._precision(config.precision),
                                       threads=config.threads, cache_dir=cache_dir)
         self.backend = get_backend(config.backend, self.options)
-        self._sessions: dict[tuple, Session] = {}
+        # (component, dims) -> session, least recently used out first over the byte cap
+        self._sessions = SessionCache(config.max_session_bytes)
         self.load_seconds = 0.0
         self.load_warnings: list[str] = []   # from sessions loaded since generate() last took them
 
@@ -114,34 +116,33 @@ class LoadedModel:
             comp = self.manifest.components[component]
             vname = self.variant_of(component)
             var = comp.variants[vname]
+            model_file = self.manifest.path(var.model_file(self.format))
             t0 = time.perf_counter()
-            sess = self.backend.load(
+            sess = self._sessions.load(key, lambda: self.backend.load(
                 component,
-                self.manifest.path(var.model_file(self.format)),
+                model_file,
                 comp.inputs,
                 comp.outputs,
                 static_dims=dict(dims),
                 cache_key=f"{self.manifest.model_hash}-{component}-{vname}",
-            )
+            ), model_file)
             self.load_seconds += time.perf_counter() - t0
             sess.variant = vname  # type: ignore[attr-defined]
             if getattr(sess.info, "warning", None):  # e.g. OpenVINO fell back to f32
                 self.load_warnings.append(sess.info.warning)
-            self._sessions[key] = sess
         return sess
+
+    def loaded_sessions(self) -> Iterator[tuple[str, dict[str, int], Session]]:
+        """(component, static dims, session) of every session held now, least recently used first."""
+        for (component, dims), sess in list(self._sessions.items()):
+            yield component, dict(dims), sess
 
     def release(self, component: str) -> None:
         """Free a component's sessions (low-memory mode: the text encoder after encoding)."""
-        for key in [k for k in self._sessions if k[0] == component]:
-            sess = self._sessions.pop(key)
-            try:
-                sess.close()
-            except CpuflowError:
-                pass
+        self._sessions.drop(lambda key: key[0] == component)
 
     def close(self) -> None:
-        for key in list(self._sessions):
-            self.release(key[0])
+        self._sessions.drop(lambda key: True)
 
     # -- facts ----------------------------------------------------------------
     def latent_dims(self, width: int, height: int, batch: int) -> dict[str, int]:
@@ -165,4 +166,5 @@ class LoadedModel:
         return cfg
 
     def run(self, component: str, dims: Mapping[str, int], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.session(component, dims).run(feeds)
+        sess = self.session(component, dims)
+        return self._sessions.run((component, tuple(sorted(dims.items()))), lambda: sess.run(feeds))
