@@ -7,7 +7,6 @@ each message names the field, the value and the rule.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -194,7 +193,3 @@ class GenerationRequest:
         """The same request with a concrete seed (a random one when none was given)."""
         return self if self.seed is not None else replace(self, seed=random_seed())
 
-
-def env_threads() -> int | None:
-    v = os.environ.get("CPUFLOW_THREADS")
-    return int(v) if v and v.isdigit() else None

@@ -141,6 +141,21 @@ class LoadedModel:
         """Free a component's sessions (low-memory mode: the text encoder after encoding)."""
         self._sessions.drop(lambda key: key[0] == component)
 
+    def session_infos(self) -> dict[str, tuple]:
+        """``{component: (SessionInfo, variant)}`` for the sessions loaded now
+        (what a record says ran each component)."""
+        return {name: (s.info, getattr(s, "variant", "fp32")) for name, _, s in self.loaded_sessions()}
+
+    def loaded_shapes(self, component: str) -> list[dict[str, int]]:
+        """The static shapes ``component`` is loaded at now."""
+        return [dims for name, dims, _ in self.loaded_sessions() if name == component]
+
+    def take_load_warnings(self) -> list[str]:
+        """Warnings from sessions loaded since the last call (each once)."""
+        out = list(dict.fromkeys(self.load_warnings))
+        self.load_warnings.clear()
+        return out
+
     def close(self) -> None:
         self._sessions.drop(lambda key: True)
 
