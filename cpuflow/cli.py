@@ -72,6 +72,9 @@ def _samplers_help() -> str:
 @click.option("--guidance", "-g", type=float, default=None,
               help="Classifier-free guidance scale (default: the model's, usually 7.5; 0 for SD-Turbo; "
                    "1 or less skips the negative branch: 2x faster).")
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True,
+              help="Rescale the guided output towards the conditional one's spread (0..1; diffusers' "
+                   "guidance_rescale, Lin et al. 2023): 0.7 for zero-terminal-SNR models at high guidance.")
 @click.option("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
 @click.option("--seed", type=int, default=None, help="Seed 0..4294967295 (default: random, printed and saved).")
 @click.option("--width", "-W", type=int, default=None, help="Width in pixels (default: the model's).")
@@ -107,7 +110,7 @@ def _samplers_help() -> str:
               help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
+def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, guidance_rescale, eta, seed, width, height,
              n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
              no_cache, low_memory, decoder, preview_every, jpeg_quality, quiet):
     """Generate images from PROMPT (txt2img, or img2img with --init-image).
@@ -124,7 +127,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     if init_image is None and ctx.get_parameter_source("strength") == click.core.ParameterSource.COMMANDLINE:
         raise InvalidArgument("--strength applies to img2img: give --init-image too, or leave --strength out")
     req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
-                            schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
+                            schedule=schedule, guidance=guidance, guidance_rescale=guidance_rescale, eta=eta,
+                            seed=seed, width=width,
                             height=height, n_samples=n_samples, init_image=init_image, strength=strength,
                             rng=rng, decoder=decoder).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,

@@ -104,6 +104,7 @@ class GenerationRequest:
     sampler: str | None = None
     schedule: str = "default"
     guidance: float | None = None
+    guidance_rescale: float = 0.0      # Lin et al. 2023 eq. 16 (diffusers' guidance_rescale); 0: off
     width: int | None = None
     height: int | None = None
     seed: int | None = None            # None: a random seed, recorded
@@ -133,6 +134,10 @@ class GenerationRequest:
             if not 0 <= g <= MAX_GUIDANCE:
                 raise InvalidArgument(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {g:g}")
             set_("guidance", g)
+        gr = _float("guidance_rescale", self.guidance_rescale)
+        if not 0 <= gr <= 1:
+            raise InvalidArgument(f"guidance_rescale must be between 0 and 1, got {gr:g}")
+        set_("guidance_rescale", gr)
         _choice("schedule", self.schedule, SCHEDULES)
         for name in ("width", "height"):
             v = getattr(self, name)

@@ -18,6 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 from helpers_images import psnr  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
+from cpuflow.image import a1111_parameters, parse_a1111_parameters  # noqa: E402
 from cpuflow.manifest import MANIFEST_NAME  # noqa: E402
 from cpuflow.samplers import make_plan  # noqa: E402
 
@@ -69,6 +70,10 @@ def test_default_schedule_is_the_models_own(karras_model, schedule, karras):
     ref = _diffusers(pipe, karras)
     res = cf.txt2img("a red circle", steps=STEPS, guidance=7.5, width=SIZE, height=SIZE, seed=7,
                      schedule=schedule)
-    assert res.records[0]["sampler"] == "euler"
+    rec = res.records[0]
+    assert rec["sampler"] == "euler" and rec["karras_sigmas"] is karras
+    assert rec["scheduler_class"] == "EulerDiscreteScheduler" and "source_model_hash" not in rec   # a folder source
+    said = parse_a1111_parameters(a1111_parameters(rec))["a1111_reproducible"]   # issue #16 item 6
+    assert said.startswith("no: ") and ("Karras sigmas" in said) is karras
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"schedule {schedule}: {p:.1f} dB against diffusers with use_karras_sigmas={karras}"

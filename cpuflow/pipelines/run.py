@@ -210,6 +210,7 @@ class Run:
         """The UNet with classifier-free guidance over ``c``. ``unet_inputs``:
         what a task adds (e.g. extra latent channels), passed to guided_model_fn."""
         g, dims = self.params["guidance"], self.latent_dims()
+        unet_inputs.setdefault("guidance_rescale", self.req.guidance_rescale)
         if sdxl.is_sdxl(self.model):
             return sdxl.guided_model_fn(self.model, c.cond, c.uncond, g, dims, self.timer, self.width,
                                         self.height, **unet_inputs)
@@ -325,6 +326,8 @@ class Run:
         }
         if p["sampler"] == "ddim":
             rec["eta"] = req.eta
+        if req.guidance_rescale:
+            rec["guidance_rescale"] = req.guidance_rescale
         if m.a1111_hash:   # A1111's "Model hash" of the source checkpoint (single-file exports)
             rec["source_model_hash"] = m.a1111_hash
         if self.plan is not None:   # what the A1111 text says about reproducing the image

@@ -66,6 +66,7 @@ class GenerateBody(BaseModel):
     schedule: Literal[SCHEDULES] = "default"  # type: ignore[valid-type]
     steps: int | None = None
     guidance: float | None = None
+    guidance_rescale: float = 0.0
     width: int | None = None
     height: int | None = None
     seed: int | None = None              # none: random (the job reports it)
@@ -250,7 +251,7 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
                                  f"of {limits.max_pixels} pixels per image")
     req = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
-                            width=width, height=height, seed=body.seed, n_samples=body.n_samples,
+                            guidance_rescale=body.guidance_rescale, width=width, height=height, seed=body.seed, n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes, strength=body.strength,
                             rng=body.rng, decoder=body.decoder).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
