@@ -4,9 +4,6 @@ against diffusers on a tiny v-prediction model with a zero-terminal-SNR schedule
 (rescaled betas, trailing timesteps), the kind of model that needs it."""
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
@@ -14,11 +11,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from helpers_images import psnr  # noqa: E402
+from helpers_models import with_scheduler  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
 from cpuflow.config import GenerationRequest  # noqa: E402
 from cpuflow.errors import InvalidArgument  # noqa: E402
-from cpuflow.manifest import MANIFEST_NAME  # noqa: E402
 from cpuflow.pipelines.stages import rescale_guided  # noqa: E402
 
 SIZE, STEPS, PSNR_MIN, GUIDANCE = 64, 6, 50.0, 9.0
@@ -29,14 +26,11 @@ ZSNR = {"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True, "timeste
 def zsnr_model(tiny_export, tmp_path_factory):
     t = tiny_export("sd2-v")
     out = tmp_path_factory.mktemp("zsnr") / "model"
-    shutil.copytree(t.model, out)
-    raw = json.loads((out / MANIFEST_NAME).read_text())
-    raw["scheduler"] = dict(raw["scheduler"], **ZSNR)
-    (out / MANIFEST_NAME).write_text(json.dumps(raw))
+    sched = with_scheduler(t.model, out, **ZSNR)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(t.src, safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(raw["scheduler"])
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(sched)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     with Pipeline.load(out, backend="onnxruntime", precision="f32", threads=2, use_cache=False) as cf:
         yield cf, pipe

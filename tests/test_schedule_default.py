@@ -6,9 +6,6 @@ turns Karras sigmas off, ``karras`` on. Tiny random weights: parity, not quality
 """
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
 
@@ -16,10 +13,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from helpers_images import psnr  # noqa: E402
+from helpers_models import with_scheduler  # noqa: E402
 
 from cpuflow import Pipeline  # noqa: E402
 from cpuflow.image import a1111_parameters, parse_a1111_parameters  # noqa: E402
-from cpuflow.manifest import MANIFEST_NAME  # noqa: E402
 from cpuflow.samplers import make_plan  # noqa: E402
 
 SIZE, STEPS, PSNR_MIN = 64, 6, 50.0
@@ -30,17 +27,14 @@ def karras_model(tiny_export, tmp_path_factory):
     """The tiny SD 1.x export with an Euler scheduler config that sets use_karras_sigmas."""
     t = tiny_export("sd1")
     out = tmp_path_factory.mktemp("karras-cfg") / "model"
-    shutil.copytree(t.model, out)
-    raw = json.loads((out / MANIFEST_NAME).read_text())
-    raw["scheduler"] = dict(raw["scheduler"], _class_name="EulerDiscreteScheduler", use_karras_sigmas=True)
-    (out / MANIFEST_NAME).write_text(json.dumps(raw))
+    sched = with_scheduler(t.model, out, _class_name="EulerDiscreteScheduler", use_karras_sigmas=True)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(t.src, safety_checker=None,
                                                              requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(raw["scheduler"])   # as diffusers loads it
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(sched)   # as diffusers loads it
     assert pipe.scheduler.config.use_karras_sigmas
     with Pipeline.load(out, backend="onnxruntime", precision="f32", threads=2, use_cache=False) as cf:
-        yield cf, pipe, raw["scheduler"]
+        yield cf, pipe, sched
 
 
 def _diffusers(pipe, karras: bool):
