@@ -31,7 +31,7 @@ class Pipeline:
     def load(cls, model: Any = None, **options: Any) -> "Pipeline":
         """Load an exported folder (``None``: the model shipped with cpuflow).
         Options: backend, device, precision, threads, variant, cache_dir,
-        use_cache, verify — see :class:`cpuflow.config.LoadConfig`."""
+        use_cache, verify, low_memory, max_session_bytes — see :class:`cpuflow.config.LoadConfig`."""
         unknown = set(options) - _LOAD_FIELDS
         if unknown:
             from .errors import InvalidArgument

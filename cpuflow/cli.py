@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import SCHEDULES
 from .errors import InvalidArgument, MissingDependency
 
 EXAMPLES_GENERATE = """
@@ -71,11 +72,15 @@ def _samplers_help() -> str:
               help="Denoising steps (default: the model's, from its export: 1 for SD-Turbo, 4 for an LCM, else 20).")
 @click.option("--sampler", default=None, help="Sampler (default: the model's own scheduler). "
               "One of: ddim, plms, euler, euler_a, heun, dpmpp_2m, lcm.")
-@click.option("--schedule", type=click.Choice(["default", "karras"]), default="default",
-              help="Noise schedule: the model's trained timesteps, or Karras sigmas.")
+@click.option("--schedule", type=click.Choice(list(SCHEDULES)), default="default",
+              help="Noise schedule: default = what the model's scheduler config says (Karras sigmas "
+                   "when it sets use_karras_sigmas); karras / uniform force Karras sigmas on / off.")
 @click.option("--guidance", "-g", type=float, default=None,
               help="Classifier-free guidance scale (default: the model's, usually 7.5; 0 for SD-Turbo; "
                    "1 or less skips the negative branch: 2x faster).")
+@click.option("--guidance-rescale", type=float, default=0.0, show_default=True,
+              help="Rescale the guided output towards the conditional one's spread (0..1; diffusers' "
+                   "guidance_rescale, Lin et al. 2023): 0.7 for zero-terminal-SNR models at high guidance.")
 @click.option("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
 @click.option("--seed", type=int, default=None, help="Seed 0..4294967295 (default: random, printed and saved).")
 @click.option("--width", "-W", type=int, default=None, help="Width in pixels (default: the model's).")
@@ -135,10 +140,10 @@ def _samplers_help() -> str:
               help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
-             n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map, save_depth, backend,
-             device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder, preview_every,
-             clip_skip, embeddings, from_image, jpeg_quality, quiet):
+def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, guidance_rescale, eta, seed,
+             width, height, n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map,
+             save_depth, backend, device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder,
+             preview_every, clip_skip, embeddings, from_image, jpeg_quality, quiet):
     """Generate images from PROMPT (txt2img, img2img with --init-image, inpainting with --mask,
     depth-to-image with a depth model).
 
@@ -162,7 +167,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     # Validate everything the user typed before loading anything.
     if init_image is None and ctx.get_parameter_source("strength") == click.core.ParameterSource.COMMANDLINE:
         raise InvalidArgument("--strength applies to img2img: give --init-image too, or leave --strength out")
-    req = GenerationRequest(**given, eta=eta, n_samples=n_samples, init_image=init_image,
+    req = GenerationRequest(**given, guidance_rescale=guidance_rescale, eta=eta, n_samples=n_samples,
+                            init_image=init_image,
                             strength=strength if strength is not None else 1.0 if mask is not None else 0.8,
                             rng=rng, decoder=decoder, mask=mask, mask_blur=mask_blur, inpaint_area=inpaint_area,
                             padding=padding, depth_map=depth_map, embeddings=embeddings).with_seed()
@@ -301,6 +307,12 @@ def info(model_dir, as_json, verify):
         f"exported     {m.raw.get('export', {}).get('created', '?')} by cpuflow {tools.get('cpuflow', '?')}",
         "components:",
     ]
+    from .pipelines.model import FORMAT_OF_BACKEND
+    from .variants import choose_variant
+    for backend, fmt in FORMAT_OF_BACKEND.items():
+        if fmt in m.formats():
+            choice = choose_variant(m, fmt)
+            lines.insert(-1, f"variant      {backend}: {choice.name} ({choice.reason})")
     for name, comp in m.components.items():
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in comp.inputs)
         lines.append(f"  {name:<13} {ins}")

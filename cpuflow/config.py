@@ -17,7 +17,9 @@ from .errors import InvalidArgument, ResourceLimitError
 BACKENDS = ("openvino", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "f32")
-SCHEDULES = ("default", "karras")
+# Noise schedules (--schedule): "default" is what the model's scheduler config says
+# (its own use_karras_sigmas included); "karras" forces Karras sigmas on, "uniform" off.
+SCHEDULES = ("default", "karras", "uniform")
 DECODERS = ("full", "taesd")    # taesd: the tiny autoencoder (export --taesd)
 
 MAX_STEPS = 1000
@@ -65,12 +67,13 @@ class LoadConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    variant: str | None = None         # None: the first present of pipelines/model.py VARIANT_PREFERENCE
+    variant: str | None = None         # None: chosen by measured fidelity (cpuflow/variants.py)
     cache_dir: Path | None = None      # None: the user cache dir; see backends/cache.py
     use_cache: bool = True
     verify: str = "sha256"             # sha256: content, each file hashed once then remembered
                                        # (cpuflow/file_digests.py) | size: sizes only
     low_memory: bool = False           # one component in memory at a time, tiled VAE decode
+    max_session_bytes: int | None = None   # compiled sessions kept (LRU); None: half the RAM
 
     def __post_init__(self):
         _choice("backend", self.backend, BACKENDS)
@@ -81,6 +84,8 @@ class LoadConfig:
             t = _int("threads", self.threads)
             if not 1 <= t <= 1024:
                 raise InvalidArgument(f"threads must be between 1 and 1024, got {t}")
+        if self.max_session_bytes is not None and _int("max_session_bytes", self.max_session_bytes) < 1:
+            raise InvalidArgument(f"max_session_bytes must be positive, got {self.max_session_bytes}")
         if self.backend == "openvino" and self.device == "cuda":
             raise InvalidArgument("device cuda runs on the onnxruntime backend; use --backend onnxruntime")
         if self.backend == "onnxruntime" and self.precision == "bf16":
@@ -100,6 +105,7 @@ class GenerationRequest:
     sampler: str | None = None
     schedule: str = "default"
     guidance: float | None = None
+    guidance_rescale: float = 0.0      # Lin et al. 2023 eq. 16 (diffusers' guidance_rescale); 0: off
     width: int | None = None
     height: int | None = None
     seed: int | None = None            # None: a random seed, recorded
@@ -136,6 +142,10 @@ class GenerationRequest:
             if not 0 <= g <= MAX_GUIDANCE:
                 raise InvalidArgument(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {g:g}")
             set_("guidance", g)
+        gr = _float("guidance_rescale", self.guidance_rescale)
+        if not 0 <= gr <= 1:
+            raise InvalidArgument(f"guidance_rescale must be between 0 and 1, got {gr:g}")
+        set_("guidance_rescale", gr)
         _choice("schedule", self.schedule, SCHEDULES)
         for name in ("width", "height"):
             v = getattr(self, name)

@@ -64,6 +64,7 @@ __all__ = [
     "make_grid",
     "png_metadata",
     "a1111_parameters",
+    "a1111_reproduction",
     "parse_a1111_parameters",
     "read_png_metadata",
     "save_png_atomic",
@@ -538,14 +539,41 @@ def _fmt_num(v: Any) -> str:
     return str(v)
 
 
+def a1111_reproduction(params: Mapping[str, Any]) -> str:
+    """What the "parameters" text says about reproducing the image in AUTOMATIC1111.
+
+    It cannot, exactly: cpuflow follows diffusers' schedulers (their timestep
+    spacing, e.g. "leading" with steps_offset 1 for SD 1.5, and for Karras sigmas
+    the range of the spaced timesteps), while A1111's samplers run k-diffusion's
+    or CompVis' spacings over the model's full sigma range; A1111 also reads
+    "(word)" / "[word]" in a prompt as emphasis. So the text says so plainly
+    instead of naming an A1111 schedule that would give another image.
+    """
+    cls = params.get("scheduler_class")
+    how = ""
+    if cls:
+        bits = [f"timestep spacing {params['timestep_spacing']}"] if params.get("timestep_spacing") else []
+        if params.get("karras_sigmas"):
+            bits.append("Karras sigmas over the spaced timesteps' range")
+        how = f" {cls}" + (f" ({', '.join(bits)})" if bits else "")
+    return (f"no: cpuflow follows diffusers'{how or ' schedulers'}, whose steps no A1111 sampler and "
+            "schedule type reproduce; A1111 would need the same checkpoint and RNG: CPU for the same "
+            "starting noise")
+
+
 def a1111_parameters(params: Mapping[str, Any]) -> str:
     """The A1111 "parameters" text for a cpuflow record.
 
-    ``<prompt>\\nNegative prompt: <neg>\\nSteps: 20, Sampler: Euler a, Schedule type: Karras,
-    CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: abcd123456, Model: name,
-    Denoising strength: 0.75, Version: cpuflow 0.1.0``. Missing entries are left out;
-    the negative prompt line only when non-empty; "Model hash" is the first 10 hex
-    digits (A1111's short hash).
+    ``<prompt>\nNegative prompt: <neg>\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42,
+    Size: 512x512, Model hash: abcd123456, Model: name, Denoising strength: 0.75, RNG: CPU,
+    A1111 reproducible: "no: ...", Version: cpuflow 0.1.0``. Missing entries are left out;
+    the negative prompt line only when non-empty. "Model hash" is A1111's hash of the
+    source checkpoint (``source_model_hash``: the first 10 hex digits of the file's
+    sha256), written only when the export read a single file: cpuflow's own
+    ``model_hash`` names no checkpoint A1111 knows and stays in the JSON record.
+    "Schedule type" is not written: no A1111 schedule reproduces diffusers' spacing
+    (:func:`a1111_reproduction` says why); "RNG: CPU" is A1111's option for noise
+    from torch's CPU generator, which cpuflow's torch-compatible noise reproduces.
     """
     prompt = "" if params.get("prompt") is None else _text(params["prompt"])
     neg = "" if params.get("negative_prompt") is None else _text(params["negative_prompt"])
@@ -559,20 +587,20 @@ def a1111_parameters(params: Mapping[str, Any]) -> str:
     if params.get("sampler"):
         s = str(params["sampler"])
         fields.append(("Sampler", A1111_SAMPLER_NAMES.get(s, s)))
-    if params.get("schedule") and params["schedule"] != "default":
-        # "default" (the sampler's own spacing) is A1111's "Automatic", which it leaves out.
-        s = str(params["schedule"])
-        fields.append(("Schedule type", _A1111_SCHEDULE_NAMES.get(s, s)))
     put("CFG scale", "guidance", _fmt_num)
     put("Seed", "seed", _fmt_num)
     if params.get("width") is not None and params.get("height") is not None:
         fields.append(("Size", f"{_fmt_num(params['width'])}x{_fmt_num(params['height'])}"))
-    if params.get("model_hash"):
-        fields.append(("Model hash", str(params["model_hash"])[:10]))
+    if params.get("source_model_hash"):
+        fields.append(("Model hash", str(params["source_model_hash"])[:10]))
     put("Model", "model_name")
     put("Denoising strength", "strength", _fmt_num)
     if params.get("clip_skip") not in (None, 1, "1"):   # A1111 writes it only when it is not 1
         fields.append(("Clip skip", _fmt_num(params["clip_skip"])))
+    if params.get("rng") == "torch":
+        fields.append(("RNG", "CPU"))
+    if params.get("sampler"):
+        fields.append(("A1111 reproducible", a1111_reproduction(params)))
     version = params.get("cpuflow_version")
     if version:
         fields.append(("Version", f"cpuflow {version}"))
@@ -641,6 +669,8 @@ def parse_a1111_parameters(text: str) -> dict[str, Any]:
             out["width"], out["height"] = int(w), int(h)
         elif key == "Model hash":
             out["model_hash"] = value
+        elif key == "RNG":   # "CPU": torch's CPU generator, what cpuflow's torch-compatible noise is
+            out["rng" if value == "CPU" else "a1111_rng"] = "torch" if value == "CPU" else value
         elif key == "Model":
             out["model_name"] = value
         elif key == "Denoising strength":

@@ -169,6 +169,17 @@ class Manifest:
             h.update(str(self.files[path]["sha256"]).encode())
         return h.hexdigest()[:12]
 
+    @property
+    def a1111_hash(self) -> str | None:
+        """AUTOMATIC1111's "Model hash" of the source checkpoint (the first 10 hex
+        digits of the file's sha256, its new-style short hash) when the export read
+        a single file; None for folders, hub ids and random weights (no such file)."""
+        src = self.raw.get("source") or {}
+        sha = str(src.get("sha256") or "")
+        if src.get("kind") != "single_file" or len(sha) != 64:
+            return None
+        return sha[:10].lower()
+
     def path(self, rel: str) -> Path:
         return safe_join(self.root, rel)
 

@@ -6,10 +6,13 @@ the current latents for samplers that give none):
 * through the tiny autoencoder when the model folder has one (``taesd_decoder``,
   added by ``cpuflow export ... --taesd``): a full-size picture, at a few percent
   of a UNet step's cost;
-* otherwise through a linear latent -> RGB projection for 4-channel SD latents
-  (a 4x3 matrix fitted by Keturn, "Decoding latents to RGB without upscaling",
-  Hugging Face forums, 2022; the same factors are ComfyUI's
-  ``latent_formats.SD15``): free, blurry, 1/8 of the final size;
+* otherwise through a linear latent -> RGB projection for 4-channel latents,
+  with factors fitted for the model's latent space: SD 1.x / 2.x, a 4x3 matrix
+  fitted by Keturn ("Decoding latents to RGB without upscaling", Hugging Face
+  forums, 2022; the same factors are ComfyUI's ``latent_formats.SD15``); SDXL,
+  whose VAE has its own latent space, the 4x3 matrix and RGB bias of ComfyUI's
+  ``comfy/latent_formats.py`` ``SDXL`` class (``latent_rgb_factors`` /
+  ``latent_rgb_factors_bias``): free, blurry, 1/8 of the final size;
 * nothing for other latents.
 
 Usage (the API)::
@@ -36,21 +39,43 @@ log = logging.getLogger("cpuflow")
 
 PreviewFn = Callable[[Image.Image, dict], None]
 
-# rows: latent channels 0..3; columns: R, G, B (output in about [-1, 1])
+# rows: latent channels 0..3; columns: R, G, B (output in about [-1, 1]).
+# Both act on the sampler's (scaled) latents, as ComfyUI's previewer does.
 SD_LATENT_RGB = np.array([
     [0.3512, 0.2297, 0.3227],
     [0.3250, 0.4974, 0.2350],
     [-0.2829, 0.1762, 0.2721],
     [-0.2120, -0.2616, -0.7177],
 ], dtype=np.float32)
+SDXL_LATENT_RGB = np.array([
+    [0.3651, 0.4232, 0.4341],
+    [-0.2533, -0.0042, 0.1068],
+    [0.1076, 0.1111, -0.0362],
+    [-0.3165, -0.2492, -0.2188],
+], dtype=np.float32)
+SDXL_LATENT_RGB_BIAS = np.array([0.1084, -0.0175, -0.0011], dtype=np.float32)
+
+# manifest family -> (factors, bias)
+LATENT_RGB = {
+    "sd1": (SD_LATENT_RGB, np.zeros(3, np.float32)),
+    "sd2": (SD_LATENT_RGB, np.zeros(3, np.float32)),
+    "sdxl": (SDXL_LATENT_RGB, SDXL_LATENT_RGB_BIAS),
+}
 
 
-def latent_to_rgb(latents: np.ndarray) -> Image.Image | None:
-    """The linear projection, for (1, 4, h, w) latents; None for other shapes."""
+def model_family(model: Any) -> str:
+    """The manifest's family of a loaded model ("sd1" when unknown)."""
+    return str(getattr(getattr(model, "manifest", None), "family", "sd1"))
+
+
+def latent_to_rgb(latents: np.ndarray, family: str = "sd1") -> Image.Image | None:
+    """The linear projection for (1, 4, h, w) latents of ``family``; None for
+    other shapes or a family without fitted factors."""
     x = np.asarray(latents, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1] != 4:
+    if x.ndim != 4 or x.shape[1] != 4 or family not in LATENT_RGB:
         return None
-    rgb = np.einsum("chw,cr->hwr", x[0], SD_LATENT_RGB)
+    factors, bias = LATENT_RGB[family]
+    rgb = np.einsum("chw,cr->hwr", x[0], factors) + bias
     rgb = np.nan_to_num((rgb + 1.0) * 127.5, nan=0.0, posinf=255.0, neginf=0.0)
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
@@ -77,7 +102,7 @@ def preview_image(model: Any, latents: np.ndarray) -> tuple[Image.Image | None, 
     img = taesd_preview(model, latents)
     if img is not None:
         return img, "taesd"
-    img = latent_to_rgb(latents)
+    img = latent_to_rgb(latents, model_family(model))
     return (img, "approximation") if img is not None else (None, "none")
 
 

@@ -70,6 +70,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import numpy as np
 
 from . import denoiser
+from .config import MAX_STEPS, SCHEDULES
 from .errors import BackendError, InvalidArgument
 from .schedules import (
     NoiseSchedule,
@@ -83,8 +84,6 @@ from .schedules import (
 _f32 = np.float32
 _ONE = np.float32(1.0)
 
-SCHEDULES = ("default", "karras")
-MAX_STEPS = 1000
 
 
 # --- sampler registry ----------------------------------------------------------------
@@ -323,6 +322,11 @@ class SamplingPlan:
     def spec(self) -> SamplerSpec:
         return SAMPLERS[self.sampler]
 
+    @property
+    def karras(self) -> bool:
+        """Whether the sigmas are Karras-spaced (the model's config or ``--schedule karras``)."""
+        return bool(self.config.get("use_karras_sigmas"))
+
 
 def resolve_config(spec: SamplerSpec, scheduler_config: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
     """``XScheduler.from_config(scheduler_config, **overrides).config``.
@@ -543,15 +547,17 @@ def make_plan(
     """Plan a run: timesteps, sigma / alpha tables and the img2img start.
 
     Each sampler reads the model's scheduler config as
-    ``XScheduler.from_config(config, **overrides)`` does (``schedule='karras'``
-    adds ``use_karras_sigmas=True``, ``'default'`` forces it off). Raises
+    ``XScheduler.from_config(config, **overrides)`` does: ``schedule='default'``
+    keeps the config's own ``use_karras_sigmas`` (many community models set it,
+    and diffusers honours it), ``'karras'`` overrides it to true, ``'uniform'``
+    to false. Raises
     :class:`InvalidArgument` for an unknown sampler or schedule, steps outside
     1..1000, strength outside [0, 1] or too small to leave a step, and config
     options cpuflow does not implement.
     """
     spec, steps, strength = _validate(sampler, steps, schedule, strength)
     extra: dict[str, Any] = {}
-    if "use_karras_sigmas" in _DEFAULTS[spec.diffusers_class]:
+    if "use_karras_sigmas" in _DEFAULTS[spec.diffusers_class] and schedule != "default":
         extra["use_karras_sigmas"] = schedule == "karras"
     full_cfg = resolve_config(spec, scheduler_config, extra)
     _check_config(spec, full_cfg)

@@ -104,7 +104,11 @@ def listen_socket(host: str, port: int) -> socket.socket:
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
               help="A textual-inversion embedding requests may use (by name, in their \"embeddings\" list). "
                    "Repeatable.")
-def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads, embeddings):
+@click.option("--max-session-memory", type=click.FloatRange(0.001, None), default=None, metavar="GIB",
+              help="Memory for compiled sessions (one per component and image size); the least recently "
+                   "used are freed beyond it (default: half the RAM).")
+def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads, embeddings,
+                  max_session_memory):
     """Serve a web page and a JSON API for generating images on this machine."""
     token = token or None            # an empty CPUFLOW_TOKEN is no token
     if token == "random":
@@ -117,6 +121,8 @@ def serve_command(models, host, port, token, allow_host, max_queue, backend, pre
     sock = listen_socket(host, port)   # a port in use fails here, before the models load
     ids = model_ids(models)
     load = {"backend": backend, "precision": precision, "threads": threads}
+    if max_session_memory is not None:
+        load["max_session_bytes"] = int(max_session_memory * 2**30)
     app = create_app(ids, token=token, allowed_hosts=default_allowed_hosts(port, host, allow_host), port=port,
                      max_queue=max_queue, load_options=load, embeddings=embeddings)
     shown = host if host not in ("0.0.0.0", "::") else "127.0.0.1"

@@ -63,7 +63,7 @@ def test_low_memory_mode_same_image_and_sessions_released(model):
         a = normal.txt2img("a red circle", steps=3, seed=2).images[0]
     with Pipeline.load(model, backend="onnxruntime", low_memory=True) as low:
         b = low.txt2img("a red circle", steps=3, seed=2).images[0]
-        assert low.model._sessions == {}          # nothing left loaded after the image
+        assert list(low.model.loaded_sessions()) == []          # nothing left loaded after the image
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

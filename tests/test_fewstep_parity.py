@@ -135,7 +135,7 @@ def test_lcm_matches_diffusers(lcm, backend, steps, guidance):
     p = psnr(res.images[0], refs[(steps, guidance)])
     assert p >= PSNR_MIN, f"lcm {steps} steps guidance {guidance} {backend}: {p:.1f} dB"
     # guidance goes in as the embedding: one UNet call per step at batch 1, no negative branch
-    assert all(dict(d)["batch"] == 1 for (name, d) in cf.model._sessions if name == "unet")
+    assert all(d["batch"] == 1 for name, d, _ in cf.model.loaded_sessions() if name == "unet")
 
 
 def test_lcm_guidance_changes_the_image_and_matches_the_lcm_pipeline(lcm):
@@ -182,7 +182,7 @@ def test_lcm_img2img_matches_diffusers(lcm, backend, strength):
     assert res.records[0]["sampler"] == "lcm" and res.records[0]["task"] == "img2img"
     p = psnr(res.images[0], refs[key])
     assert p >= PSNR_MIN, f"lcm img2img strength {strength} {backend}: {p:.1f} dB"
-    assert all(dict(d)["batch"] == 1 for (name, d) in cf.model._sessions if name == "unet")
+    assert all(d["batch"] == 1 for name, d, _ in cf.model.loaded_sessions() if name == "unet")
 
 
 # --- Turbo -----------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_turbo_matches_diffusers(turbo, backend, steps, sampler):
     assert res.records[0]["sampler"] == sampler       # euler_a: the model's own scheduler
     p = psnr(res.images[0], ref)
     assert p >= PSNR_MIN, f"turbo {sampler} {steps} steps {backend}: {p:.1f} dB"
-    assert all(dict(d)["batch"] == 1 for (name, d) in cf.model._sessions if name == "unet")
+    assert all(d["batch"] == 1 for name, d, _ in cf.model.loaded_sessions() if name == "unet")
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_lcm_sdxl_matches_diffusers(lcm_sdxl, backend, steps, guidance):
     assert res.records[0]["sampler"] == "lcm"
     p = psnr(res.images[0], refs[(steps, guidance)])
     assert p >= PSNR_MIN, f"lcm-sdxl {steps} steps guidance {guidance} {backend}: {p:.1f} dB"
-    assert all(dict(d)["batch"] == 1 for (name, d) in cf.model._sessions if name == "unet")
+    assert all(d["batch"] == 1 for name, d, _ in cf.model.loaded_sessions() if name == "unet")
 
 
 def test_lcm_sdxl_defaults_and_img2img(lcm_sdxl):

@@ -5,6 +5,7 @@ All test images are made in-process with PIL; nothing is downloaded.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import time
@@ -435,15 +436,16 @@ def test_a1111_parameters_text():
     assert text == (
         "a red fox in snow, 雪の中の狐 🦊\n"
         "Negative prompt: blurry, low quality\n"
-        "Steps: 20, Sampler: Euler a, Schedule type: Karras, CFG scale: 7.5, Seed: 42, "
-        "Size: 512x512, Model hash: abcd123456, Model: sd15, Denoising strength: 0.75, "
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, "
+        "Size: 512x512, Model: sd15, Denoising strength: 0.75, "
+        f"A1111 reproducible: {json.dumps(cimg.a1111_reproduction(PARAMS))}, "
         "Version: cpuflow 0.1.0"
     )
     back = cimg.parse_a1111_parameters(text)
-    for k in ("prompt", "negative_prompt", "seed", "sampler", "schedule", "steps", "guidance",
+    for k in ("prompt", "negative_prompt", "seed", "sampler", "steps", "guidance",
               "width", "height", "model_name", "strength", "cpuflow_version"):
         assert back[k] == PARAMS[k], k
-    assert back["model_hash"] == "abcd123456"
+    assert back["a1111_reproducible"].startswith("no: ")
     # no negative prompt line when empty; values with commas are quoted as A1111 does
     t2 = cimg.a1111_parameters({"prompt": "x", "steps": 4, "sampler": "lcm", "schedule": "default",
                                 "model_name": "a, b"})

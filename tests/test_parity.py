@@ -157,9 +157,9 @@ def test_no_guidance_skips_the_negative_branch(exported):
     with Pipeline.load(out, backend="onnxruntime", threads=2) as cf:   # fresh: count its sessions
         res = cf.txt2img("a red circle", steps=STEPS, sampler="euler", guidance=1.0, width=SIZE, height=SIZE,
                          seed=7)
-        unet_dims = [dims for (name, dims) in cf.model._sessions if name == "unet"]
+        unet_dims = [dims for name, dims, _ in cf.model.loaded_sessions() if name == "unet"]
     assert psnr(np.asarray(res.images[0]), ref) >= PSNR_MIN
-    assert all(dict(d)["batch"] == 1 for d in unet_dims)
+    assert all(d["batch"] == 1 for d in unet_dims)
 
 
 def test_seed_determinism_and_records(exported):

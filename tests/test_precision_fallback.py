@@ -91,7 +91,7 @@ def test_auto_falls_back_to_f32_with_a_warning(flaky, model):
         assert res.warnings == [f"unet: runs in f32 because compiling it in the default precision (bf16) failed: "
                                 f"{REASON} (slower than bf16; --precision f32 skips the attempt)"]
         assert res.records[0]["precision"] == "f32"
-        infos = {name: s.info for (name, _), s in pipe.model._sessions.items()}
+        infos = {name: s.info for name, _, s in pipe.model.loaded_sessions()}
         assert infos["unet"].precision == "f32" and infos["text_encoder"].warning is None
         again = _txt2img(pipe)                      # the session is compiled once: no second warning
         assert again.warnings == [] and _unet_calls() == [None, "f32"]

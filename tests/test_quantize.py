@@ -181,15 +181,22 @@ def test_runtime_loads_each_variant(quantized, fmt):
         assert res.records[0]["variant"]["unet"] == mode
 
 
-def test_default_variant_is_int8_and_recorded(quantized):
+def test_default_variant_is_chosen_by_fidelity_and_recorded(quantized):
+    """No --variant: the fastest variant whose recorded fidelity passes (cpuflow/variants.py)
+    runs on every component that has it; the others run fp32; the record says which."""
+    from cpuflow.variants import MIN_FIDELITY_DB, choose_variant
     folder, _ = quantized
+    m = load_manifest(folder)
     for fmt in FORMATS:
+        choice = choose_variant(m, fmt)
+        passing = [v for v, f in choice.fidelity_db.items() if f is not None and f >= MIN_FIDELITY_DB]
+        assert choice.name == (passing[0] if passing else "fp32"), choice
         with Pipeline.load(folder, backend=BACKEND_OF[fmt], precision="f32", use_cache=False) as pipe:
             res = pipe.txt2img("a cat", steps=2, seed=1)
         variants = res.records[0]["variant"]
-        assert variants["unet"] == "int8" and variants["text_encoder"] == "int8"
-        # ONNX Runtime has no quantized VAE: it runs fp32; OpenVINO's is weight-compressed
-        assert variants["vae_decoder"] == ("fp32" if fmt == "onnx" else "int8")
+        for comp, ran in variants.items():
+            has = fmt in m.components[comp].variants.get(choice.name, m.components[comp].variants["fp32"]).files
+            assert ran == (choice.name if has else "fp32"), (fmt, comp, ran, choice)
 
 
 # --- pieces --------------------------------------------------------------------------------------

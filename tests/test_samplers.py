@@ -144,7 +144,7 @@ def test_sd_specific_values():
         (("euler", SD15, 20), {"strength": -0.1}, r"strength=-0.1"),
         (("euler", SD15, 20), {"strength": 0.01},
          r"strength 0.01 with 20 steps leaves no denoising step; use strength >= 0.05"),
-        (("euler", SD15, 20), {"schedule": "exponential"}, r"schedule 'exponential' is not known; valid schedules: default, karras"),
+        (("euler", SD15, 20), {"schedule": "exponential"}, r"schedule 'exponential' is not known; valid schedules: default, karras, uniform"),
         (("ddim", SD15, 20), {"schedule": "karras"},
          r"schedule 'karras' is not supported by sampler 'ddim'; samplers that support karras: euler, heun, dpmpp_2m"),
         (("euler_a", SD15, 20), {"schedule": "karras"}, r"not supported by sampler 'euler_a'"),
@@ -173,8 +173,10 @@ def test_config_resolution_like_from_config():
     # _use_default_values: listed keys keep the class default
     p = S.make_plan("ddim", dict(SD15, _use_default_values=["steps_offset"]), 20)
     assert p.timesteps[0] == 950
-    # schedule='default' turns karras off even when the model config has it on
+    # schedule='default' keeps the model config's karras setting; 'uniform' turns it off
     p = S.make_plan("euler", dict(SD15, use_karras_sigmas=True), 20)
+    assert p.config["use_karras_sigmas"] is True
+    p = S.make_plan("euler", dict(SD15, use_karras_sigmas=True), 20, schedule="uniform")
     assert p.config["use_karras_sigmas"] is False
     assert p.schedule_timesteps[1] == np.float32(999 * 18 / 19)
 

@@ -150,7 +150,7 @@ def test_no_guidance_runs_the_unet_at_batch_1(sdxl):
     ref = _reference(pipe, "euler", guidance=1.0)
     with Pipeline.load(out, backend="onnxruntime", threads=1, use_cache=False) as cf:
         res = cf.txt2img(PROMPT, steps=STEPS, sampler="euler", guidance=1.0, seed=3)   # default size
-        unet_dims = [dict(d) for (name, d) in cf.model._sessions if name == "unet"]
+        unet_dims = [d for name, d, _ in cf.model.loaded_sessions() if name == "unet"]
     assert res.images[0].size == (SIZE, SIZE)
     assert psnr(np.asarray(res.images[0]), ref) >= PSNR_MIN
     assert all(d["batch"] == 1 for d in unet_dims)
@@ -284,7 +284,7 @@ def test_low_memory_mode_gives_the_same_image(sdxl):
     with Pipeline.load(out, backend="onnxruntime", precision="f32", threads=1, use_cache=False,
                        low_memory=True) as cf:
         b = cf.txt2img(PROMPT, **kw)
-        left = {name for (name, _) in cf.model._sessions}
+        left = {name for name, _, _ in cf.model.loaded_sessions()}
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     assert not left & {"text_encoder", "text_encoder_2", "unet"}
 

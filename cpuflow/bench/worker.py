@@ -37,6 +37,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from ..memory import memory_status
+
 PROGRESS_PREFIX = "@@cpuflow-bench-progress "
 STAGES = ("text", "unet", "vae", "taesd", "e2e", "load", "depth")   # depth: a depth model's estimator
 DEFAULT_STAGES = ("text", "unet", "vae", "e2e", "load")   # taesd only when asked: not every folder has it
@@ -44,28 +46,6 @@ UNET_TIMESTEP = 500.0   # any value: latency does not depend on it
 
 
 # ---------------------------------------------------------------- memory
-def memory_status() -> dict[str, int | None]:
-    """This process's current and peak resident set size in bytes
-    (``VmRSS``/``VmHWM`` from /proc/self/status; ``ru_maxrss`` elsewhere)."""
-    out: dict[str, int | None] = {"rss": None, "hwm": None}
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out["rss" if key == "VmRSS" else "hwm"] = int(val.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if out["hwm"] is None:
-        try:
-            import resource
-            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            out["hwm"] = int(r) if sys.platform == "darwin" else int(r) * 1024  # macOS: bytes, Linux: KiB
-        except (ImportError, OSError):
-            pass
-    return out
-
-
 def reset_peak_rss() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: ``5`` into clear_refs).
     False where that is not possible; then only the whole-process peak is known."""
@@ -159,7 +139,7 @@ def session_facts(model) -> dict[str, dict]:
     """What each loaded component really ran: backend, device, precision,
     variant, compile seconds, cache hit, threads (where the backend says)."""
     out = {}
-    for (name, _), sess in model._sessions.items():
+    for name, _, sess in model.loaded_sessions():
         info = sess.info
         d = {"backend": info.backend, "device": info.device, "precision": info.precision,
              "variant": getattr(sess, "variant", "fp32"), "compile_s": round(float(info.compile_s), 4),

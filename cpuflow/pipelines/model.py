@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -19,12 +19,10 @@ from ..errors import CpuflowError, ModelError
 from ..file_digests import DigestMemo
 from ..manifest import Manifest, load_manifest
 from ..tokenizer import ClipTokenizer
+from ..variants import VariantChoice, choose_variant
+from .session_cache import SessionCache
 
 FORMAT_OF_BACKEND = {"openvino": "openvino", "onnxruntime": "onnx"}
-
-# The order in which variants are preferred when the user names none: the
-# fastest first (see bench/README.md); fp32 is always present.
-VARIANT_PREFERENCE = ("int8", "hybrid", "int8-weights", "fp32")
 
 # diffusers scheduler class -> our sampler name: the model's own sampler is the default.
 SAMPLER_OF_SCHEDULER = {
@@ -71,6 +69,8 @@ class LoadedModel:
             raise ModelError(f"{root} has no {self.format} files (it has: {have})",
                              hint=(f"use --backend {other[0]}" if other else "re-export the model")
                              + f" or re-export with --format {self.format}")
+        # Which variant runs, and why (cpuflow/variants.py: by measured fidelity).
+        self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant)
         tok_dir = self.manifest.path(self.manifest.tokenizer["path"])
         self.tokenizer = ClipTokenizer.from_dir(tok_dir)
         self.max_length = int(self.manifest.tokenizer.get("max_length", self.tokenizer.max_length))
@@ -81,7 +81,8 @@ class LoadedModel:
         self.options = BackendOptions(device=config.device, precision=self._precision(config.precision),
                                       threads=config.threads, cache_dir=cache_dir)
         self.backend = get_backend(config.backend, self.options)
-        self._sessions: dict[tuple, Session] = {}
+        # (component, dims) -> session, least recently used out first over the byte cap
+        self._sessions = SessionCache(config.max_session_bytes)
         self.load_seconds = 0.0
         self.load_warnings: list[str] = []   # from sessions loaded since generate() last took them
 
@@ -99,22 +100,11 @@ class LoadedModel:
 
     # -- variants -------------------------------------------------------------
     def variant_of(self, component: str) -> str:
+        """The chosen variant, or fp32 for a component that has no such file."""
         comp = self.manifest.components[component]
-        usable = [v for v, var in comp.variants.items() if self.format in var.files]
-        if self.config.variant is not None:
-            if self.config.variant in usable:
-                return self.config.variant
-            if self.config.variant not in {v for c in self.manifest.components.values() for v in c.variants}:
-                all_v = sorted({v for c in self.manifest.components.values() for v in c.variants})
-                raise ModelError(f"variant {self.config.variant!r} is not in this model (it has: {', '.join(all_v)})")
-            return "fp32"  # this component has no such variant: it runs in fp32
-        preferred = self.manifest.raw.get("defaults", {}).get("variant")
-        if preferred in usable:
-            return preferred   # the model's author chose (e.g. quality over speed for a tiny model)
-        for v in VARIANT_PREFERENCE:
-            if v in usable:
-                return v
-        return "fp32"
+        name = self.variant_choice.name
+        var = comp.variants.get(name)
+        return name if var is not None and self.format in var.files else "fp32"
 
     # -- sessions -------------------------------------------------------------
     def session(self, component: str, dims: Mapping[str, int]) -> Session:
@@ -127,39 +117,39 @@ class LoadedModel:
             comp = self.manifest.components[component]
             vname = self.variant_of(component)
             var = comp.variants[vname]
+            model_file = self.manifest.path(var.model_file(self.format))
             t0 = time.perf_counter()
-            sess = self.backend.load(
+            sess = self._sessions.load(key, lambda: self.backend.load(
                 component,
-                self.manifest.path(var.model_file(self.format)),
+                model_file,
                 comp.inputs,
                 comp.outputs,
                 static_dims=dict(dims),
                 cache_key=f"{self.manifest.model_hash}-{component}-{vname}",
-            )
+            ), model_file)
             self.load_seconds += time.perf_counter() - t0
             sess.variant = vname  # type: ignore[attr-defined]
             if getattr(sess.info, "warning", None):  # e.g. OpenVINO fell back to f32
                 self.load_warnings.append(sess.info.warning)
-            self._sessions[key] = sess
         return sess
+
+    def loaded_sessions(self) -> Iterator[tuple[str, dict[str, int], Session]]:
+        """(component, static dims, session) of every session held now, least recently used first."""
+        for (component, dims), sess in list(self._sessions.items()):
+            yield component, dict(dims), sess
 
     def release(self, component: str) -> None:
         """Free a component's sessions (low-memory mode: the text encoder after encoding)."""
-        for key in [k for k in self._sessions if k[0] == component]:
-            sess = self._sessions.pop(key)
-            try:
-                sess.close()
-            except CpuflowError:
-                pass
+        self._sessions.drop(lambda key: key[0] == component)
 
     def session_infos(self) -> dict[str, tuple]:
         """``{component: (SessionInfo, variant)}`` for the sessions loaded now
         (what a record says ran each component)."""
-        return {name: (s.info, getattr(s, "variant", "fp32")) for (name, _), s in self._sessions.items()}
+        return {name: (s.info, getattr(s, "variant", "fp32")) for name, _, s in self.loaded_sessions()}
 
     def loaded_shapes(self, component: str) -> list[dict[str, int]]:
         """The static shapes ``component`` is loaded at now."""
-        return [dict(dims) for (name, dims) in self._sessions if name == component]
+        return [dims for name, dims, _ in self.loaded_sessions() if name == component]
 
     def take_load_warnings(self) -> list[str]:
         """Warnings from sessions loaded since the last call (each once)."""
@@ -168,8 +158,7 @@ class LoadedModel:
         return out
 
     def close(self) -> None:
-        for key in list(self._sessions):
-            self.release(key[0])
+        self._sessions.drop(lambda key: True)
 
     # -- facts ----------------------------------------------------------------
     def latent_dims(self, width: int, height: int, batch: int) -> dict[str, int]:
@@ -193,4 +182,5 @@ class LoadedModel:
         return cfg
 
     def run(self, component: str, dims: Mapping[str, int], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.session(component, dims).run(feeds)
+        sess = self.session(component, dims)
+        return self._sessions.run((component, tuple(sorted(dims.items()))), lambda: sess.run(feeds))

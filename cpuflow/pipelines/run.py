@@ -224,6 +224,7 @@ class Run:
         """The UNet with classifier-free guidance over ``c``. ``unet_inputs``:
         what a task adds (e.g. extra latent channels), passed to guided_model_fn."""
         g, dims = self.params["guidance"], self.latent_dims()
+        unet_inputs.setdefault("guidance_rescale", self.req.guidance_rescale)
         if sdxl.is_sdxl(self.model):
             return sdxl.guided_model_fn(self.model, c.cond, c.uncond, g, dims, self.timer, self.width,
                                         self.height, **unet_inputs)
@@ -358,6 +359,13 @@ class Run:
         rec["clip_skip"] = req.clip_skip if req.clip_skip is not None else default_clip_skip(m)
         if req.embeddings:
             rec["embeddings"] = list(req.embeddings)
+        if req.guidance_rescale:
+            rec["guidance_rescale"] = req.guidance_rescale
+        if m.a1111_hash:   # A1111's "Model hash" of the source checkpoint (single-file exports)
+            rec["source_model_hash"] = m.a1111_hash
+        if self.plan is not None:   # what the A1111 text says about reproducing the image
+            rec.update(scheduler_class=self.plan.diffusers_class, karras_sigmas=self.plan.karras,
+                       timestep_spacing=self.plan.config.get("timestep_spacing"))
         rec.update(self.record_extra)
         rec.update(extra)
         return rec

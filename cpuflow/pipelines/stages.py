@@ -27,10 +27,24 @@ def encode_prompt(model: LoadedModel, text: str, timer: StageTimer,
     return encode_text(model, encoders_of(model), text, options or PromptOptions(), timer)
 
 
+def rescale_guided(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.ndarray:
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", eq. 15-16; diffusers' ``rescale_noise_cfg``): scale
+    the guided output to the standard deviation of the conditional one, per image
+    over (C, H, W), then mix ``rescale`` of that with ``1 - rescale`` of the
+    guided output. It undoes the over-exposure that strong guidance gives models
+    trained with zero terminal SNR. torch's ``std`` is unbiased: ddof=1."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = cond.std(axis=axes, keepdims=True, ddof=1, dtype=np.float64)
+    std_guided = guided.std(axis=axes, keepdims=True, ddof=1, dtype=np.float64)
+    rescaled = guided * (std_cond / std_guided)
+    return (rescale * rescaled + (1.0 - rescale) * guided).astype(np.float32)
+
+
 def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
                     latent_dims: dict, timer: StageTimer, *, cond_extra: dict | None = None,
-                    uncond_extra: dict | None = None, concat: np.ndarray | None = None
-                    ) -> Callable[[np.ndarray, float], np.ndarray]:
+                    uncond_extra: dict | None = None, concat: np.ndarray | None = None,
+                    guidance_rescale: float = 0.0) -> Callable[[np.ndarray, float], np.ndarray]:
     """The UNet with classifier-free guidance (Ho & Salimans 2022):
     out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
     the batch ordered [uncond, cond] as diffusers does. Without guidance
@@ -42,7 +56,8 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     channels (1, C, h, w) appended to the scaled latents on every call, the same
     for both branches (inpainting's mask + masked-image latents, depth, the
     upscaler's low-res image), as diffusers concatenates them after
-    ``scale_model_input``."""
+    ``scale_model_input``. ``guidance_rescale`` > 0: :func:`rescale_guided` on the
+    guided output (only where there is an unconditional branch, as in diffusers)."""
     cond_extra, uncond_extra = dict(cond_extra or {}), dict(uncond_extra or {})
     extra = {}
     emb_dim = guidance_embedding.embedding_dim(model.manifest)
@@ -73,7 +88,8 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
         if batch == 1:
             return out
         u, c = out[0:1], out[1:2]
-        return u + np.float32(guidance) * (c - u)
+        guided = u + np.float32(guidance) * (c - u)
+        return rescale_guided(guided, c, guidance_rescale) if guidance_rescale > 0 else guided
 
     return fn
 

@@ -31,6 +31,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
+from ..config import SCHEDULES
 from ..errors import CpuflowError, InvalidArgument
 from .jobs import ImageStore, Job, JobQueue, QueueFull, scrub
 from .request import GenerateBody, Limits, ParamsFromImageBody, decode_base64, describe, validation_problems
@@ -100,7 +101,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         from ..samplers import SAMPLERS
         return {"models": [dict(info, default=(mid == default_model)) for mid, info in infos.items()],
                 "samplers": [{"name": n, "description": s.description} for n, s in SAMPLERS.items()],
-                "schedules": ["default", "karras"],
+                "schedules": list(SCHEDULES),
                 "embeddings": sorted(embedding_specs),
                 "limits": {"max_pixels": limits.max_pixels, "max_steps": limits.max_steps,
                            "max_samples": limits.max_samples, "max_prompt_chars": limits.max_prompt_chars,

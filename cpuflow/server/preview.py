@@ -26,7 +26,7 @@ import logging
 import numpy as np
 from PIL import Image
 
-from ..previews import SD_LATENT_RGB, latent_to_rgb, taesd_preview  # noqa: F401  (one copy, shared)
+from ..previews import SD_LATENT_RGB, latent_to_rgb, model_family, taesd_preview  # noqa: F401  (one copy, shared)
 
 log = logging.getLogger("cpuflow.server")
 
@@ -60,16 +60,17 @@ def make_preview(pipe, event: dict, width: int, height: int) -> str | None:
     if latents is None:
         return None
     img = None
+    family = model_family(getattr(pipe, "model", None))
     try:
         img = taesd_preview(getattr(pipe, "model", None), latents)
         if img is None and width * height <= VAE_PREVIEW_PIXELS:
             img = vae_preview(pipe, latents, width, height)
         if img is None:
-            img = latent_to_rgb(latents)
+            img = latent_to_rgb(latents, family)
     except Exception as e:  # a preview is a nicety: never let it fail the job
         log.debug("preview failed: %s", e)
         try:
-            img = latent_to_rgb(latents)
+            img = latent_to_rgb(latents, family)
         except Exception:
             img = None
     if img is None:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import MAX_PROMPT_CHARS, GenerationRequest
+from ..config import MAX_PROMPT_CHARS, SCHEDULES, GenerationRequest
 from ..errors import ImageInputError, InvalidArgument, ResourceLimitError
 
 _DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.I)
@@ -41,9 +41,10 @@ class GenerateBody(BaseModel):
     negative_prompt: str = ""
     model: str | None = None             # an id from GET /api/models; none: the first model
     sampler: str | None = None           # none: the model's own scheduler
-    schedule: Literal["default", "karras"] = "default"
+    schedule: Literal[SCHEDULES] = "default"  # type: ignore[valid-type]
     steps: int | None = None
     guidance: float | None = None
+    guidance_rescale: float = 0.0
     width: int | None = None
     height: int | None = None
     seed: int | None = None              # none: random (the job reports it)
@@ -161,7 +162,7 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
                                  f"of {limits.max_pixels} pixels per image")
     req = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
-                            width=width, height=height, seed=body.seed, n_samples=body.n_samples,
+                            guidance_rescale=body.guidance_rescale, width=width, height=height, seed=body.seed, n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes,
                             strength=body.strength if body.strength is not None else
                             1.0 if mask_bytes is not None else 0.8,
