@@ -162,7 +162,8 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
                                  f"of {limits.max_pixels} pixels per image")
     req = GenerationRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
-                            guidance_rescale=body.guidance_rescale, width=width, height=height, seed=body.seed, n_samples=body.n_samples,
+                            guidance_rescale=body.guidance_rescale, width=width, height=height, seed=body.seed,
+                            n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes,
                             strength=body.strength if body.strength is not None else
                             1.0 if mask_bytes is not None else 0.8,
