@@ -11,7 +11,7 @@ Schema version 1 (a JSON object)::
     schema_version    1
     complete          true            (false/absent: an export that never finished)
     name              human name
-    family            "sd1" | "sd2" | "sdxl"
+    family            "sd1" | "sd2" | "sdxl" | "x4-upscaler"
     prediction_type   "epsilon" | "v_prediction"
     random_weights    bool            (true: latency work only, images are noise)
     validated         bool            (false: exported with --force past a failed parity gate)
@@ -31,6 +31,10 @@ Schema version 1 (a JSON object)::
                       aesthetic_score, negative_aesthetic_score}; components then also hold
                       text_encoder_2, the text encoders output penultimate_hidden_states
                       (+ text_embeds) and the unet takes text_embeds and time_ids
+    upscaler          x4 upscaler only (family "x4-upscaler"): {low_res_scheduler (the DDPM config
+                      that noises the low-res image), max_noise_level, default_noise_level,
+                      image_channels (3), factor (4)}; its unet's sample has latent + image
+                      channels and it takes class_labels (the noise level); no vae_encoder
 
 A Component::
 
@@ -57,6 +61,8 @@ SCHEMA_VERSION = 1
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2",  # SDXL's second
                    "taesd_decoder", "taesd_encoder")  # optional: the tiny autoencoder (export --taesd)
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+UPSCALER_FAMILY = "x4-upscaler"
+UPSCALER_KEYS = ("low_res_scheduler", "max_noise_level", "image_channels", "factor")
 FORMATS = ("onnx", "openvino")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
@@ -276,9 +282,19 @@ def check_compatible(m: Manifest) -> None:
                 f"text_encoder width {te.shape[-1]} does not match unet cross-attention width {ehs.shape[-1]}"
             )
     sample = unet.input("sample")
-    if sample.shape[1] != m.latent_channels:
+    extra = 0
+    if m.family == UPSCALER_FAMILY:  # latents + the low-res image (cpuflow/pipelines/upscale.py)
+        up = m.raw.get("upscaler")
+        if not isinstance(up, Mapping) or any(k not in up for k in UPSCALER_KEYS):
+            raise ManifestError(f"x4 upscaler folder {m.root} lacks the upscaler block "
+                                f"({', '.join(UPSCALER_KEYS)})", hint=_REEXPORT)
+        extra = int(up["image_channels"])
+        if "class_labels" not in {s.name for s in unet.inputs}:
+            raise ManifestError(f"x4 upscaler folder {m.root}: its unet takes no class_labels", hint=_REEXPORT)
+    if sample.shape[1] != m.latent_channels + extra:
         raise IncompatibleModelError(
-            f"unet takes {sample.shape[1]} latent channels but latent.channels is {m.latent_channels}"
+            f"unet takes {sample.shape[1]} input channels but latent.channels is {m.latent_channels}"
+            + (f" and the low-res image has {extra}" if extra else "")
         )
     dec = m.components["vae_decoder"].input("latent_sample")
     if dec.shape[1] != m.latent_channels:
