@@ -56,6 +56,8 @@ def _resolve(model: LoadedModel, req: GenerationRequest) -> dict[str, Any]:
 
 
 def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | None = None) -> GenerationResult:
+    from .upscale import refuse_upscaler   # (upscale.py builds on this module)
+    refuse_upscaler(model)
     req = req.with_seed()
     r = _resolve(model, req)
     is_img2img = req.init_image is not None
