@@ -282,5 +282,9 @@ from .bench.cli import bench_command  # noqa: E402  (torch only with --reference
 
 main.add_command(bench_command)
 
+from .upscale_cli import upscale_command  # noqa: E402
+
+main.add_command(upscale_command)
+
 if __name__ == "__main__":
     main()
