@@ -13,7 +13,8 @@ decoder, so it is strict:
   that names the file and what is wrong.
 
 Accepted images are converted deterministically (same bytes in, same pixels out)
-to RGB, see :func:`_to_rgb` and :func:`_fit`.
+to RGB, see :func:`_to_rgb`; resizing is ``PIL.ImageOps.fit`` (scale to cover, center
+crop, one LANCZOS resample with a float crop box).
 
 Writing: :func:`array_to_images` reproduces diffusers'
 ``VaeImageProcessor.postprocess(output_type="pil")`` bit for bit and refuses
@@ -37,7 +38,7 @@ import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -254,24 +255,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _fit(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover (width, height), then center-crop; one LANCZOS resample.
-
-    The crop box is computed in source coordinates (floats) and handed to
-    ``Image.resize(box=...)`` so the aspect ratio is exact and there is no
-    second resample.
-    """
-    w, h = img.size
-    if (w, h) == (width, height):
-        return img
-    if w * height > h * width:  # source is wider: use full height, crop the sides
-        cw, ch = h * width / height, float(h)
-    else:  # source is taller (or same aspect): full width, crop top and bottom
-        cw, ch = float(w), w * height / width
-    x0, y0 = (w - cw) / 2.0, (h - ch) / 2.0
-    return img.resize((width, height), Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
-
-
 def load_init_image(
     source: str | os.PathLike | bytes | BinaryIO,
     width: int | None = None,
@@ -303,6 +286,8 @@ def load_init_image(
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InvalidArgument(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if isinstance(source, Image.Image):
+        if 0 in source.size:
+            raise ImageInputError(f"init image {name or '(image object)'} is empty ({source.size[0]}x{source.size[1]})")
         # An image object (Python API): serialise it losslessly (TIFF keeps every
         # mode, CMYK and 16-bit included) and take the same checked path as a file.
         buf = io.BytesIO()
@@ -355,7 +340,7 @@ def load_init_image(
             left, top = (w - tw) // 2, (h - th) // 2
             out = rgb.crop((left, top, left + tw, top + th))
         else:
-            out = _fit(rgb, tw, th)
+            out = ImageOps.fit(rgb, (tw, th), Image.Resampling.LANCZOS)
     else:
         if width is None:
             width = max(8, int(height * w / h) // 8 * 8)
@@ -365,7 +350,7 @@ def load_init_image(
             raise ResourceLimitError(
                 f"size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
             )
-        out = _fit(rgb, width, height)
+        out = ImageOps.fit(rgb, (width, height), Image.Resampling.LANCZOS)
     if out.mode != "RGB":  # defensive; every branch above yields RGB
         out = out.convert("RGB")
     return out
@@ -463,22 +448,15 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 # =============================================================================
 # PNG metadata
 # =============================================================================
-#: cpuflow sampler name -> the name AUTOMATIC1111 (and civitai, sd-prompt-reader) use.
+#: cpuflow sampler name -> the name AUTOMATIC1111 (and civitai, sd-prompt-reader) use;
+#: exactly the samplers of cpuflow.samplers.SAMPLERS (tests/test_image.py checks).
 A1111_SAMPLER_NAMES = {
     "ddim": "DDIM",
-    "ddpm": "DDPM",
     "plms": "PLMS",
-    "lms": "LMS",
     "euler": "Euler",
     "euler_a": "Euler a",
     "heun": "Heun",
-    "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE",
-    "dpmpp_2s_a": "DPM++ 2S a",
-    "unipc": "UniPC",
     "lcm": "LCM",
 }
 _A1111_SCHEDULE_NAMES = {
@@ -787,6 +765,10 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
+
+
 def save_png_atomic(
     img: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None = None
 ) -> Path:
@@ -801,6 +783,41 @@ def save_png_atomic(
     The parent folder must exist (:class:`InvalidArgument` otherwise); a full
     disk is a :class:`DiskSpaceError`.
     """
+    info = png_metadata(params) if params is not None else None
+    return _write_atomic(img, path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+def save_jpeg_atomic(
+    img: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *, quality: int = 95
+) -> Path:
+    """Write ``img`` as JPEG, atomically like :func:`save_png_atomic`. The
+    A1111 ``parameters`` text goes to the EXIF UserComment (UNICODE charset,
+    UTF-16), where AUTOMATIC1111 writes it for JPEGs and reads it back."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InvalidArgument(f"JPEG quality must be between 1 and 100, got {quality!r}")
+    exif = Image.Exif()
+    if params is not None:
+        text = a1111_parameters(_with_version(params))
+        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be", "surrogatepass")
+    return _write_atomic(img, path, lambda f: img.convert("RGB").save(f, format="JPEG", quality=quality,
+                                                                      exif=exif.tobytes()))
+
+
+def save_image_atomic(
+    img: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *, jpeg_quality: int = 95
+) -> Path:
+    """PNG or JPEG by the file's suffix (.png, .jpg, .jpeg); any other suffix is refused."""
+    kind = IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+    if kind is None:
+        raise InvalidArgument(f"cannot write {str(path)!r}: cpuflow writes .png or .jpg images",
+                              hint="use a .png or .jpg file name, or a folder")
+    if kind == "JPEG":
+        return save_jpeg_atomic(img, path, params, quality=jpeg_quality)
+    return save_png_atomic(img, path, params)
+
+
+def _write_atomic(img: Image.Image, path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Temp file in the same folder, flushed and fsynced, then renamed onto ``path``."""
     if not isinstance(img, Image.Image):
         raise InvalidArgument(f"expected a PIL image, got {type(img).__name__}")
     path = Path(path)
@@ -809,8 +826,6 @@ def save_png_atomic(
         raise InvalidArgument(f"output folder {str(folder)!r} does not exist", hint="create it first")
     if path.is_dir():
         raise InvalidArgument(f"output path {str(path)!r} is a directory")
-    info = png_metadata(params) if params is not None else None
-
     try:
         tmp = tempfile.NamedTemporaryFile(
             dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False
@@ -820,7 +835,7 @@ def save_png_atomic(
     tmp_path = tmp.name
     try:
         with tmp:
-            img.save(tmp, format="PNG", pnginfo=info)
+            write(tmp)
             tmp.flush()
             if hasattr(os, "fchmod"):
                 os.fchmod(tmp.fileno(), 0o666 & ~_umask())

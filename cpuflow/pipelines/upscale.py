@@ -21,24 +21,19 @@ One window covering the image is exactly the untiled computation (weights 1, no 
 """
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import numpy as np
 
-from .. import __version__, samplers
-from ..config import MAX_SEED, MAX_UPSCALE_INPUT_PIXELS, UpscaleRequest
+from .. import samplers
+from ..config import MAX_UPSCALE_INPUT_PIXELS, UpscaleRequest
 from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
 from ..manifest import UPSCALER_FAMILY
-from ..rng import make_generator
 from ..schedules import NoiseSchedule
-from .generate import DEFAULT_STEPS, GenerationResult, ProgressFn, _record, _step_callback
 from .model import LoadedModel, StageTimer
-from .stages import _ramp, _tile_starts, decode_latents, decode_tiled, denoise, encode_prompt, guided_model_fn
+from .run import GenerationResult, ImageFn, ProgressFn, Run
+from .stages import _ramp, _tile_starts, decode_tiled, guided_model_fn
 
 DEFAULT_NOISE_LEVEL = 20      # StableDiffusionUpscalePipeline.__call__'s default
-DEFAULT_GUIDANCE = 9.0        # likewise
 # Automatic tiles: inputs up to AUTO_TILE pixels a side (the model's own 128 -> 512, where the
 # full-size UNet and VAE fit in a few GB) run in one piece; larger ones in tiles of AUTO_TILE.
 AUTO_TILE = 128
@@ -106,92 +101,71 @@ def _windows(height: int, width: int, tile: int | None, overlap: int):
 
 def upscale_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
                      low_res: np.ndarray, noise_level: int, tile: int | None, timer: StageTimer):
-    """model_fn(x_in, t) for the sampler: the guided UNet (stages.guided_model_fn, with the
-    noise level as class_labels) on concat([x_in, low_res]), per tile, blended."""
+    """model_fn(x_in, t) for the sampler: the guided UNet (stages.guided_model_fn: the noised
+    image concatenated after the scaled latents, the noise level as class_labels) per window,
+    the windows' outputs blended. One window: exactly the untiled computation."""
     _, _, h, w = low_res.shape
     windows = _windows(h, w, tile, unet_overlap(tile) if tile else 0)
-    _, _, th, tw = (0, 0) + windows[0][2:4]
-    labels = np.array([noise_level], dtype=np.int64)
-    inner = guided_model_fn(model, cond, uncond, guidance, {"latent_height": th, "latent_width": tw}, timer,
-                            cond_extra={"class_labels": labels}, uncond_extra={"class_labels": labels})
-    if windows[0][4] is None:  # one piece: exactly diffusers' computation
-        return lambda x, t: inner(np.concatenate([x, low_res], axis=1), t)
+    th, tw = windows[0][2], windows[0][3]
+    labels = {"class_labels": np.array([noise_level], dtype=np.int64)}
+
+    def guided(win):
+        return guided_model_fn(model, cond, uncond, guidance, {"latent_height": th, "latent_width": tw}, timer,
+                               cond_extra=labels, uncond_extra=labels, concat=np.ascontiguousarray(low_res[win]))
+
+    if windows[0][4] is None:
+        return guided((slice(None),) * 4)
+    parts = []
     total = np.zeros((h, w), dtype=np.float32)
     for y, x, _, _, wgt in windows:
-        total[y:y + th, x:x + tw] += wgt
+        win = (slice(None), slice(None), slice(y, y + th), slice(x, x + tw))
+        parts.append((win, wgt, guided(win)))
+        total[win[2:]] += wgt
 
     def fn(x: np.ndarray, t: float) -> np.ndarray:
         out = np.zeros(x.shape, dtype=np.float32)
-        for y0, x0, _, _, wgt in windows:
-            win = (slice(None), slice(None), slice(y0, y0 + th), slice(x0, x0 + tw))
-            part = inner(np.concatenate([x[win], low_res[win]], axis=1), t)
-            out[win] += part * wgt
+        for win, wgt, unet in parts:   # one window's activations alive at a time
+            out[win] += unet(np.ascontiguousarray(x[win]), t) * wgt
         return out / total
 
     return fn
 
 
-def _resolve(model: LoadedModel, req: UpscaleRequest) -> dict[str, Any]:
-    m = model.manifest
-    up = m.raw["upscaler"]
-    defaults = m.raw.get("defaults", {})
-    gen = req.generation
-    noise_level = req.noise_level if req.noise_level is not None else int(up.get("default_noise_level",
-                                                                                  DEFAULT_NOISE_LEVEL))
+def _noise_level(model: LoadedModel, req: UpscaleRequest) -> int:
+    up = model.manifest.raw["upscaler"]
+    level = req.noise_level if req.noise_level is not None else int(up.get("default_noise_level",
+                                                                            DEFAULT_NOISE_LEVEL))
     max_level = int(up["max_noise_level"])
-    if not 0 <= noise_level <= max_level:
-        raise InvalidArgument(f"noise_level must be between 0 and {max_level} for this model, got {noise_level}")
-    return {"sampler": gen.sampler or model.default_sampler(),
-            "steps": gen.steps if gen.steps is not None else int(defaults.get("steps", DEFAULT_STEPS)),
-            "guidance": gen.guidance if gen.guidance is not None else float(defaults.get("guidance",
-                                                                                          DEFAULT_GUIDANCE)),
-            "noise_level": noise_level, "factor": int(up["factor"])}
+    if not 0 <= level <= max_level:
+        raise InvalidArgument(f"noise_level must be between 0 and {max_level} for this model, got {level}")
+    return level
 
 
-def upscale(model: LoadedModel, req: UpscaleRequest, progress: ProgressFn | None = None) -> GenerationResult:
+def upscale(model: LoadedModel, req: UpscaleRequest, progress: ProgressFn | None = None,
+            on_image: ImageFn | None = None) -> GenerationResult:
     require_upscaler(model)
-    r = _resolve(model, req)
-    req_gen = req.generation.with_seed()
-    seed = req_gen.seed % (MAX_SEED + 1)
+    noise_level = _noise_level(model, req)
+    up = model.manifest.raw["upscaler"]
     img = load_init_image(req.image, max_pixels=MAX_UPSCALE_INPUT_PIXELS, what="image to upscale")
     w, h = img.size
-    r["width"], r["height"] = w * r["factor"], h * r["factor"]
     pixels = image_to_array(img)
-    timer = StageTimer()
-    t_start = time.perf_counter()
-    load_before = model.load_seconds
-    warnings: list[str] = []
-    plan = samplers.make_plan(r["sampler"], model.scheduler_config(), r["steps"], schedule=req_gen.schedule)
-    do_cfg = r["guidance"] > 1.0
-    cond = encode_prompt(model, req_gen.prompt, timer)
-    uncond = encode_prompt(model, req_gen.negative_prompt, timer) if do_cfg else None
-    for note, enc in (("prompt", cond), ("negative prompt", uncond)):
-        if enc is not None and enc.truncated:
-            warnings.append(f"{note} is longer than the text encoder's {model.max_length} tokens; "
-                            f"dropped: {enc.dropped_text!r}")
+    run = Run(model, req.generation, "upscale", progress, on_image)
+    run.set_size(w * int(up["factor"]), h * int(up["factor"]))   # the latents have the input's size
+    plan = run.make_plan()
     tile, tile_why = choose_tile(req.tile, h, w)
-    gen = make_generator(req_gen.rng, seed)
-    # diffusers draws the image's noise first, then the latents (same generator)
-    low_res = low_res_noise(model.manifest.raw["upscaler"]["low_res_scheduler"], pixels, gen.randn(pixels.shape),
-                            r["noise_level"])
-    x = samplers.initial_latents(plan, gen.randn((1, model.manifest.latent_channels, h, w)))
-    model_fn = upscale_model_fn(model, cond.embeddings, None if uncond is None else uncond.embeddings,
-                                r["guidance"], low_res, r["noise_level"], tile, timer)
-    x = denoise(model, plan, model_fn, x, gen, req_gen.eta, callback=_step_callback(progress, 0, 1, plan))
-    if tile is None:
-        decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
-    else:
-        decoded = decode_tiled(model, x, timer, tile=tile, overlap=min(VAE_OVERLAP, tile // 4))
-    image = array_to_images(decoded)[0]
-    rec = _record(model, req_gen, r, req_gen.prompt, req_gen.negative_prompt, seed, False, plan)
-    rec.update(task="upscale", noise_level=r["noise_level"], input_width=w, input_height=h,
-               tile=tile or 0, tile_choice=tile_why, cpuflow_version=__version__)
-    rec.pop("decoder", None)
-    timer.seconds["load_compile"] = model.load_seconds - load_before
-    warnings.extend(dict.fromkeys(model.load_warnings))
-    model.load_warnings.clear()
-    timer.seconds["total"] = time.perf_counter() - t_start
-    if plan.n_model_calls:
-        timer.seconds["unet_per_call"] = timer.seconds.get("unet", 0.0) / plan.n_model_calls
-    rec["timings"] = {k: round(v, 4) for k, v in timer.seconds.items()}
-    return GenerationResult([image], [rec], dict(timer.seconds), warnings)
+    run.record_extra.update(noise_level=noise_level, input_width=w, input_height=h, tile=tile or 0,
+                            tile_choice=tile_why)
+    for job in run.jobs():
+        # diffusers draws the image's noise first, then the latents (same generator)
+        low_res = low_res_noise(up["low_res_scheduler"], pixels, job.noise(pixels.shape), noise_level)
+        x = samplers.initial_latents(plan, job.noise(run.latent_shape()))
+        c = job.conditioning
+        job.model_fn = upscale_model_fn(model, c.cond.embeddings, None if c.uncond is None else c.uncond.embeddings,
+                                        run.params["guidance"], low_res, noise_level, tile, run.timer)
+        x = run.sample(job, x)
+        if tile is None:
+            run.finish_image(job, x)
+        else:
+            decoded = decode_tiled(model, x, run.timer, tile=tile, overlap=min(VAE_OVERLAP, tile // 4))
+            run.emit(array_to_images(decoded)[0], run.record(job))
+    return run.result()
