@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .cli_options import load_options, sampling_options
 from .errors import InvalidArgument, MissingDependency
 
 EXAMPLES_GENERATE = """
@@ -60,38 +61,17 @@ def _samplers_help() -> str:
 @click.argument("prompt")
 @click.option("--model", "-m", type=click.Path(path_type=Path), default=None,
               help="Exported model folder (default: the model shipped with cpuflow).")
-@click.option("--negative-prompt", "-n", default="", help="What the image should not show.")
-@click.option("--steps", type=int, default=None,
-              help="Denoising steps (default: the model's, from its export: 1 for SD-Turbo, 4 for an LCM, else 20).")
-@click.option("--sampler", default=None, help="Sampler (default: the model's own scheduler). "
-              "One of: ddim, plms, euler, euler_a, heun, dpmpp_2m, lcm.")
-@click.option("--schedule", type=click.Choice(["default", "karras"]), default="default",
-              help="Noise schedule: the model's trained timesteps, or Karras sigmas.")
-@click.option("--guidance", "-g", type=float, default=None,
-              help="Classifier-free guidance scale (default: the model's, usually 7.5; 0 for SD-Turbo; "
-                   "1 or less skips the negative branch: 2x faster).")
-@click.option("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
-@click.option("--seed", type=int, default=None, help="Seed 0..4294967295 (default: random, printed and saved).")
+@sampling_options
 @click.option("--width", "-W", type=int, default=None, help="Width in pixels (default: the model's).")
 @click.option("--height", "-H", type=int, default=None, help="Height in pixels (default: the model's).")
 @click.option("--n-samples", type=int, default=1, help="Images to make (seeds seed, seed+1, ...).")
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: start from this image.")
 @click.option("--strength", type=float, default=0.8,
               help="img2img: how much to change the init image (0..1, default 0.8).")
-@click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino",
-              help="Inference engine (default openvino: fastest on Intel/AMD CPUs).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-              help="cuda needs --backend onnxruntime with onnxruntime-gpu.")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto",
-              help="OpenVINO precision hint: auto picks bf16 on CPUs with AMX/AVX512-BF16, else f32.")
-@click.option("--variant", default=None, help="Model variant (fp32, int8, ...; default: the fastest present).")
-@click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
-@click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch",
-              help="Noise generator: torch (same images as diffusers for a seed) or numpy.")
+@load_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="A .png file for one image, or a folder for several (default: ./outputs/).")
 @click.option("--grid", is_flag=True, help="Also save all images as one grid image.")
-@click.option("--no-cache", is_flag=True, help="Do not use the compiled-model cache.")
 @click.option("--low-memory", is_flag=True,
               help="One model component in memory at a time and tiled VAE decoding: less RAM, a little slower.")
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default="full", show_default=True,
@@ -101,13 +81,16 @@ def _samplers_help() -> str:
               help="Write a preview of the image every N steps beside the output, as OUT.preview-0005.png "
                    "(image-00000.preview-0005.png in a folder): through the tiny autoencoder when the folder "
                    "has one, else a rough 1/8-size colour approximation of the latents.")
+@click.option("--upscale", "upscaler", type=click.Path(path_type=Path), default=None, metavar="X4_DIR",
+              help="Upscale each image 4x with this exported x4 upscaler before writing it (its own defaults: "
+                   "noise level 20, 20 steps, guidance 9; the same prompt and seed; see `cpuflow upscale`).")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
              n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
-             no_cache, low_memory, decoder, preview_every, jpeg_quality, quiet):
+             no_cache, low_memory, decoder, preview_every, upscaler, jpeg_quality, quiet):
     """Generate images from PROMPT (txt2img, or img2img with --init-image).
 
     Each image is written as soon as it is made, so stopping a long run (Ctrl-C)
@@ -128,6 +111,10 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
+    x4 = None
+    if upscaler is not None:  # a folder that is not an upscaler fails before anything is generated
+        from .upscale_cli import open_upscaler, upscale_generated
+        x4 = open_upscaler(upscaler, cfg)
     loaded = LoadedModel(cfg)
     if loaded.manifest.random_weights and not quiet:
         click.echo("note: this model has random weights (made for latency work): its images are noise", err=True)
@@ -149,6 +136,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
         previews.append(save_png_atomic(img, path.with_name(f"{path.stem}.preview-{info['step']:04d}.png")))
 
     def save(img, rec):
+        if x4 is not None:
+            img, rec = upscale_generated(x4, img, rec)
         written.append(save_image_atomic(img, paths["images"][len(written)], rec, jpeg_quality=jpeg_quality))
         previews.clear()   # they belong to a finished image now
 
@@ -171,6 +160,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
         for b in bars:
             b.close()
         loaded.close()
+        if x4 is not None:
+            x4.close()
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if grid:
@@ -178,7 +169,9 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
                                          jpeg_quality=jpeg_quality))
     t = result.timings
     rec0 = result.records[0]
-    summary = (f"{len(result.records)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "
+    summary = (f"{len(result.records)} image(s) {rec0['width']}x{rec0['height']}"
+               + (f" (upscaled x4 to {rec0['width'] * 4}x{rec0['height'] * 4})" if x4 is not None else "")
+               + f", {rec0['sampler']} "
                f"{rec0['steps']} steps, seed {rec0['seed']}"
                + (f"..{result.records[-1]['seed']}" if len(result.records) > 1 else "")
                + f" | {rec0['backend']} {rec0['device']} {rec0['precision']}"

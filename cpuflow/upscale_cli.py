@@ -33,14 +33,14 @@ Examples:
 @sampling_options
 @load_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="A .png file, or a folder (default: ./outputs/).")
+              help="A .png or .jpg file, or a folder (default: ./outputs/).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def upscale_command(image, prompt, model, noise_level, tile, negative_prompt, steps, sampler, schedule, guidance,
                     eta, seed, rng, backend, device, precision, variant, threads, no_cache, out, quiet):
     """Upscale IMAGE 4x with the x4 upscaler, guided by PROMPT (optional: what the image shows)."""
     from .cli import _output_paths
     from .config import LoadConfig, UpscaleRequest
-    from .image import save_png_atomic
+    from .image import save_image_atomic
     from .pipelines.model import LoadedModel
     from .pipelines.upscale import require_upscaler, upscale
 
@@ -50,7 +50,7 @@ def upscale_command(image, prompt, model, noise_level, tile, negative_prompt, st
                          rng=rng, tile=tile)
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache)
-    if out is not None and out.suffix.lower() == ".png":
+    if out is not None and out.suffix:
         _output_paths(out, 1, False)   # a bad --out fails now; a folder is made only when the image is ready
     loaded = LoadedModel(cfg)
     try:
@@ -63,7 +63,7 @@ def upscale_command(image, prompt, model, noise_level, tile, negative_prompt, st
         loaded.close()
     report(result)
     path = _output_paths(out, 1, False)["images"][0]
-    click.echo(str(save_png_atomic(result.images[0], path, result.records[0])))
+    click.echo(str(save_image_atomic(result.images[0], path, result.records[0])))
 
 
 def _progress_bar(quiet: bool):
@@ -93,3 +93,33 @@ def report(result) -> None:
                f"{rec['guidance']:g}, seed {rec['seed']} | {rec['backend']} {rec['device']} {rec['precision']} | "
                f"load {t.get('load_compile', 0):.1f}s, unet {t.get('unet', 0):.1f}s, "
                f"vae {t.get('vae_decoder', 0):.2f}s, total {t.get('total', 0):.1f}s", err=True)
+
+
+def open_upscaler(folder: Path, cfg):
+    """The x4 upscaler for `generate --upscale`: loaded like the generating model (backend,
+    precision, threads, cache), its own variant; refused at once if it is no upscaler."""
+    from dataclasses import replace
+
+    from .pipelines.model import LoadedModel
+    from .pipelines.upscale import require_upscaler
+
+    model = LoadedModel(replace(cfg, model=folder, variant=None, low_memory=False))
+    try:
+        require_upscaler(model)
+    except BaseException:
+        model.close()
+        raise
+    return model
+
+
+def upscale_generated(model, image, rec: dict):
+    """(the image upscaled 4x, its record): the generated image's prompt, negative prompt,
+    seed and noise generator, the upscaler's own defaults otherwise; what made the image
+    before the upscale is kept in the record as ``base``."""
+    from .config import UpscaleRequest
+    from .pipelines.upscale import upscale
+
+    req = UpscaleRequest(image=image, prompt=rec["prompt"], negative_prompt=rec["negative_prompt"],
+                         seed=rec["seed"], rng=rec["rng"])
+    result = upscale(model, req)
+    return result.images[0], dict(result.records[0], base=rec)

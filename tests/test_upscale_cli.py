@@ -73,3 +73,17 @@ def test_wrong_and_damaged_folders(tiny_upscale_export, tiny_export, small, tmp_
     r = run("upscale", "--model", damaged, small, "--out", tmp_path / "c.png", "-q")
     assert r.exit_code == 3 and "re-export" in r.output, r.output
     assert not any((tmp_path / f"{n}.png").exists() for n in "abc")
+
+
+def test_generate_then_upscale_in_one_command(tiny_upscale_export, tmp_path):
+    """The shipped 64x64 model, then the tiny upscaler: a 256x256 image whose record keeps the base one."""
+    out = tmp_path / "up.png"
+    r = run("generate", "a red circle on a blue background", "--steps", 2, "--seed", 3,
+            "--upscale", tiny_upscale_export.model, "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert Image.open(out).size == (256, 256)
+    meta = read_png_metadata(out)
+    assert meta["task"] == "upscale" and meta["seed"] == 3 and meta["prompt"] == "a red circle on a blue background"
+    assert meta["base"]["task"] == "txt2img" and meta["base"]["width"] == 64
+    r = run("generate", "a red circle", "--steps", 1, "--upscale", tmp_path, "--out", tmp_path / "no.png", "-q")
+    assert r.exit_code == 3 and not (tmp_path / "no.png").exists(), r.output   # no model there: damaged / missing
