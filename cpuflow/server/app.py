@@ -5,6 +5,7 @@ Routes (all JSON errors are ``{"error": {"code": ..., "message": ...}}``)::
     GET    /                        the page (inline CSS/JS, nothing from outside)
     GET    /api/models              models (server-made ids), samplers, limits
     POST   /api/generate            202 {job}; 413 caps; 415 not JSON; 422 bad input; 429 queue full
+    POST   /api/upscale             202 {job}: a gallery image (by its id) through an x4 upscaler model
     GET    /api/jobs                recent jobs
     GET    /api/jobs/{id}           status, progress, preview, images
     GET    /api/jobs/{id}/events    server-sent events: "progress" ..., then "done" | "failed" | "cancelled"
@@ -33,8 +34,9 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..config import MAX_PROMPT_CHARS, GenerationRequest
+from ..config import MAX_PROMPT_CHARS, GenerationRequest, UpscaleRequest
 from ..errors import CpuflowError, InvalidArgument, ResourceLimitError
+from ..manifest import UPSCALER_FAMILY
 from .jobs import ImageStore, Job, JobQueue, QueueFull, scrub
 from .runner import make_runner
 from .security import SecurityMiddleware, default_allowed_hosts, security_headers
@@ -77,6 +79,19 @@ class GenerateBody(BaseModel):
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
 
 
+class UpscaleBody(BaseModel):
+    """POST /api/upscale: a finished image, by the id the server gave it, upscaled 4x with the
+    prompt, negative prompt and seed it was made with (unless given here)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str                           # an image id from a finished job
+    model: str | None = None             # an upscaler id from GET /api/models; none: the first upscaler
+    noise_level: int | None = None       # none: the model's (20)
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None              # none: the image's own seed
+
+
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
                max_queue: int | None = None, limits: Limits | None = None, load_options: dict | None = None,
                preview_every: int | None = None) -> FastAPI:
@@ -100,7 +115,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
             m = Pipeline.load(m, **(load_options or {}))
         pipes[mid] = m
     infos = {mid: describe(mid, p) for mid, p in pipes.items()}
-    default_model = next(iter(pipes))
+    default_model = next((mid for mid, info in infos.items() if not info["upscaler"]), next(iter(pipes)))
     secret_strings = tuple(s for s in [token, *paths] if s)
 
     store = ImageStore()
@@ -141,8 +156,32 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         model_id = body.model if body.model is not None else default_model
         if model_id not in pipes:
             raise InvalidArgument(f"model must be one of {', '.join(pipes)} (see /api/models)")
+        if infos[model_id]["upscaler"]:
+            raise InvalidArgument(f"model {model_id} is an x4 upscaler: it upscales gallery images "
+                                  "(POST /api/upscale), it does not generate")
         req, params = _build_request(body, infos[model_id], limits)
         job = Job(model_id=model_id, request=req, params=params, n_images=req.n_samples)
+        try:
+            pos = queue.submit(job)
+        except QueueFull as e:
+            return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return JSONResponse(job.to_json(position=pos), status_code=202,
+                            headers={"Location": f"/api/jobs/{job.id}"})
+
+    @app.post("/api/upscale", status_code=202, summary="Queue a 4x upscale of a finished image; returns the job")
+    def upscale(body: UpscaleBody):
+        upscalers = [mid for mid, info in infos.items() if info["upscaler"]]
+        if not upscalers:
+            raise InvalidArgument("this server has no x4 upscaler model (start it with --model exported/x4 too)")
+        model_id = body.model if body.model is not None else upscalers[0]
+        if model_id not in upscalers:
+            raise InvalidArgument(f"model must be an upscaler: one of {', '.join(upscalers)} (see /api/models)")
+        item = store.get(body.image)
+        if item is None:
+            raise StarletteHTTPException(404)
+        png, record = item
+        req, params = _build_upscale(body, png, record, infos[model_id], limits)
+        job = Job(model_id=model_id, request=req, params=params, n_images=1)
         try:
             pos = queue.submit(job)
         except QueueFull as e:
@@ -216,6 +255,7 @@ def describe(mid: str, pipe: Any) -> dict:
         "sampler": sampler,
         "size_multiple": int(getattr(model, "size_multiple", 8) or 8),
         "img2img": "vae_encoder" in components,
+        "upscaler": str(getattr(m, "family", "")) == UPSCALER_FAMILY,   # for POST /api/upscale, not generate
         "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
         "random_weights": bool(getattr(m, "random_weights", False)),
         "model_hash": str(getattr(m, "model_hash", "")),
@@ -267,6 +307,24 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
               "decoder": req.decoder}
+    return req, params
+
+
+def _build_upscale(body: UpscaleBody, png: bytes, record: dict, info: dict,
+                   limits: Limits) -> tuple[UpscaleRequest, dict]:
+    if body.steps is not None and body.steps > limits.max_steps:
+        raise ResourceLimitError(f"steps {body.steps} is over this server's limit of {limits.max_steps}")
+    w, h = int(record.get("width", 0)), int(record.get("height", 0))
+    if 16 * w * h > limits.max_pixels:
+        raise ResourceLimitError(f"{w}x{h} upscaled 4x is {16 * w * h} pixels, over this server's limit of "
+                                 f"{limits.max_pixels} pixels per image")
+    seed = body.seed if body.seed is not None else record.get("seed")
+    req = UpscaleRequest(image=png, prompt=str(record.get("prompt", "")),
+                         negative_prompt=str(record.get("negative_prompt", "")), noise_level=body.noise_level,
+                         steps=body.steps, guidance=body.guidance, seed=seed)
+    params = {"task": "upscale", "model": info["id"], "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+              "noise_level": req.noise_level, "steps": req.steps if req.steps is not None else info["steps"],
+              "seed": seed, "image": body.image}
     return req, params
 
 
