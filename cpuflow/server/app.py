@@ -256,6 +256,7 @@ def describe(mid: str, pipe: Any) -> dict:
         "size_multiple": int(getattr(model, "size_multiple", 8) or 8),
         "img2img": "vae_encoder" in components,
         "upscaler": str(getattr(m, "family", "")) == UPSCALER_FAMILY,   # for POST /api/upscale, not generate
+        "max_noise_level": int(((getattr(m, "raw", None) or {}).get("upscaler") or {}).get("max_noise_level", 0)),
         "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
         "random_weights": bool(getattr(m, "random_weights", False)),
         "model_hash": str(getattr(m, "model_hash", "")),
@@ -318,6 +319,9 @@ def _build_upscale(body: UpscaleBody, png: bytes, record: dict, info: dict,
     if 16 * w * h > limits.max_pixels:
         raise ResourceLimitError(f"{w}x{h} upscaled 4x is {16 * w * h} pixels, over this server's limit of "
                                  f"{limits.max_pixels} pixels per image")
+    if body.noise_level is not None and not 0 <= body.noise_level <= info["max_noise_level"]:
+        raise InvalidArgument(f"noise_level must be between 0 and {info['max_noise_level']} for this model, "
+                              f"got {body.noise_level}")
     seed = body.seed if body.seed is not None else record.get("seed")
     req = UpscaleRequest(image=png, prompt=str(record.get("prompt", "")),
                          negative_prompt=str(record.get("negative_prompt", "")), noise_level=body.noise_level,
