@@ -261,7 +261,10 @@ class Run:
         self.emit(self.decode(x), rec)
 
     def emit(self, image: Image.Image, rec: dict[str, Any]) -> None:
-        """A finished image and its record: keep it, and hand it to ``on_image``."""
+        """A finished image and its record: keep it, and hand it to ``on_image``.
+        The decoder's session exists only now: its variant joins the record here."""
+        for name, (_, variant) in self.model.session_infos().items():
+            rec["variant"].setdefault(name, variant)
         if self.keep_images:
             self.images.append(image)
         self.records.append(rec)
