@@ -19,6 +19,8 @@ from .previews import PreviewFn, with_previews
 
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 _LOAD_FIELDS = {f.name for f in fields(LoadConfig)}
+_UPSCALE_FIELDS = {"negative_prompt", "noise_level", "steps", "sampler", "schedule", "guidance", "seed", "eta",
+                   "rng", "tile"}
 
 
 class Pipeline:
@@ -92,6 +94,21 @@ class Pipeline:
         return self(_request(prompt, dict(params, init_image=init_image, mask=mask, strength=strength,
                                           mask_blur=mask_blur, inpaint_area=inpaint_area, padding=padding)),
                     progress, preview=preview, preview_every=preview_every)
+
+    def upscale(self, image, prompt: str = "", *, progress: ProgressFn | None = None,
+                **params: Any) -> GenerationResult:
+        """x4 upscale ``image`` (a path, bytes or PIL image) with an x4 upscaler folder
+        (``cpuflow export stabilityai/stable-diffusion-x4-upscaler``). ``params``:
+        negative_prompt, noise_level (default 20, 0..350), steps, sampler, schedule,
+        guidance (default 9), seed, eta, rng, tile (None: automatic; N: latent tiles of
+        at most N x N). See cpuflow/pipelines/upscale.py."""
+        from .config import UpscaleRequest
+        from .pipelines.upscale import upscale
+        unknown = set(params) - _UPSCALE_FIELDS
+        if unknown:
+            from .errors import InvalidArgument
+            raise InvalidArgument(f"unknown upscale parameter(s): {', '.join(sorted(unknown))}")
+        return upscale(self.model, UpscaleRequest(image=image, prompt=prompt, **params), progress)
 
     def close(self) -> None:
         self.model.close()

@@ -136,6 +136,9 @@ def _samplers_help() -> str:
 @click.option("--from-image", type=click.Path(path_type=Path), default=None, metavar="PNG",
               help="Take prompt, negative prompt, seed, sampler, schedule, steps, guidance, size and clip skip "
                    "from a PNG's parameters (cpuflow's or AUTOMATIC1111's); options given as well win.")
+@click.option("--upscale", "upscaler", type=click.Path(path_type=Path), default=None, metavar="X4_DIR",
+              help="Upscale each image 4x with this exported x4 upscaler before writing it (its own defaults: "
+                   "noise level 20, 20 steps, guidance 9; the same prompt and seed; see `cpuflow upscale`).")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -143,7 +146,7 @@ def _samplers_help() -> str:
 def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, guidance_rescale, eta, seed,
              width, height, n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map,
              save_depth, backend, device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder,
-             preview_every, clip_skip, embeddings, from_image, jpeg_quality, quiet):
+             preview_every, clip_skip, embeddings, from_image, upscaler, jpeg_quality, quiet):
     """Generate images from PROMPT (txt2img, img2img with --init-image, inpainting with --mask,
     depth-to-image with a depth model).
 
@@ -175,6 +178,10 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
+    x4 = None
+    if upscaler is not None:  # a folder that is not an upscaler fails before anything is generated
+        from .upscale_cli import open_upscaler, upscale_generated
+        x4 = open_upscaler(upscaler, cfg)
     loaded = LoadedModel(cfg)
     if loaded.manifest.random_weights and not quiet:
         click.echo("note: this model has random weights (made for latency work): its images are noise", err=True)
@@ -196,6 +203,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
         previews.append(save_png_atomic(img, path.with_name(f"{path.stem}.preview-{info['step']:04d}.png")))
 
     def save(img, rec):
+        if x4 is not None:
+            img, rec = upscale_generated(x4, img, rec)
         written.append(save_image_atomic(img, paths["images"][len(written)], rec, jpeg_quality=jpeg_quality))
         previews.clear()   # they belong to a finished image now
 
@@ -218,6 +227,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
         for b in bars:
             b.close()
         loaded.close()
+        if x4 is not None:
+            x4.close()
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if grid:
@@ -231,7 +242,9 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
             written.append(save_png_atomic(result.extras["depth_map"], first.with_name(f"{first.stem}.depth.png")))
     t = result.timings
     rec0 = result.records[0]
-    summary = (f"{len(result.records)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "
+    summary = (f"{len(result.records)} image(s) {rec0['width']}x{rec0['height']}"
+               + (f" (upscaled x4 to {rec0['width'] * 4}x{rec0['height'] * 4})" if x4 is not None else "")
+               + f", {rec0['sampler']} "
                f"{rec0['steps']} steps, seed {rec0['seed']}"
                + (f"..{result.records[-1]['seed']}" if len(result.records) > 1 else "")
                + f" | {rec0['backend']} {rec0['device']} {rec0['precision']}"
@@ -378,6 +391,10 @@ main.add_command(bench_command)
 from .batch.cli import batch_command  # noqa: E402  (ray only with --ray)
 
 main.add_command(batch_command)
+
+from .upscale_cli import upscale_command  # noqa: E402
+
+main.add_command(upscale_command)
 
 if __name__ == "__main__":
     main()

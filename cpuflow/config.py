@@ -231,3 +231,53 @@ class GenerationRequest:
         """The same request with a concrete seed (a random one when none was given)."""
         return self if self.seed is not None else replace(self, seed=random_seed())
 
+
+
+#: The largest image `cpuflow upscale` takes: 1024x1024 pixels in (4096x4096 out). Tiles bound
+#: the memory at any size; this bounds the time (hours on a laptop at the limit) and the output.
+MAX_UPSCALE_INPUT_PIXELS = 1024 * 1024
+MIN_TILE = 32                     # --tile below this would be mostly overlap
+
+
+@dataclass(frozen=True)
+class UpscaleRequest:
+    """What to upscale (x4 upscaler, cpuflow/pipelines/upscale.py). The prompt, steps,
+    sampler, guidance, seed... follow the rules of :class:`GenerationRequest` (one set
+    of rules: ``generation`` is that request, built and validated here). ``noise_level``
+    None: the model's default (20); its range (0..max_noise_level, 350) is checked
+    against the model. ``tile`` None: automatic; N: the UNet and VAE work on latent
+    tiles of at most N x N (a tile covering the image gives exactly the untiled image)."""
+
+    image: Any                         # path, bytes or PIL image
+    prompt: str = ""
+    negative_prompt: str = ""
+    noise_level: int | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    schedule: str = "default"
+    guidance: float | None = None
+    seed: int | None = None
+    eta: float = 0.0
+    rng: str = "torch"
+    tile: int | None = None
+    generation: GenerationRequest = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.image is None:
+            raise InvalidArgument("no image to upscale was given")
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise InvalidArgument("prompt and negative_prompt of an upscale must be strings")
+        gen = GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
+                                sampler=self.sampler, schedule=self.schedule, guidance=self.guidance,
+                                seed=self.seed, eta=self.eta, rng=self.rng)
+        object.__setattr__(self, "generation", gen)
+        if self.noise_level is not None:
+            n = _int("noise_level", self.noise_level)
+            if n < 0:
+                raise InvalidArgument(f"noise_level must be between 0 and the model's max_noise_level, got {n}")
+            object.__setattr__(self, "noise_level", n)
+        if self.tile is not None:
+            t = _int("tile", self.tile)
+            if t < MIN_TILE or t % 8:
+                raise InvalidArgument(f"tile must be a multiple of 8 and at least {MIN_TILE}, got {t}")
+            object.__setattr__(self, "tile", t)

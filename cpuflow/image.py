@@ -263,12 +263,14 @@ def load_init_image(
     *,
     max_pixels: int = MAX_INIT_PIXELS,
     name: str | None = None,
+    what: str = "init image",
 ) -> Image.Image:
     """Read an init image safely and return it as RGB of the requested size.
 
     ``source`` is a path, the file's bytes, or a binary file object (not closed
     here). ``name`` replaces the path in error messages (the server passes bytes
-    and a neutral name so no filesystem path reaches a client).
+    and a neutral name so no filesystem path reaches a client); ``what`` names the
+    image in them ("init image", "image to upscale").
 
     Size: when ``width`` and ``height`` are given (positive multiples of 8) the
     image is scaled to *cover* that size and center-cropped (LANCZOS, one
@@ -301,9 +303,9 @@ def load_init_image(
             f"requested size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
         )
 
-    fp, label, close_fp = _open_source(source, name)
+    fp, label, close_fp = _open_source(source, name, what)
     try:
-        img = _open_checked(fp, label, max_pixels)
+        img = _open_checked(fp, label, max_pixels, what=what)
         # ``with img`` (not img.close()) so that a caller's stream stays open;
         # our own file is closed in the outer finally.
         with img:
@@ -311,9 +313,9 @@ def load_init_image(
                 img.seek(0)  # animated GIF / APNG / multi-page TIFF: first frame
                 img.load()
             except Image.DecompressionBombError as e:
-                raise ResourceLimitError(f"init image {label} is too large to decode ({e})") from None
+                raise ResourceLimitError(f"{what} {label} is too large to decode ({e})") from None
             except Exception as e:
-                raise ImageInputError(f"init image {label} cannot be decoded: {_reason(e)}") from None
+                raise ImageInputError(f"{what} {label} cannot be decoded: {_reason(e)}") from None
             try:
                 oriented = ImageOps.exif_transpose(img)
             except Exception:
@@ -326,7 +328,7 @@ def load_init_image(
             rgb = _to_rgb(oriented)
         except Exception as e:
             raise ImageInputError(
-                f"init image {label} has an unsupported pixel mode {oriented.mode}: {e}"
+                f"{what} {label} has an unsupported pixel mode {oriented.mode}: {e}"
             ) from None
     finally:
         if close_fp:

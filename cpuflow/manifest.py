@@ -11,7 +11,7 @@ Schema version 1 (a JSON object)::
     schema_version    2 (1 is still read: see SCHEMA_VERSION)
     complete          true            (false/absent: an export that never finished)
     name              human name
-    family            "sd1" | "sd2" | "sdxl"
+    family            "sd1" | "sd2" | "sdxl" | "x4-upscaler"
     prediction_type   "epsilon" | "v_prediction"
     random_weights    bool            (true: latency work only, images are noise)
     validated         bool            (false: exported with --force past a failed parity gate)
@@ -37,6 +37,10 @@ Schema version 1 (a JSON object)::
                       aesthetic_score, negative_aesthetic_score}; components then also hold
                       text_encoder_2, the text encoders output penultimate_hidden_states
                       (+ text_embeds) and the unet takes text_embeds and time_ids
+    upscaler          x4 upscaler only (family "x4-upscaler"): {low_res_scheduler (the DDPM config
+                      that noises the low-res image), max_noise_level, default_noise_level,
+                      image_channels (3), factor (4)}; its unet's sample has latent + image
+                      channels and it takes class_labels (the noise level); no vae_encoder
 
 A Component::
 
@@ -71,6 +75,8 @@ COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_e
                    "taesd_decoder", "taesd_encoder",  # optional: the tiny autoencoder (export --taesd)
                    "depth_estimator")                 # depth-to-image models: the DPT depth estimator
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+UPSCALER_FAMILY = "x4-upscaler"
+UPSCALER_KEYS = ("low_res_scheduler", "max_noise_level", "image_channels", "factor")
 FORMATS = ("onnx", "openvino")
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
@@ -307,14 +313,23 @@ def check_compatible(m: Manifest) -> None:
             )
     sample = unet.input("sample")
     c = m.latent_channels
-    wants = {"txt2img": c, "inpaint": 2 * c + 1, "depth": c + 1}
+    extra = 0
+    if m.family == UPSCALER_FAMILY:  # latents + the low-res image (cpuflow/pipelines/upscale.py)
+        up = m.raw.get("upscaler")
+        if not isinstance(up, Mapping) or any(k not in up for k in UPSCALER_KEYS):
+            raise ManifestError(f"x4 upscaler folder {m.root} lacks the upscaler block "
+                                f"({', '.join(UPSCALER_KEYS)})", hint=_REEXPORT)
+        extra = int(up["image_channels"])
+        if "class_labels" not in {s.name for s in unet.inputs}:
+            raise ManifestError(f"x4 upscaler folder {m.root}: its unet takes no class_labels", hint=_REEXPORT)
+    wants = {"txt2img": c + extra, "inpaint": 2 * c + 1, "depth": c + 1}
     if m.unet_kind not in wants:
         raise ManifestError(f"model folder {m.root}: unknown unet_kind {m.unet_kind!r} "
                             f"(this cpuflow knows {', '.join(wants)})", hint="upgrade cpuflow or re-export")
     if sample.shape[1] != wants[m.unet_kind]:
         raise IncompatibleModelError(
             f"unet takes {sample.shape[1]} input channels but a {m.unet_kind} unet over {c} latent channels "
-            f"takes {wants[m.unet_kind]}"
+            + (f"and a low-res image of {extra} " if extra else "") + f"takes {wants[m.unet_kind]}"
         )
     if unet.output("out_sample").shape[1] != c:
         raise IncompatibleModelError(

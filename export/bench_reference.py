@@ -14,7 +14,8 @@ so a ratio is never a comparison of two different models.
 
 Stages (matching :mod:`cpuflow.bench.worker`): ``text`` one text-encoder call
 (batch 1), ``unet`` one UNet call (batch 2 with guidance), ``vae`` one VAE
-decode, ``e2e`` one whole image (``pipe(...)``), ``load`` building the pipeline
+decode, ``e2e`` one whole image (``pipe(...)``), ``upscale`` one whole x4 upscale
+(``StableDiffusionUpscalePipeline``, for an x4 upscaler folder), ``load`` building the pipeline
 from the source (for random weights that is random initialisation: no file is
 read, so it is not comparable with a load from disk).
 """
@@ -67,6 +68,14 @@ def build_pipeline(spec: dict) -> tuple[Any, Any]:
                              tokenizer=tokenizer)
     cfg = dict(loaded.scheduler_config)
     sched_cls = getattr(diffusers, str(cfg.get("_class_name", "PNDMScheduler")), diffusers.PNDMScheduler)
+    if getattr(loaded, "family", None) == "x4-upscaler":
+        pipe = diffusers.StableDiffusionUpscalePipeline(
+            vae=loaded.vae, text_encoder=loaded.text_encoder, unet=loaded.unet,
+            tokenizer=CLIPTokenizer.from_pretrained(str(loaded.tokenizer_dir)),
+            low_res_scheduler=diffusers.DDPMScheduler.from_config(loaded.low_res_scheduler_config),
+            scheduler=sched_cls.from_config(cfg), max_noise_level=int(loaded.max_noise_level))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, loaded
     # an inpainting UNet (9 channels) runs in diffusers' inpainting pipeline
     cls = diffusers.StableDiffusionInpaintPipeline if getattr(loaded, "unet_kind", "") == "inpaint" else \
         diffusers.StableDiffusionPipeline
@@ -196,7 +205,11 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
     guidance = float(spec["guidance"])
     gen = torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0)))
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    lat_shape = (1, int(pipe.unet.config.in_channels), h // vae_scale, w // vae_scale)
+    lat_shape = (1, int(pipe.vae.config.latent_channels), h // vae_scale, w // vae_scale)
+    upscaler = getattr(loaded, "family", None) == "x4-upscaler"
+    # the x4 upscaler's UNet also takes the noised low-res image (3 channels) and the noise level
+    image = torch.rand((1, 3, *lat_shape[2:]), generator=gen) * 2 - 1 if upscaler else None
+    labels = torch.tensor([int(spec.get("noise_level", 20))] * unet_batch(spec)) if upscaler else None
 
     with torch.inference_mode():
         if stage == "load":
@@ -220,7 +233,10 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
             def unet_call():
                 # as the diffusers pipeline does it: [uncond, cond] in one batch, then guidance
                 inp = torch.cat([x] * b) if b == 2 else x
-                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, timestep_cond=w_emb, return_dict=False)[0]
+                if image is not None:
+                    inp = torch.cat([inp, torch.cat([image] * b)], dim=1)
+                noise = pipe.unet(inp, t, encoder_hidden_states=ehs, timestep_cond=w_emb, class_labels=labels,
+                                  return_dict=False)[0]
                 if b == 2:
                     u, c = noise.chunk(2)
                     noise = u + guidance * (c - u)
@@ -263,6 +279,34 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
                 return row
 
             out.update(measure(one_image, spec["warmup"], spec["repeat"], progress, on_result=breakdown.append))
+            out["breakdown"] = breakdown
+            out["sampler"] = type(pipe.scheduler).__name__
+        elif stage == "upscale":   # as cpuflow's worker: a smooth random picture of a quarter of width x height
+            from PIL import Image
+            rng = np.random.default_rng(int(spec.get("gen_seed", 0)))
+            small = Image.fromarray(rng.integers(0, 256, (max(1, h // vae_scale // 8), max(1, w // vae_scale // 8), 3),
+                                                 dtype=np.uint8)).resize((w // vae_scale, h // vae_scale),
+                                                                         Image.Resampling.BICUBIC)
+            timers = {"text_encoder": _ForwardTimer(pipe.text_encoder), "unet": _ForwardTimer(pipe.unet),
+                      "vae_decoder": _ForwardTimer(pipe.vae.decoder)}
+            breakdown = []
+
+            def one_upscale():
+                for tm in timers.values():
+                    tm.take()
+                g = torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0)))
+                pipe(prompt=spec["prompt"], image=small, num_inference_steps=int(spec["steps"]),
+                     guidance_scale=guidance, noise_level=int(spec.get("noise_level", 20)), generator=g,
+                     output_type="pil")
+                row = {}
+                for name, tm in timers.items():
+                    s, c = tm.take()
+                    row[name] = round(s, 6)
+                    if name == "unet" and c:
+                        row["unet_per_call"] = round(s / c, 6)
+                return row
+
+            out.update(measure(one_upscale, spec["warmup"], spec["repeat"], progress, on_result=breakdown.append))
             out["breakdown"] = breakdown
             out["sampler"] = type(pipe.scheduler).__name__
         else:

@@ -6,7 +6,8 @@ prompts (the unconditional one included), batched [uncond, cond] for
 classifier-free guidance exactly as the runtime does. So we do not synthesise
 them: we load the staged float32 export with the cpuflow runtime and run the
 model's own sampling loop (its default sampler, ``steps`` steps, guidance 7.5,
-its default image size) on a list of prompts, capturing the ``unet`` feeds of
+its default image size; the x4 upscaler: its upscale loop on a smooth seeded
+low-res picture at noise level 20) on a list of prompts, capturing the ``unet`` feeds of
 every call. The VAE never runs: only the latents' trajectory matters.
 
 Why the runtime and not the torch modules: by the time the fp32 files are
@@ -114,6 +115,7 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
     from cpuflow import samplers
     from cpuflow.config import LoadConfig
     from cpuflow.pipelines.model import StageTimer
+    from cpuflow.pipelines import upscale as up
     from cpuflow.pipelines.stages import encode_prompt, guided_model_fn
     from cpuflow.rng import make_generator
 
@@ -131,11 +133,18 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         shape = (1, m.latent_channels, dims["latent_height"], dims["latent_width"])
         timer = StageTimer()
         uncond = encode_prompt(model, "", timer).embeddings
+        upscaler = up.is_upscaler(model)
 
         def run_prompt(text: str, k: int) -> list[dict[str, np.ndarray]]:
             cond = encode_prompt(model, text, timer).embeddings
-            fn = guided_model_fn(model, cond, uncond, guidance, dims, timer)
             gen = make_generator("torch", seed + k)
+            if upscaler:  # the x4 upscaler's loop: a low-res picture noised at the default level (upscale.py)
+                pixels = _low_res_picture(dims["latent_height"], dims["latent_width"], seed + k)
+                low_res = up.low_res_noise(m.raw["upscaler"]["low_res_scheduler"], pixels, gen.randn(pixels.shape),
+                                           up.DEFAULT_NOISE_LEVEL)
+                fn = up.upscale_model_fn(model, cond, uncond, guidance, low_res, up.DEFAULT_NOISE_LEVEL, None, timer)
+            else:
+                fn = guided_model_fn(model, cond, uncond, guidance, dims, timer)
             x = samplers.initial_latents(plan, gen.randn(shape))
             start = len(model.captured)
             samplers.sample(plan, fn, x, generator=gen, eta=0.0)
@@ -172,6 +181,16 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return CalibrationSet(samples, held_out, info)
+
+
+def _low_res_picture(height: int, width: int, seed: int) -> np.ndarray:
+    """A smooth, seeded stand-in for a low-res photo (1, 3, h, w) in [-1, 1]: an 8x8 grid of
+    random colours, bicubic-upscaled. The x4 upscaler's calibration needs images, not only prompts."""
+    from PIL import Image
+
+    from cpuflow.image import image_to_array
+    grid = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return image_to_array(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC))
 
 
 def nbytes(samples: list[Mapping[str, np.ndarray]]) -> int:

@@ -31,6 +31,9 @@ Examples:
   cpuflow export stabilityai/stable-diffusion-xl-base-1.0 exported/sdxl
   # full SDXL base architecture with random weights (the CLIP tokenizer serves both)
   cpuflow export --random-weights --arch sdxl exported/sdxl-random --tokenizer clip-tokenizer/
+  # the x4 upscaler (for `cpuflow upscale`), or its architecture with random weights
+  cpuflow export stabilityai/stable-diffusion-x4-upscaler exported/x4
+  cpuflow export --random-weights --arch x4-upscaler exported/x4-random --tokenizer clip-tokenizer/
   # add int8 variants beside fp32 (the runtime then prefers int8; --variant fp32 still works)
   cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --quantize int8 --quantize int8-weights
   # merge LoRAs into the UNet and text encoder first (FILE[:SCALE], repeatable; diffusers or kohya format)
@@ -92,9 +95,11 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--random-weights", is_flag=True,
               help="Build the --arch architecture with random weights (no SOURCE): for latency work, "
                    "images are noise.")
-@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint"]),
+@click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint",
+                                           "x4-upscaler"]),
               default=None,
-              help="Architecture for --random-weights (or to force one for a single-file SOURCE). sd15-lcm "
+              help="Architecture for --random-weights (or to force one for a single-file SOURCE). x4-upscaler: "
+                   "stabilityai/stable-diffusion-x4-upscaler (for `cpuflow upscale`). sd15-lcm "
                    "(LCM-Dreamshaper-v7: guidance-embedding UNet, LCMScheduler) and sd21-turbo (SD-Turbo: Euler, "
                    "trailing timesteps) are latency variants for --random-weights only, as is sd15-inpaint "
                    "(stable-diffusion-inpainting: a 9-channel UNet).")
@@ -164,7 +169,11 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
-        raise InvalidArgument("--random-weights needs --arch (sd15, sd21, sd21-v, sdxl, sd15-lcm or sd21-turbo)")
+        raise InvalidArgument("--random-weights needs --arch (sd15, sd21, sd21-v, sdxl, sd15-lcm, sd21-turbo, "
+                              "sd15-inpaint or x4-upscaler)")
+    if arch == "x4-upscaler" and not random_weights:
+        raise InvalidArgument("--arch x4-upscaler builds random weights: use it with --random-weights (the real "
+                              "upscaler is exported from its diffusers folder or hub id, no --arch needed)")
     if arch in ("sd15-lcm", "sd21-turbo", "sd15-inpaint") and not random_weights:
         raise InvalidArgument(f"--arch {arch} is a random-weights latency variant: use it with --random-weights "
                               "(a real LCM / Turbo model is exported from its folder or hub id, no --arch needed)")

@@ -345,12 +345,16 @@ def _vae_config(vae: Any) -> dict[str, Any]:
 
 
 def component_specs(loaded: Any, max_length: int) -> dict[str, ComponentSpec]:
-    """All component specs of a loaded model, in export order (five for SDXL; the tiny
+    """All component specs of a loaded model, in export order (five for SDXL, three for the x4
+    upscaler: export/components_upscale.py; the tiny
     autoencoder's two more when one is attached: export/taesd.py)."""
     from .taesd import taesd_specs
     if getattr(loaded, "family", None) == "sdxl":
         from .components_sdxl import component_specs as sdxl_specs
         return {**sdxl_specs(loaded, max_length), **taesd_specs(getattr(loaded, "taesd", None))}
+    if getattr(loaded, "family", None) == "x4-upscaler":
+        from .components_upscale import component_specs as upscale_specs
+        return upscale_specs(loaded, max_length)
     return {
         "text_encoder": text_encoder_spec(loaded.text_encoder, max_length),
         "unet": unet_spec(loaded.unet, max_length),

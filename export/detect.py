@@ -59,6 +59,7 @@ ARCHES: dict[str, tuple[str, str, int, str]] = {
     "sd21": ("sd2", "epsilon", 512, "sd21-base"),
     "sd21-v": ("sd2", "v_prediction", 768, "sd21-v"),
     "sdxl": ("sdxl", "epsilon", 1024, "sdxl"),   # random weights only (export/sources_sdxl.py)
+    "x4-upscaler": ("x4-upscaler", "v_prediction", 512, "x4-upscaler"),  # export/sources_upscale.py
     # few-step latency variants (random weights only): a base arch's configs with ARCH_OVERRIDES applied
     "sd15-lcm": ("sd1", "epsilon", 512, "sd15"),
     "sd21-turbo": ("sd2", "epsilon", 512, "sd21-base"),
@@ -79,7 +80,7 @@ ARCH_OVERRIDES: dict[str, dict[str, dict]] = {
                                  "timestep_spacing": "trailing"}},
 }
 ARCH_OVERRIDES["sd15-inpaint"] = {"unet": {"in_channels": 9}}
-RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint")
+RANDOM_ONLY_ARCHES = ("sdxl", "sd15-lcm", "sd21-turbo", "sd15-inpaint", "x4-upscaler")
 VENDORED = ("sd15", "sd21-base", "sd21-v")
 
 SD1_UNET_HEADS = 8          # v1-inference.yaml num_heads

@@ -12,10 +12,11 @@
   components built offline from the vendored configs in ``export/configs/``;
 * a **Hugging Face hub id** (``"stabilityai/sd-turbo"``): downloaded with
   ``huggingface_hub.snapshot_download`` (safetensors only), then loaded like a folder;
-* ``random_weights=True`` with ``arch`` in ``sd15 / sd21 / sd21-v / sdxl`` and no source:
+* ``random_weights=True`` with ``arch`` in ``sd15 / sd21 / sd21-v / sdxl / x4-upscaler`` and no source:
   the full-size architecture with seeded random weights (latency work only).
 
-SDXL diffusers folders (and ``arch="sdxl"``) are handed to :mod:`.sources_sdxl`.
+SDXL diffusers folders (and ``arch="sdxl"``) are handed to :mod:`.sources_sdxl`, x4 upscaler
+folders (and ``arch="x4-upscaler"``) to :mod:`.sources_upscale`.
 
 Weights are always read with :mod:`.safe_load` (content-sniffed, safetensors or a
 sandboxed ``weights_only`` unpickle) and loaded STRICTLY: a missing, extra or
@@ -66,7 +67,8 @@ _HUB_ALLOW = ["model_index.json", "scheduler/*", "tokenizer/*", "unet/*.json", "
               "unet/diffusion_pytorch_model*.safetensors", "vae/diffusion_pytorch_model*.safetensors",
               "text_encoder/model*.safetensors",
               "tokenizer_2/*", "text_encoder_2/*.json", "text_encoder_2/model*.safetensors",  # SDXL
-              "depth_estimator/*.json", "depth_estimator/model*.safetensors", "feature_extractor/*"]  # depth
+              "depth_estimator/*.json", "depth_estimator/model*.safetensors", "feature_extractor/*",  # depth
+              "low_res_scheduler/*"]  # the x4 upscaler
 _HUB_IGNORE = ["*.fp16.*", "*non_ema*", "*.bin", "*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -424,6 +426,11 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
     _need_torch()
     index = _read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
+    from . import sources_upscale
+    if sources_upscale.is_upscale_index(index):
+        return sources_upscale.load_folder(folder, kind=kind, name=name, allow_pickle=allow_pickle,
+                                           prediction_type=prediction_type, tokenizer=tokenizer, arch=arch,
+                                           progress=progress)
     if "XL" in cls or "text_encoder_2" in index:
         from . import sources_sdxl
         return sources_sdxl.load_folder(folder, kind=kind, name=name, allow_pickle=allow_pickle,
@@ -620,6 +627,9 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
     if arch == "sdxl":
         from . import sources_sdxl
         return sources_sdxl.load_random(seed, prediction_type, tokenizer, progress)
+    if arch == "x4-upscaler":
+        from . import sources_upscale
+        return sources_upscale.load_random(seed, prediction_type, tokenizer, progress)
     family, pt, size, vendored = detect.ARCHES[arch]
     if prediction_type:
         pt = detect.normalize_prediction_type(prediction_type)

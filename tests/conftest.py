@@ -169,3 +169,22 @@ def tiny_depth_export(tmp_path_factory):
     out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
                        progress=lambda *a, **k: None)
     return SimpleNamespace(src=Path(src), model=Path(out))
+
+
+@pytest.fixture(scope="session")
+def tiny_upscale_export(tmp_path_factory):
+    """SimpleNamespace(src=tiny random x4 upscaler diffusers folder, model=its export in both formats),
+    once per session (tests/test_upscale*.py share it)."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    from export.build import export_model
+    from export.sources import load_source
+    from helpers_upscale import save_tiny_upscale_folder
+
+    base = tmp_path_factory.mktemp("tiny-upscale")
+    src = save_tiny_upscale_folder(base / "src", seed=0)
+    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+                       progress=lambda *a, **k: None)
+    return SimpleNamespace(src=Path(src), model=Path(out))

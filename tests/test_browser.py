@@ -308,3 +308,27 @@ def test_dropping_a_png_fills_the_form(browser, tmp_path):
             ("euler_a", "karras", "1234", "2")
         assert not browser.execute_script("return document.getElementById('seed-random').checked")
         _no_console_errors(browser)
+
+
+def test_upscale_button_in_the_browser(browser, tiny_upscale_export):
+    """A gallery image's "Upscale x4" button: the tiny x4 upscaler (real, exported) makes a 4x
+    image of it, with the same prompt and seed, shown as a new card. The upscaler is not
+    offered as a model to generate with."""
+    from selenium.webdriver.common.by import By
+    with LiveServer({"fake": FakePipeline(step_delay=0.01), "x4": tiny_upscale_export.model}) as srv:
+        browser.get(srv.url + "/")
+        _generate(browser, steps=3, seed=7)
+        options = browser.execute_script("return Array.from(document.getElementById('model').options)"
+                                         ".map(o => o.value)")
+        assert options == ["fake"]
+        card = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
+        card.find_element(By.XPATH, ".//button[text()='Upscale x4']").click()
+        _wait(browser, "const c = document.querySelectorAll('#gallery .card');"
+                       "return c.length === 2 && c[0].querySelector('img').complete && "
+                       "c[0].querySelector('img').naturalWidth > 0", timeout=180)
+        first = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
+        assert "upscaled ×4 from 64×64, noise level 20" in first.text and "seed 7" in first.text
+        assert PROMPT in first.text and "256×256" in first.text
+        assert browser.execute_script("return document.querySelector('#gallery .card img').naturalWidth") == 256
+        _wait(browser, "return document.getElementById('status').textContent.startsWith('Done')")
+        _no_console_errors(browser)

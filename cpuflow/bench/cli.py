@@ -38,7 +38,8 @@ Examples:
 Stages: text (one text-encoder call; both encoders for SDXL), unet (one UNet call, batch 2 with
 guidance), vae (one VAE decode), taesd (one decode by the tiny autoencoder, for
 folders exported with --taesd; not in the default set), e2e (one whole image,
-decoded with --decoder), load (load + compile:
+decoded with --decoder; for an x4 upscaler: upscale, one whole upscale to the
+model's size from a quarter of it, 128 -> 512), load (load + compile:
 first start with an empty compiled cache, then second start on that cache).
 Every stage of every configuration runs in a process of its own: its peak RSS
 is that process's high-water mark (VmHWM).
@@ -49,7 +50,7 @@ is that process's high-water mark (VmHWM).
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False), required=False)
 @click.option("--arch", type=click.Choice(["sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl",
-                                           "sd15-inpaint"]),
+                                           "sd15-inpaint", "x4-upscaler"]),
               default=None,
               help="Benchmark this architecture with random weights instead of MODEL_DIR (exported once, "
                    "cached under the user cache dir in bench-models/; needs the export extra the first time). "

@@ -19,6 +19,7 @@ STAGE_ROWS = (
     ("vae", "VAE decode"),
     ("taesd", "TAESD decode"),
     ("e2e", "image, end to end"),
+    ("upscale", "x4 upscale, end to end"),
     ("load_first", "load+compile, 1st start"),
     ("load_second", "load, 2nd start (cache)"),
 )
@@ -61,6 +62,8 @@ def stage_label(key: str, result: dict) -> str:
         label += f" (batch {s['unet_batch']})"
     elif key == "e2e":
         label += f" ({s['steps']} steps)"
+    elif key == "upscale":
+        label += f" ({s['width'] // 4}->{s['width']}, {s['steps']} steps)"
     return label
 
 
@@ -122,7 +125,7 @@ def format_table(result: dict) -> str:
         if i == 1:
             lines.append("  ".join("-" * w for w in widths))
     for c in cols:
-        st = c["stages"].get("e2e")
+        st = c["stages"].get("e2e") or c["stages"].get("upscale")
         if st and st.get("breakdown"):
             b = st["breakdown"]
             med = {k: sorted(row.get(k, 0.0) for row in b)[len(b) // 2] for k in ("text_encoder", "unet_per_call",

@@ -10,7 +10,7 @@ every start of the load stage -- and gathers their JSON into one result dict
    fresh process with an EMPTY compiled-model cache folder (so each one really
    compiles), the last of which fills the configuration's cache; then
    ``warmup + repeat`` "second starts" in fresh processes on that cache.
-2. ``text``, ``unet``, ``vae``, ``e2e``: one process per configuration and
+2. ``text``, ``unet``, ``vae``, ``e2e`` (``upscale`` for an x4 upscaler): one process per configuration and
    stage (load with the warm cache, ``warmup`` uncounted calls, ``repeat``
    counted ones).
 
@@ -42,7 +42,8 @@ from ..errors import CpuflowError, InvalidArgument, MissingDependency
 from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
-ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl", "sd15-inpaint")
+ARCHES = ("sd15", "sd21", "sd21-v", "sd15-lcm", "sd21-turbo", "sdxl", "sd15-inpaint", "x4-upscaler")
+NO_TAESD_ARCHES = ("x4-upscaler",)   # its VAE has its own latent space (downscale 4): no tiny autoencoder fits
 # --arch sdxl is exported OpenVINO-only: the direct torch -> IR path fits the 2.6 B-parameter UNet in
 # 24 GB where the ONNX path (a second copy of the weights) does not (export/torch_to_openvino.py)
 ARCH_FORMAT = {"sdxl": "openvino"}
@@ -53,7 +54,7 @@ NO_TORCH_REFERENCE = {
 ARCH_SEED = 0                     # the random weights' seed for --arch models (export and reference alike)
 GIB = 1024 ** 3
 DEFAULT_PROMPT = "a photo of an astronaut riding a horse on mars"
-STAGE_ORDER = ("load", "text", "depth", "unet", "vae", "taesd", "e2e")   # load first: it fills the compiled cache
+STAGE_ORDER = ("load", "text", "depth", "unet", "vae", "taesd", "e2e", "upscale")   # load first: it fills the compiled cache
 LogFn = Callable[[str], None]
 
 
@@ -206,7 +207,7 @@ def ensure_arch_model(arch: str, *, rebuild: bool = False, root: Path | None = N
     root.mkdir(parents=True, exist_ok=True)
     # with a random tiny autoencoder too (seconds to export), for the taesd stage and --decoder taesd
     cmd = [sys.executable, "-m", "cpuflow.cli", "export", "--random-weights", "--arch", arch,
-           "--seed", str(ARCH_SEED), "--taesd", "random", str(out)]
+           "--seed", str(ARCH_SEED)] + ([] if arch in NO_TAESD_ARCHES else ["--taesd", "random"]) + [str(out)]
     if arch in ARCH_FORMAT:
         cmd[-1:-1] = ["--format", ARCH_FORMAT[arch]]
     if tokenizer is not None:
@@ -450,6 +451,20 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
     return jobs
 
 
+def stages_for_model(manifest, stages: tuple[str, ...], log: LogFn | None = None) -> tuple[str, ...]:
+    """An x4 upscaler's end to end is one whole upscale (stage ``upscale``, to the model's default
+    size from a quarter of it: 128 -> 512), not a text-to-image: e2e becomes upscale for it, and
+    upscale is refused for other models."""
+    from ..manifest import UPSCALER_FAMILY
+    if manifest.family == UPSCALER_FAMILY:
+        if "e2e" in stages and log:
+            log("note: an x4 upscaler's end to end is the upscale stage (one whole upscale)")
+        return parse_stages(["upscale" if st == "e2e" else st for st in stages if st != "taesd"])
+    if "upscale" in stages:
+        raise InvalidArgument("the upscale stage needs an x4 upscaler folder (or --arch x4-upscaler)")
+    return stages
+
+
 def reference_source_for(manifest, reference_source: str | None, arch: str | None) -> dict:
     """What the torch reference loads: an explicit source, else the random
     architecture the model was built from (``--arch``, or a MODEL_DIR exported
@@ -478,6 +493,7 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
 
     model_dir = Path(model_dir).resolve()
     m = load_manifest(model_dir, verify="size")
+    settings.stages = stages_for_model(m, settings.stages, log)
     width = settings.width or m.default_width
     height = settings.height or m.default_height
     ref = None

@@ -11,8 +11,10 @@ for the load stage -- so that
 SPEC is a JSON object (written by :mod:`cpuflow.bench.runner`)::
 
     kind        "cpuflow" | "torch"      (torch: the diffusers reference, see export/bench_reference.py)
-    stage       "text" | "unet" | "vae" | "taesd" | "e2e" | "load"   (taesd: the tiny autoencoder's decode;
-                "text" runs both text encoders of an SDXL model, "unet" passes SDXL's extra inputs)
+    stage       "text" | "unet" | "vae" | "taesd" | "e2e" | "upscale" | "load"   (taesd: the tiny autoencoder's
+                decode; "text" runs both text encoders of an SDXL model, "unet" passes SDXL's extra inputs and
+                the x4 upscaler's (the noised low-res image, the noise level); "upscale": one whole x4 upscale,
+                the x4 upscaler's e2e, to width x height from a quarter of that)
     model       exported model folder (cpuflow; torch: for the same-weights check)
     backend, device, precision, variant, threads, cache_dir      (cpuflow)
     source, arch, seed                                            (torch)
@@ -40,7 +42,7 @@ from typing import Any, Callable
 from ..memory import memory_status
 
 PROGRESS_PREFIX = "@@cpuflow-bench-progress "
-STAGES = ("text", "unet", "vae", "taesd", "e2e", "load", "depth")   # depth: a depth model's estimator
+STAGES = ("text", "unet", "vae", "taesd", "e2e", "upscale", "load", "depth")   # depth: a depth model's estimator
 DEFAULT_STAGES = ("text", "unet", "vae", "e2e", "load")   # taesd only when asked: not every folder has it
 UNET_TIMESTEP = 500.0   # any value: latency does not depend on it
 
@@ -121,7 +123,7 @@ def unet_batch(spec: dict) -> int:
 
 STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",), "taesd": ("taesd_decoder",),
                     "depth": ("depth_estimator",),
-                    "e2e": ("text_encoder", "unet", "vae_decoder"),
+                    "e2e": ("text_encoder", "unet", "vae_decoder"), "upscale": ("text_encoder", "unet", "vae_decoder"),
                     "load": ("text_encoder", "unet", "vae_decoder")}
 
 
@@ -197,6 +199,27 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     elif stage == "unet" and model.manifest.family == "sdxl":
         out.update(measure(_sdxl_unet_call(model, spec, rng, timer), spec["warmup"], spec["repeat"], progress))
         out["unet_batch"] = unet_batch(spec)
+    elif stage == "unet" and model.manifest.family == "x4-upscaler":
+        out.update(measure(_upscale_unet_call(model, spec, rng, timer), spec["warmup"], spec["repeat"], progress))
+        out["unet_batch"] = unet_batch(spec)
+    elif stage == "upscale":
+        from PIL import Image
+
+        from ..config import UpscaleRequest
+        from ..pipelines.upscale import upscale
+        factor = int(model.manifest.raw["upscaler"]["factor"])
+        small = Image.fromarray(rng.integers(0, 256, (max(1, h // factor // 8), max(1, w // factor // 8), 3),
+                                             dtype=np.uint8)).resize((w // factor, h // factor), Image.Resampling.BICUBIC)
+        req = UpscaleRequest(image=small, prompt=spec["prompt"], steps=int(spec["steps"]),
+                             guidance=float(spec["guidance"]), seed=int(spec.get("gen_seed", 0)),
+                             noise_level=int(spec.get("noise_level", 20)), tile=spec.get("tile"))
+        breakdown = []
+        keep = ("text_encoder", "unet", "unet_per_call", "vae_decoder")
+        out.update(measure(lambda: upscale(model, req), spec["warmup"], spec["repeat"], progress,
+                           on_result=lambda r: breakdown.append(
+                               {k: round(float(v), 6) for k, v in r.timings.items() if k in keep})))
+        out["breakdown"] = breakdown
+        out["sampler"] = model.default_sampler()
     elif stage == "unet":
         unet = model.manifest.components["unet"]
         hidden = text_shape(unet)
@@ -247,6 +270,25 @@ def text_shape(unet) -> tuple[int, ...]:
     """One prompt chunk's UNet text input shape (batch 1, 77 tokens)."""
     spec = unet.input("encoder_hidden_states")
     return spec.resolve({"batch": 1, **({spec.shape[1]: 77} if isinstance(spec.shape[1], str) else {})})
+
+
+def _upscale_unet_call(model, spec: dict, rng, timer):
+    """One x4 upscaler UNet call as cpuflow.pipelines.upscale makes it: random embeddings, the
+    latents beside a random low-res image (its size: the latents'), noise level 20, batch 2."""
+    import numpy as np
+
+    from ..pipelines.upscale import upscale_model_fn
+
+    hidden = text_shape(model.manifest.components["unet"])
+    cond = rng.standard_normal(hidden, dtype=np.float32)
+    uncond = rng.standard_normal(hidden, dtype=np.float32) if unet_batch(spec) == 2 else None
+    lat = model.latent_dims(int(spec["width"]), int(spec["height"]), 1)
+    hw = (lat["latent_height"], lat["latent_width"])
+    x = rng.standard_normal((1, model.manifest.latent_channels, *hw), dtype=np.float32)
+    image = rng.uniform(-1, 1, (1, int(model.manifest.raw["upscaler"]["image_channels"]), *hw)).astype(np.float32)
+    fn = upscale_model_fn(model, cond, uncond, float(spec["guidance"]), image, int(spec.get("noise_level", 20)),
+                          None, timer)
+    return lambda: fn(x, UNET_TIMESTEP)
 
 
 def _sdxl_unet_call(model, spec: dict, rng, timer):

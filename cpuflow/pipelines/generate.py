@@ -33,6 +33,8 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
     """Run ``req`` on ``model``. ``on_image(image, record)`` gets each image as
     soon as it is made; ``keep_images=False`` keeps only the records in the result
     (a caller that writes images as they come need not hold them all)."""
+    from .upscale import refuse_upscaler   # an x4 upscaler folder: `cpuflow upscale`, not a task here
+    refuse_upscaler(model)
     return TASKS[task_of(req, model.manifest)](model, req, progress, on_image, keep_images=keep_images)
 
 

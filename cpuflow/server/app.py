@@ -5,6 +5,7 @@ Routes (all JSON errors are ``{"error": {"code": ..., "message": ...}}``)::
     GET    /                        the page (inline CSS/JS, nothing from outside)
     GET    /api/models              models (server-made ids), samplers, limits
     POST   /api/generate            202 {job}; 413 caps; 415 not JSON; 422 bad input; 429 queue full
+    POST   /api/upscale             202 {job}: a gallery image (by its id) through an x4 upscaler model
     GET    /api/jobs                recent jobs
     GET    /api/jobs/{id}           status, progress, preview, images
     GET    /api/jobs/{id}/events    server-sent events: "progress" ..., then "done" | "failed" | "cancelled"
@@ -34,7 +35,8 @@ from .. import __version__
 from ..config import SCHEDULES
 from ..errors import CpuflowError, InvalidArgument
 from .jobs import ImageStore, Job, JobQueue, QueueFull, scrub
-from .request import GenerateBody, Limits, ParamsFromImageBody, decode_base64, describe, validation_problems
+from .request import (GenerateBody, Limits, ParamsFromImageBody, UpscaleBody, build_upscale, decode_base64,
+                      describe, validation_problems)
 from .request import build_request as _build_request
 from .runner import make_runner
 from .security import SecurityMiddleware, default_allowed_hosts, security_headers
@@ -70,7 +72,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
             m = Pipeline.load(m, **(load_options or {}))
         pipes[mid] = m
     infos = {mid: describe(mid, p) for mid, p in pipes.items()}
-    default_model = next(iter(pipes))
+    default_model = next((mid for mid, info in infos.items() if not info["upscaler"]), next(iter(pipes)))
     secret_strings = tuple(s for s in [token, *paths] if s)
 
     store = ImageStore()
@@ -112,6 +114,9 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         model_id = body.model if body.model is not None else default_model
         if model_id not in pipes:
             raise InvalidArgument(f"model must be one of {', '.join(pipes)} (see /api/models)")
+        if infos[model_id]["upscaler"]:
+            raise InvalidArgument(f"model {model_id} is an x4 upscaler: it upscales gallery images "
+                                  "(POST /api/upscale), it does not generate")
         req, params = _build_request(body, infos[model_id], limits, embedding_specs=embedding_specs)
         check = getattr(pipes[model_id], "check", None)   # a real Pipeline: refuse what would fail later
         if check is not None:
@@ -129,6 +134,27 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         from ..from_image import params_from_png
         params, notes = params_from_png(decode_base64(body.image, limits.max_init_bytes, what="image"))
         return {"params": params, "notes": notes}
+
+    @app.post("/api/upscale", status_code=202, summary="Queue a 4x upscale of a finished image; returns the job")
+    def upscale(body: UpscaleBody):
+        upscalers = [mid for mid, info in infos.items() if info["upscaler"]]
+        if not upscalers:
+            raise InvalidArgument("this server has no x4 upscaler model (start it with --model exported/x4 too)")
+        model_id = body.model if body.model is not None else upscalers[0]
+        if model_id not in upscalers:
+            raise InvalidArgument(f"model must be an upscaler: one of {', '.join(upscalers)} (see /api/models)")
+        item = store.get(body.image)
+        if item is None:
+            raise StarletteHTTPException(404)
+        png, record = item
+        req, params = build_upscale(body, png, record, infos[model_id], limits)
+        job = Job(model_id=model_id, request=req, params=params, n_images=1)
+        try:
+            pos = queue.submit(job)
+        except QueueFull as e:
+            return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
+        return JSONResponse(job.to_json(position=pos), status_code=202,
+                            headers={"Location": f"/api/jobs/{job.id}"})
 
     @app.get("/api/jobs", summary="Recent jobs, newest first")
     def list_jobs():

@@ -16,8 +16,9 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import MAX_PROMPT_CHARS, SCHEDULES, GenerationRequest
+from ..config import MAX_PROMPT_CHARS, SCHEDULES, GenerationRequest, UpscaleRequest
 from ..errors import ImageInputError, InvalidArgument, ResourceLimitError
+from ..manifest import UPSCALER_FAMILY
 
 _DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.I)
 
@@ -69,6 +70,19 @@ class ParamsFromImageBody(BaseModel):
     image: str
 
 
+class UpscaleBody(BaseModel):
+    """POST /api/upscale: a finished image, by the id the server gave it, upscaled 4x with the
+    prompt, negative prompt and seed it was made with (unless given here)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: str                           # an image id from a finished job
+    model: str | None = None             # an upscaler id from GET /api/models; none: the first upscaler
+    noise_level: int | None = None       # none: the model's (20)
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None              # none: the image's own seed
+
+
 def validation_problems(errors: Iterable[dict]) -> str:
     """pydantic's errors as one line ("unknown field 'x'; steps: Input should be ...")."""
     problems = []
@@ -107,6 +121,8 @@ def describe(mid: str, pipe: Any) -> dict:
         "sampler": sampler,
         "size_multiple": int(getattr(model, "size_multiple", 8) or 8),
         "img2img": "vae_encoder" in components,
+        "upscaler": str(getattr(m, "family", "")) == UPSCALER_FAMILY,   # for POST /api/upscale, not generate
+        "max_noise_level": int(((getattr(m, "raw", None) or {}).get("upscaler") or {}).get("max_noise_level", 0)),
         "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
         "random_weights": bool(getattr(m, "random_weights", False)),
         "model_hash": str(getattr(m, "model_hash", "")),
@@ -186,6 +202,27 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
               "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings)}
     if mask_bytes is not None:
         params.update(inpaint=True, mask_blur=req.mask_blur, inpaint_area=req.inpaint_area, padding=req.padding)
+    return req, params
+
+
+def build_upscale(body: UpscaleBody, png: bytes, record: dict, info: dict,
+                   limits: Limits) -> tuple[UpscaleRequest, dict]:
+    if body.steps is not None and body.steps > limits.max_steps:
+        raise ResourceLimitError(f"steps {body.steps} is over this server's limit of {limits.max_steps}")
+    w, h = int(record.get("width", 0)), int(record.get("height", 0))
+    if 16 * w * h > limits.max_pixels:
+        raise ResourceLimitError(f"{w}x{h} upscaled 4x is {16 * w * h} pixels, over this server's limit of "
+                                 f"{limits.max_pixels} pixels per image")
+    if body.noise_level is not None and not 0 <= body.noise_level <= info["max_noise_level"]:
+        raise InvalidArgument(f"noise_level must be between 0 and {info['max_noise_level']} for this model, "
+                              f"got {body.noise_level}")
+    seed = body.seed if body.seed is not None else record.get("seed")
+    req = UpscaleRequest(image=png, prompt=str(record.get("prompt", "")),
+                         negative_prompt=str(record.get("negative_prompt", "")), noise_level=body.noise_level,
+                         steps=body.steps, guidance=body.guidance, seed=seed)
+    params = {"task": "upscale", "model": info["id"], "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+              "noise_level": req.noise_level, "steps": req.steps if req.steps is not None else info["steps"],
+              "seed": seed, "image": body.image}
     return req, params
 
 

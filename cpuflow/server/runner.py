@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import Callable
 
+from ..config import UpscaleRequest
 from ..errors import Cancelled
 from ..image import png_metadata
 from .jobs import ImageStore, Job
@@ -33,7 +34,11 @@ def make_runner(models: dict, store: ImageStore, *, preview_every: int | None = 
             if job.cancel.is_set():
                 raise Cancelled("cancelled")
 
-        result = pipe(job.request, progress=progress)
+        if isinstance(job.request, UpscaleRequest):
+            from ..pipelines.upscale import upscale
+            result = upscale(pipe.model, job.request, progress)
+        else:
+            result = pipe(job.request, progress=progress)
         if job.cancel.is_set():   # cancelled during the last decode: keep nothing
             raise Cancelled("cancelled")
         images = []
