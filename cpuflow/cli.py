@@ -282,5 +282,9 @@ from .bench.cli import bench_command  # noqa: E402  (torch only with --reference
 
 main.add_command(bench_command)
 
+from .watermark_cli import watermark_command  # noqa: E402
+
+main.add_command(watermark_command)
+
 if __name__ == "__main__":
     main()
