@@ -109,6 +109,7 @@ class GenerationRequest:
     strength: float = 0.8              # img2img only
     rng: str = "torch"                 # torch-compatible noise (same image as diffusers) | numpy
     decoder: str = "full"              # full VAE | taesd (the tiny autoencoder; img2img encodes with it too)
+    watermark: bool = True             # the invisible watermark (cpuflow/watermark.py) on every image
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -159,6 +160,8 @@ class GenerationRequest:
         set_("strength", st)
         _choice("rng", self.rng, ("torch", "numpy"))
         _choice("decoder", self.decoder, DECODERS)
+        if not isinstance(self.watermark, bool):
+            raise InvalidArgument(f"watermark must be true or false, got {self.watermark!r}")
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

@@ -74,6 +74,7 @@ class GenerateBody(BaseModel):
     eta: float = 0.0
     rng: Literal["torch", "numpy"] = "torch"
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
+    watermark: bool = True               # the invisible watermark (false: none)
 
 
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
@@ -250,7 +251,7 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
                             width=width, height=height, seed=body.seed, n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes, strength=body.strength,
-                            rng=body.rng, decoder=body.decoder).with_seed()
+                            rng=body.rng, decoder=body.decoder, watermark=body.watermark).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -264,7 +265,7 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
               "guidance": req.guidance if req.guidance is not None else info["guidance"],
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
-              "decoder": req.decoder}
+              "decoder": req.decoder, "watermark": req.watermark}
     return req, params
 
 
