@@ -101,10 +101,13 @@ def _samplers_help() -> str:
               help="Write a preview of the image every N steps beside the output, as OUT.preview-0005.png "
                    "(image-00000.preview-0005.png in a folder): through the tiny autoencoder when the folder "
                    "has one, else a rough 1/8-size colour approximation of the latents.")
+@click.option("--no-watermark", is_flag=True,
+              help="Do not add the invisible watermark (images of 256x256 pixels or more carry one by "
+                   "default; read it with `cpuflow watermark IMAGE`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
              n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
-             no_cache, low_memory, decoder, preview_every, quiet):
+             no_cache, low_memory, decoder, preview_every, no_watermark, quiet):
     """Generate images from PROMPT (txt2img, or img2img with --init-image)."""
     from .config import GenerationRequest, LoadConfig
     from .image import make_grid, save_png_atomic
@@ -115,7 +118,7 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
     req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
                             schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
                             height=height, n_samples=n_samples, init_image=init_image, strength=strength,
-                            rng=rng, decoder=decoder).with_seed()
+                            rng=rng, decoder=decoder, watermark=not no_watermark).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
@@ -151,7 +154,9 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
     for img, rec, path in zip(result.images, result.records, paths["images"]):
         written.append(save_png_atomic(img, path, rec))
     if grid:
-        written.append(save_png_atomic(make_grid(result.images), paths["grid"], result.records[0]))
+        from .watermark import apply as apply_watermark
+        sheet, mark = apply_watermark(make_grid(result.images), not no_watermark)   # a written image too
+        written.append(save_png_atomic(sheet, paths["grid"], dict(result.records[0], watermark=mark)))
     t = result.timings
     rec0 = result.records[0]
     summary = (f"{len(result.images)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "

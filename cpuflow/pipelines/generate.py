@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .. import __version__, guidance_embedding, samplers
+from .. import __version__, guidance_embedding, samplers, watermark
 from ..config import MAX_SEED, GenerationRequest
 from ..errors import InvalidArgument
 from ..image import array_to_images, image_to_array, load_init_image
@@ -137,9 +137,10 @@ def generate(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | 
                 model.release("vae_decoder")
             else:
                 decoded = decode_latents(model, x, r["width"], r["height"], timer, warnings)
-            img = array_to_images(decoded)[0]
+            # finishing step: the invisible watermark (cpuflow/watermark.py; skipped under 256x256)
+            img, mark = watermark.apply(array_to_images(decoded)[0], req.watermark)
             images.append(img)
-            records.append(_record(model, req, r, prompt, negative, seed, is_img2img, plan))
+            records.append(dict(_record(model, req, r, prompt, negative, seed, is_img2img, plan), watermark=mark))
             k += 1
     timer.seconds["load_compile"] = model.load_seconds - load_before
     warnings.extend(dict.fromkeys(model.load_warnings))   # each once, for the request that loaded it
