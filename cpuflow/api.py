@@ -49,7 +49,9 @@ class Pipeline:
                 preview_every: int = 1, **params: Any) -> GenerationResult:
         """Text to image. ``params``: negative_prompt, steps, sampler, schedule,
         guidance, width, height, seed, n_samples, eta, rng, decoder ("full" or
-        "taesd": the tiny autoencoder, when the folder was exported with --taesd).
+        "taesd": the tiny autoencoder, when the folder was exported with --taesd),
+        watermark (default True: the invisible watermark of cpuflow/watermark.py on
+        images of 256x256 or more; False: none; each record says which).
         ``preview(image, info)`` gets a PIL preview every ``preview_every`` steps
         (through the tiny autoencoder when the folder has it, else a cheap
         latent -> RGB approximation at 1/8 size; see cpuflow/previews.py)."""
