@@ -12,7 +12,8 @@ from dataclasses import fields
 from typing import Any
 
 from .config import GenerationRequest, LoadConfig
-from .pipelines.generate import GenerationResult, ProgressFn, generate
+from .errors import ImageInputError
+from .pipelines.generate import GenerationResult, ImageFn, ProgressFn, generate
 from .pipelines.model import LoadedModel
 from .previews import PreviewFn, with_previews
 
@@ -42,8 +43,11 @@ class Pipeline:
         return self.model.manifest
 
     def __call__(self, request: GenerationRequest, progress: ProgressFn | None = None, *,
-                 preview: PreviewFn | None = None, preview_every: int = 1) -> GenerationResult:
-        return generate(self.model, request, with_previews(self.model, progress, preview, preview_every))
+                 preview: PreviewFn | None = None, preview_every: int = 1,
+                 on_image: ImageFn | None = None) -> GenerationResult:
+        """Run a request. ``on_image(image, record)`` gets each image as soon as it is made."""
+        return generate(self.model, request, with_previews(self.model, progress, preview, preview_every),
+                        on_image=on_image)
 
     def txt2img(self, prompt, *, progress: ProgressFn | None = None, preview: PreviewFn | None = None,
                 preview_every: int = 1, **params: Any) -> GenerationResult:
@@ -63,8 +67,12 @@ class Pipeline:
     def img2img(self, prompt, init_image, *, strength: float = 0.8, progress: ProgressFn | None = None,
                 preview: PreviewFn | None = None, preview_every: int = 1, **params: Any) -> GenerationResult:
         """Image to image: the same loop started part-way down the noise
-        schedule (``strength`` 1 ignores the image, 0 returns it re-encoded).
-        With ``decoder="taesd"`` the tiny autoencoder encodes and decodes."""
+        schedule (``strength`` 1 ignores the image; a strength that leaves no
+        denoising step is refused). With ``decoder="taesd"`` the tiny autoencoder
+        encodes and decodes."""
+        if init_image is None:
+            raise ImageInputError("img2img needs an init image (a path, bytes or a PIL image); "
+                                  "for text to image use txt2img")
         return self(_request(prompt, dict(params, init_image=init_image, strength=strength)), progress,
                     preview=preview, preview_every=preview_every)
 

@@ -101,20 +101,29 @@ def _samplers_help() -> str:
               help="Write a preview of the image every N steps beside the output, as OUT.preview-0005.png "
                    "(image-00000.preview-0005.png in a folder): through the tiny autoencoder when the folder "
                    "has one, else a rough 1/8-size colour approximation of the latents.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True,
+              help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
 @click.option("--no-watermark", is_flag=True,
               help="Do not add the invisible watermark (images of 256x256 pixels or more carry one by "
                    "default; read it with `cpuflow watermark IMAGE`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
+@click.pass_context
+def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, eta, seed, width, height,
              n_samples, init_image, strength, backend, device, precision, variant, threads, rng, out, grid,
-             no_cache, low_memory, decoder, preview_every, no_watermark, quiet):
-    """Generate images from PROMPT (txt2img, or img2img with --init-image)."""
+             no_cache, low_memory, decoder, preview_every, jpeg_quality, no_watermark, quiet):
+    """Generate images from PROMPT (txt2img, or img2img with --init-image).
+
+    Each image is written as soon as it is made, so stopping a long run (Ctrl-C)
+    loses only the image in progress."""
     from .config import GenerationRequest, LoadConfig
-    from .image import make_grid, save_png_atomic
+    from .image import make_grid, save_image_atomic, save_png_atomic
     from .pipelines.generate import generate as run
     from .pipelines.model import LoadedModel
+    from .previews import with_previews
 
     # Validate everything the user typed before loading anything.
+    if init_image is None and ctx.get_parameter_source("strength") == click.core.ParameterSource.COMMANDLINE:
+        raise InvalidArgument("--strength applies to img2img: give --init-image too, or leave --strength out")
     req = GenerationRequest(prompt=prompt, negative_prompt=negative_prompt, steps=steps, sampler=sampler,
                             schedule=schedule, guidance=guidance, eta=eta, seed=seed, width=width,
                             height=height, n_samples=n_samples, init_image=init_image, strength=strength,
@@ -126,6 +135,8 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
     if loaded.manifest.random_weights and not quiet:
         click.echo("note: this model has random weights (made for latency work): its images are noise", err=True)
     bars: list = []
+    written: list[Path] = []
+    previews: list[Path] = []      # of the image in progress: removed if it is never finished
 
     def progress(ev):
         # Created at the first step, so nothing is drawn if the request fails first.
@@ -138,28 +149,41 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
 
     def save_preview(img, info):
         path = paths["images"][info["image"]]
-        save_png_atomic(img, path.with_name(f"{path.stem}.preview-{info['step']:04d}.png"))
+        previews.append(save_png_atomic(img, path.with_name(f"{path.stem}.preview-{info['step']:04d}.png")))
 
-    from .previews import with_previews
+    def save(img, rec):
+        written.append(save_image_atomic(img, paths["images"][len(written)], rec, jpeg_quality=jpeg_quality))
+        previews.clear()   # they belong to a finished image now
+
     try:
         result = run(loaded, req, with_previews(loaded, None if quiet else progress,
-                                                save_preview if preview_every else None, preview_every or 1))
+                                                save_preview if preview_every else None, preview_every or 1),
+                     on_image=save, keep_images=grid)
+    except (Exception, KeyboardInterrupt) as e:
+        for p in previews:
+            p.unlink(missing_ok=True)
+        if isinstance(e, KeyboardInterrupt) and written:
+            click.echo(f"interrupted: {len(written)} of {len(paths['images'])} image(s) were written "
+                       f"(the last: {written[-1]}); the image in progress was not", err=True)
+            sys.exit(130)
+        if written:
+            click.echo(f"note: {len(written)} image(s) were written before the error (the last: {written[-1]})",
+                       err=True)
+        raise
     finally:
         for b in bars:
             b.close()
         loaded.close()
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
-    written = []
-    for img, rec, path in zip(result.images, result.records, paths["images"]):
-        written.append(save_png_atomic(img, path, rec))
     if grid:
         from .watermark import apply as apply_watermark
         sheet, mark = apply_watermark(make_grid(result.images), not no_watermark)   # a written image too
-        written.append(save_png_atomic(sheet, paths["grid"], dict(result.records[0], watermark=mark)))
+        written.append(save_image_atomic(sheet, paths["grid"], dict(result.records[0], watermark=mark),
+                                         jpeg_quality=jpeg_quality))
     t = result.timings
     rec0 = result.records[0]
-    summary = (f"{len(result.images)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "
+    summary = (f"{len(result.records)} image(s) {rec0['width']}x{rec0['height']}, {rec0['sampler']} "
                f"{rec0['steps']} steps, seed {rec0['seed']}"
                + (f"..{result.records[-1]['seed']}" if len(result.records) > 1 else "")
                + f" | {rec0['backend']} {rec0['device']} {rec0['precision']}"
@@ -172,27 +196,37 @@ def generate(prompt, model, negative_prompt, steps, sampler, schedule, guidance,
         click.echo(str(p))
 
 
+# Suffixes of image formats cpuflow does not write: refused instead of becoming folder names.
+OTHER_IMAGE_SUFFIXES = {".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".jxl"}
+
+
 def _output_paths(out: Path | None, n: int, grid: bool) -> dict:
-    """One image and a .png path: that file. Otherwise a folder with numbered
-    files that never overwrite earlier ones."""
-    if out is not None and out.suffix.lower() == ".png" and n == 1:
+    """One image and a .png / .jpg path: that file. Several images and such a
+    path: numbered files beside it. Otherwise a folder with numbered files that
+    never overwrite earlier ones."""
+    from .image import IMAGE_SUFFIXES
+    suffix = out.suffix.lower() if out is not None else ""
+    if suffix in OTHER_IMAGE_SUFFIXES:
+        raise InvalidArgument(f"--out {out}: cpuflow writes .png or .jpg images, not {suffix}",
+                              hint="use a .png or .jpg file name, or a folder")
+    if out is not None and suffix in IMAGE_SUFFIXES and n == 1:
         if not out.parent.exists():
             raise InvalidArgument(f"output folder {out.parent} does not exist")
-        return {"images": [out], "grid": out.with_name(out.stem + "-grid.png")}
-    if out is not None and out.suffix.lower() == ".png":
-        folder, stem = out.parent, out.stem
+        return {"images": [out], "grid": out.with_name(out.stem + "-grid" + out.suffix)}
+    if out is not None and suffix in IMAGE_SUFFIXES:
+        folder, stem, ext = out.parent, out.stem, out.suffix
         if not folder.exists():
             raise InvalidArgument(f"output folder {folder} does not exist")
     else:
-        folder, stem = (out or Path("outputs")), "image"
+        folder, stem, ext = (out or Path("outputs")), "image", ".png"
         if folder.exists() and not folder.is_dir():
             raise InvalidArgument(f"--out {folder} exists and is not a folder")
         folder.mkdir(parents=True, exist_ok=True)
     start = 0
-    while any((folder / f"{stem}-{start + i:05d}.png").exists() for i in range(n)):
+    while any((folder / f"{stem}-{start + i:05d}{ext}").exists() for i in range(n)):
         start += n
-    images = [folder / f"{stem}-{start + i:05d}.png" for i in range(n)]
-    return {"images": images, "grid": folder / f"{stem}-{start:05d}-grid.png"}
+    images = [folder / f"{stem}-{start + i:05d}{ext}" for i in range(n)]
+    return {"images": images, "grid": folder / f"{stem}-{start:05d}-grid{ext}"}
 
 
 @main.command()

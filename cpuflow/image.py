@@ -37,7 +37,7 @@ import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -347,6 +347,8 @@ def load_init_image(
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise InvalidArgument(f"max_pixels must be a positive integer, got {max_pixels!r}")
     if isinstance(source, Image.Image):
+        if 0 in source.size:
+            raise ImageInputError(f"init image {name or '(image object)'} is empty ({source.size[0]}x{source.size[1]})")
         # An image object (Python API): serialise it losslessly (TIFF keeps every
         # mode, CMYK and 16-bit included) and take the same checked path as a file.
         buf = io.BytesIO()
@@ -801,6 +803,10 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+EXIF_IFD, EXIF_USER_COMMENT = 0x8769, 0x9286
+
+
 def save_png_atomic(
     img: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None = None
 ) -> Path:
@@ -815,6 +821,43 @@ def save_png_atomic(
     The parent folder must exist (:class:`InvalidArgument` otherwise); a full
     disk is a :class:`DiskSpaceError`.
     """
+    info = png_metadata(params) if params is not None else None
+    return _write_atomic(img, path, lambda f: img.save(f, format="PNG", pnginfo=info))
+
+
+def save_jpeg_atomic(
+    img: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *, quality: int = 95
+) -> Path:
+    """Write ``img`` as JPEG, atomically like :func:`save_png_atomic`. The
+    A1111 ``parameters`` text goes to the EXIF UserComment (UNICODE charset,
+    UTF-16), where AUTOMATIC1111 writes it for JPEGs and reads it back."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InvalidArgument(f"JPEG quality must be between 1 and 100, got {quality!r}")
+    exif = Image.Exif()
+    if params is not None:
+        text = a1111_parameters(_with_version(params))
+        exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be", "surrogatepass")
+    # subsampling=0 (4:4:4 chroma): the invisible watermark (cpuflow/watermark.py) lives in the
+    # chroma of 2x2-pixel groups, which the usual 4:2:0 subsampling wipes (README, the watermark).
+    return _write_atomic(img, path, lambda f: img.convert("RGB").save(f, format="JPEG", quality=quality,
+                                                                      subsampling=0, exif=exif.tobytes()))
+
+
+def save_image_atomic(
+    img: Image.Image, path: str | os.PathLike, params: Mapping[str, Any] | None = None, *, jpeg_quality: int = 95
+) -> Path:
+    """PNG or JPEG by the file's suffix (.png, .jpg, .jpeg); any other suffix is refused."""
+    kind = IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+    if kind is None:
+        raise InvalidArgument(f"cannot write {str(path)!r}: cpuflow writes .png or .jpg images",
+                              hint="use a .png or .jpg file name, or a folder")
+    if kind == "JPEG":
+        return save_jpeg_atomic(img, path, params, quality=jpeg_quality)
+    return save_png_atomic(img, path, params)
+
+
+def _write_atomic(img: Image.Image, path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Temp file in the same folder, flushed and fsynced, then renamed onto ``path``."""
     if not isinstance(img, Image.Image):
         raise InvalidArgument(f"expected a PIL image, got {type(img).__name__}")
     path = Path(path)
@@ -823,8 +866,6 @@ def save_png_atomic(
         raise InvalidArgument(f"output folder {str(folder)!r} does not exist", hint="create it first")
     if path.is_dir():
         raise InvalidArgument(f"output path {str(path)!r} is a directory")
-    info = png_metadata(params) if params is not None else None
-
     try:
         tmp = tempfile.NamedTemporaryFile(
             dir=folder, prefix=f".{path.name}.", suffix=".tmp", delete=False
@@ -834,7 +875,7 @@ def save_png_atomic(
     tmp_path = tmp.name
     try:
         with tmp:
-            img.save(tmp, format="PNG", pnginfo=info)
+            write(tmp)
             tmp.flush()
             if hasattr(os, "fchmod"):
                 os.fchmod(tmp.fileno(), 0o666 & ~_umask())

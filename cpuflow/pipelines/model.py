@@ -151,6 +151,21 @@ class LoadedModel:
             except CpuflowError:
                 pass
 
+    def session_infos(self) -> dict[str, tuple]:
+        """``{component: (SessionInfo, variant)}`` for the sessions loaded now
+        (what a record says ran each component)."""
+        return {name: (s.info, getattr(s, "variant", "fp32")) for (name, _), s in self._sessions.items()}
+
+    def loaded_shapes(self, component: str) -> list[dict[str, int]]:
+        """The static shapes ``component`` is loaded at now."""
+        return [dict(dims) for (name, dims) in self._sessions if name == component]
+
+    def take_load_warnings(self) -> list[str]:
+        """Warnings from sessions loaded since the last call (each once)."""
+        out = list(dict.fromkeys(self.load_warnings))
+        self.load_warnings.clear()
+        return out
+
     def close(self) -> None:
         for key in list(self._sessions):
             self.release(key[0])

@@ -126,12 +126,13 @@ def negative_conditioning(model: LoadedModel, negative_text: str, cond: SDXLEnco
 
 
 def guided_model_fn(model: LoadedModel, cond: SDXLEncodedPrompt, uncond: SDXLEncodedPrompt | None,
-                    guidance: float, latent_dims: dict, timer: StageTimer, width: int, height: int
-                    ) -> Callable[[np.ndarray, float], np.ndarray]:
+                    guidance: float, latent_dims: dict, timer: StageTimer, width: int, height: int,
+                    **unet_inputs) -> Callable[[np.ndarray, float], np.ndarray]:
     """The SDXL UNet with classifier-free guidance: stages.guided_model_fn with the
     pooled text embeddings and the time ids as per-branch inputs."""
     pos_ids, neg_ids = time_ids(model, width, height)
     return stages.guided_model_fn(
         model, cond.embeddings, None if uncond is None else uncond.embeddings, guidance, latent_dims, timer,
         cond_extra={"text_embeds": cond.pooled, "time_ids": pos_ids},
-        uncond_extra=None if uncond is None else {"text_embeds": uncond.pooled, "time_ids": neg_ids})
+        uncond_extra=None if uncond is None else {"text_embeds": uncond.pooled, "time_ids": neg_ids},
+        **unet_inputs)

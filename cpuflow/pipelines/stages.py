@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .. import guidance_embedding, samplers
-from ..errors import NumericalError
+from ..errors import ModelError
 from ..image import check_finite
 from .model import LoadedModel, StageTimer
 
@@ -40,7 +40,8 @@ def encode_prompt(model: LoadedModel, text: str, timer: StageTimer) -> EncodedPr
 
 def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
                     latent_dims: dict, timer: StageTimer, *, cond_extra: dict | None = None,
-                    uncond_extra: dict | None = None) -> Callable[[np.ndarray, float], np.ndarray]:
+                    uncond_extra: dict | None = None, concat: np.ndarray | None = None
+                    ) -> Callable[[np.ndarray, float], np.ndarray]:
     """The UNet with classifier-free guidance (Ho & Salimans 2022):
     out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
     the batch ordered [uncond, cond] as diffusers does. Without guidance
@@ -48,7 +49,11 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     A UNet that takes the guidance as an embedding (LCM, cpuflow/guidance_embedding.py)
     gets it there and never runs an unconditional branch, as in diffusers.
     ``cond_extra`` / ``uncond_extra``: more per-branch UNet inputs, batched the same
-    way (SDXL's pooled ``text_embeds`` and ``time_ids``)."""
+    way (SDXL's pooled ``text_embeds`` and ``time_ids``). ``concat``: extra input
+    channels (1, C, h, w) appended to the scaled latents on every call, the same
+    for both branches (inpainting's mask + masked-image latents, depth, the
+    upscaler's low-res image), as diffusers concatenates them after
+    ``scale_model_input``."""
     cond_extra, uncond_extra = dict(cond_extra or {}), dict(uncond_extra or {})
     extra = {}
     emb_dim = guidance_embedding.embedding_dim(model.manifest)
@@ -61,9 +66,13 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     for name, c in cond_extra.items():
         extra[name] = c if uncond is None else np.concatenate([uncond_extra[name], c], axis=0)
     calls = [0]
+    if concat is not None:
+        concat = np.asarray(concat, dtype=np.float32)
 
     def fn(x: np.ndarray, t: float) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if concat is not None:
+            x = np.concatenate([x, concat], axis=1)
         inp = x if batch == 1 else np.concatenate([x, x], axis=0)
         ts = np.full((batch,), t, dtype=np.float32)
         t0 = time.perf_counter()
@@ -77,7 +86,6 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
         u, c = out[0:1], out[1:2]
         return u + np.float32(guidance) * (c - u)
 
-    fn.calls = calls  # type: ignore[attr-defined]
     return fn
 
 
@@ -187,16 +195,35 @@ def _decode_f32(model: LoadedModel, z: np.ndarray, dims: dict, timer: StageTimer
     return out
 
 
-def encode_image(model: LoadedModel, pixels: np.ndarray, generator, timer: StageTimer) -> np.ndarray:
-    """Image in [-1, 1] -> VAE encoder -> a latent sample, scaled.
+@dataclass(frozen=True)
+class EncodedImage:
+    """An init image through the VAE encoder: the latent distribution's mean and
+    standard deviation (a tiny autoencoder: std None, its latents are exact).
+    Encoded once per request; each image of the request draws its own sample."""
+    mean: np.ndarray
+    std: np.ndarray | None
 
-    Same as diffusers: DiagonalGaussianDistribution(parameters).sample(generator)
-    = mean + exp(0.5 * clamp(logvar, -30, 20)) * randn(mean.shape), drawn from the
-    same generator the sampler uses afterwards, then times the scaling factor
-    (minus the shift first, where a model has one)."""
+    def sample(self, model: LoadedModel, generator) -> np.ndarray:
+        """diffusers' ``retrieve_latents``: DiagonalGaussianDistribution(parameters).sample(generator)
+        = mean + std * randn(mean.shape), drawn from the same generator the sampler uses
+        afterwards, then times the scaling factor (minus the shift first, where a model
+        has one). The tiny encoder draws nothing (its latents are returned as they are)."""
+        if self.std is None:
+            return self.mean
+        m = model.manifest
+        z = self.mean + self.std * generator.randn(self.mean.shape)
+        if m.shift_factor is not None:
+            z = z - np.float32(m.shift_factor)
+        return (z * np.float32(m.scaling_factor)).astype(np.float32)
+
+
+def encode_image(model: LoadedModel, pixels: np.ndarray, timer: StageTimer) -> EncodedImage:
+    """Image (1, 3, H, W) in [-1, 1] -> VAE encoder -> the latent distribution
+    (mean, exp(0.5 * clamp(logvar, -30, 20))), as diffusers' DiagonalGaussianDistribution."""
     m = model.manifest
     if "vae_encoder" not in m.components:
-        raise NumericalError("this model has no vae_encoder; img2img needs one (re-export the model)")
+        raise ModelError(f"{m.root} has no vae_encoder, and starting from an image needs one",
+                         hint="re-export the model with a current cpuflow")
     _, _, h, w = pixels.shape
     dims = model.latent_dims(w, h, 1)
     t0 = time.perf_counter()
@@ -206,8 +233,4 @@ def encode_image(model: LoadedModel, pixels: np.ndarray, generator, timer: Stage
     check_finite("vae encoder output", p)
     mean, logvar = np.split(p, 2, axis=1)
     logvar = np.clip(logvar, -30.0, 20.0)
-    std = np.exp(0.5 * logvar)
-    z = mean + std * generator.randn(mean.shape)
-    if m.shift_factor is not None:
-        z = z - np.float32(m.shift_factor)
-    return (z * np.float32(m.scaling_factor)).astype(np.float32)
+    return EncodedImage(mean, np.exp(0.5 * logvar))
