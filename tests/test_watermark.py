@@ -180,3 +180,49 @@ def test_cli_small_and_bad_files(tmp_path):
     # a bad file does not stop the others
     result = runner.invoke(main, ["watermark", str(tmp_path / "notes.png"), str(tmp_path / "small.png")])
     assert result.exit_code == 2 and "small.png: no watermark found" in result.output
+
+
+# --- wiring: every image cpuflow writes carries the mark unless told not to ------------------------
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from cpuflow import Pipeline
+    with Pipeline.load(None, backend="onnxruntime", threads=2) as pipe:
+        yield pipe
+
+
+def test_python_api_marks_by_default_and_not_with_watermark_false(shipped):
+    on = shipped.txt2img(PROMPT, steps=2, width=256, height=256, seed=3)
+    off = shipped.txt2img(PROMPT, steps=2, width=256, height=256, seed=3, watermark=False)
+    assert on.records[0]["watermark"] == "dwtDct cf01" and off.records[0]["watermark"] == "off"
+    assert wm.detect(on.images[0]).message == b"cf01"
+    assert wm.detect(off.images[0]) is None
+    # the mark is all that differs, and it costs little
+    assert 35.0 <= psnr(on.images[0], off.images[0]) < float("inf")
+    small = shipped.txt2img(PROMPT, steps=2, seed=3)              # the model's own 64x64
+    assert small.records[0]["watermark"].startswith("skipped: 64x64 is under 65536 pixels")
+    with pytest.raises(InvalidArgument, match="watermark must be true or false"):
+        shipped.txt2img(PROMPT, steps=2, watermark="no")
+
+
+def test_cli_generate_marks_png_grid_and_jpeg_and_records_it(tmp_path):
+    from cpuflow.image import read_png_metadata
+    runner = CliRunner()
+    base = ["generate", PROMPT, "--backend", "onnxruntime", "--steps", "2", "--seed", "3", "-W", "256", "-H", "256", "-q"]
+    r = runner.invoke(main, base + ["--n-samples", "2", "--grid", "--out", str(tmp_path / "on.png")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, base + ["--out", str(tmp_path / "on.jpg")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, base + ["--no-watermark", "--out", str(tmp_path / "off.png")])
+    assert r.exit_code == 0, r.output
+    marked = ["on-00000.png", "on-00001.png", "on-00000-grid.png"]
+    for name in marked:
+        assert read_png_metadata(tmp_path / name)["watermark"] == "dwtDct cf01"
+    assert read_png_metadata(tmp_path / "off.png")["watermark"] == "off"
+    r = runner.invoke(main, ["watermark"] + [str(tmp_path / n) for n in marked + ["on.jpg", "off.png"]])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert all("cpuflow 0.1 (message b'cf01'" in line for line in lines[:4]), lines
+    assert lines[4].endswith("off.png: no watermark found")
