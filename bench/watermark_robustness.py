@@ -13,7 +13,7 @@ imwatermark's own decoder on the same files when it is installed; PSNR of the ma
 the original (and of imwatermark's encoder, for comparison); the time of `embed` and `detect` on
 512x512 (median and best of 20; the machine's load average is printed beside them).
 
-    .venv/bin/python bench/watermark_robustness.py [--json OUT.json]
+    PYTHONPATH=. .venv/bin/python bench/watermark_robustness.py [--json OUT.json]   # from the repository root
 """
 from __future__ import annotations
 
@@ -27,24 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cpuflow import watermark as wm
-
-
-def texture(seed: int, size: int = 512) -> Image.Image:
-    r = np.random.default_rng(seed)
-    beta = r.uniform(0.8, 2.2)
-    fy, fx = np.fft.fftfreq(size)[:, None], np.fft.fftfreq(size)[None]
-    f = np.hypot(fx, fy)
-    f[0, 0] = 1.0
-    mix = r.normal(size=(3, 3)) * 0.5 + np.eye(3)             # correlated colour channels
-    planes = []
-    for _ in range(3):
-        spec = (r.normal(size=(size, size)) + 1j * r.normal(size=(size, size))) / f ** beta
-        x = np.real(np.fft.ifft2(spec))
-        planes.append((x - x.mean()) / x.std())
-    x = np.einsum("ij,jhw->hwi", mix, np.stack(planes))
-    contrast = r.uniform(90, 160) if seed % 3 == 2 else r.uniform(15, 55)
-    x = x * contrast + r.uniform(40, 215, 3)
-    return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+from tests.helpers_images import psnr, texture      # the same textures the tests use
 
 
 def model_images() -> list[tuple[str, Image.Image]]:
@@ -70,11 +53,6 @@ def roundtrip(img: Image.Image, fmt: str, **kw) -> Image.Image:
     img.save(buf, format=fmt, **kw)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
-
-
-def psnr(a: Image.Image, b: Image.Image) -> float:
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    return float(10 * np.log10(255.0 ** 2 / max(np.mean(d * d), 1e-12)))
 
 
 def timing(f, *a, n: int = 20) -> dict:

@@ -8,7 +8,7 @@ What imwatermark's ``EmbedMaxDct`` does, and what this module reproduces so that
 either side reads the other's images:
 
 * colour: OpenCV's 8-bit ``COLOR_BGR2YUV`` (BT.601 luma, U = 0.492 (B - Y) + 128,
-  fixed point with 14 fraction bits): :func:`_rgb_to_yuv` equals it on all 2**24
+  fixed point with 14 fraction bits): :func:`_rgb_to_u` equals its U on all 2**24
   colours. Only U carries the mark: its scales are ``[0, 36, 36]`` but its loop
   visits channels 0 and 1 only, and Y's scale 0 means "skip".
 * transform: one level of the 2-D Haar DWT (``pywt.dwt2(..., "haar")``) of U
