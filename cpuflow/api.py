@@ -68,8 +68,8 @@ class Pipeline:
                 preview: PreviewFn | None = None, preview_every: int = 1, **params: Any) -> GenerationResult:
         """Image to image: the same loop started part-way down the noise
         schedule (``strength`` 1 ignores the image; a strength that leaves no
-        denoising step is refused). With ``decoder="taesd"`` the tiny autoencoder
-        encodes and decodes."""
+        denoising step, such as 0, raises :class:`InvalidArgument` naming the smallest that works).
+        With ``decoder="taesd"`` the tiny autoencoder encodes and decodes."""
         if init_image is None:
             raise ImageInputError("img2img needs an init image (a path, bytes or a PIL image); "
                                   "for text to image use txt2img")

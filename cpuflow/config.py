@@ -7,7 +7,6 @@ each message names the field, the value and the rule.
 from __future__ import annotations
 
 import math
-import os
 import secrets
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -66,7 +65,7 @@ class LoadConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    variant: str | None = None         # None: the fastest variant present (fp32 today)
+    variant: str | None = None         # None: the first present of pipelines/model.py VARIANT_PREFERENCE
     cache_dir: Path | None = None      # None: the user cache dir; see backends/cache.py
     use_cache: bool = True
     verify: str = "size"               # size | sha256
@@ -192,7 +191,3 @@ class GenerationRequest:
         """The same request with a concrete seed (a random one when none was given)."""
         return self if self.seed is not None else replace(self, seed=random_seed())
 
-
-def env_threads() -> int | None:
-    v = os.environ.get("CPUFLOW_THREADS")
-    return int(v) if v and v.isdigit() else None

@@ -13,7 +13,8 @@ decoder, so it is strict:
   that names the file and what is wrong.
 
 Accepted images are converted deterministically (same bytes in, same pixels out)
-to RGB, see :func:`_to_rgb` and :func:`_fit`.
+to RGB, see :func:`_to_rgb`; resizing is ``PIL.ImageOps.fit`` (scale to cover, center
+crop, one LANCZOS resample with a float crop box).
 
 Writing: :func:`array_to_images` reproduces diffusers'
 ``VaeImageProcessor.postprocess(output_type="pil")`` bit for bit and refuses
@@ -255,24 +256,6 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _fit(img: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover (width, height), then center-crop; one LANCZOS resample.
-
-    The crop box is computed in source coordinates (floats) and handed to
-    ``Image.resize(box=...)`` so the aspect ratio is exact and there is no
-    second resample.
-    """
-    w, h = img.size
-    if (w, h) == (width, height):
-        return img
-    if w * height > h * width:  # source is wider: use full height, crop the sides
-        cw, ch = h * width / height, float(h)
-    else:  # source is taller (or same aspect): full width, crop top and bottom
-        cw, ch = float(w), w * height / width
-    x0, y0 = (w - cw) / 2.0, (h - ch) / 2.0
-    return img.resize((width, height), Image.Resampling.LANCZOS, box=(x0, y0, x0 + cw, y0 + ch))
-
-
 def _read_rgb(source, max_pixels: int, name: str | None, what: str, *, exif: bool) -> Image.Image:
     """Open, check from the header, decode the first frame, turn by its EXIF
     orientation when ``exif``, and convert to RGB (:func:`_to_rgb`)."""
@@ -371,7 +354,7 @@ def load_init_image(
             left, top = (w - tw) // 2, (h - th) // 2
             out = rgb.crop((left, top, left + tw, top + th))
         else:
-            out = _fit(rgb, tw, th)
+            out = ImageOps.fit(rgb, (tw, th), Image.Resampling.LANCZOS)
     else:
         if width is None:
             width = max(8, int(height * w / h) // 8 * 8)
@@ -381,7 +364,7 @@ def load_init_image(
             raise ResourceLimitError(
                 f"size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
             )
-        out = _fit(rgb, width, height)
+        out = ImageOps.fit(rgb, (width, height), Image.Resampling.LANCZOS)
     if out.mode != "RGB":  # defensive; every branch above yields RGB
         out = out.convert("RGB")
     return out
@@ -479,22 +462,15 @@ def make_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image
 # =============================================================================
 # PNG metadata
 # =============================================================================
-#: cpuflow sampler name -> the name AUTOMATIC1111 (and civitai, sd-prompt-reader) use.
+#: cpuflow sampler name -> the name AUTOMATIC1111 (and civitai, sd-prompt-reader) use;
+#: exactly the samplers of cpuflow.samplers.SAMPLERS (tests/test_image.py checks).
 A1111_SAMPLER_NAMES = {
     "ddim": "DDIM",
-    "ddpm": "DDPM",
     "plms": "PLMS",
-    "lms": "LMS",
     "euler": "Euler",
     "euler_a": "Euler a",
     "heun": "Heun",
-    "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_sde": "DPM++ SDE",
-    "dpmpp_2s_a": "DPM++ 2S a",
-    "unipc": "UniPC",
     "lcm": "LCM",
 }
 _A1111_SCHEDULE_NAMES = {

@@ -14,7 +14,9 @@ How torch does it (ATen, CPU):
   seeds it with ``init_genrand(s & 0xffffffff)`` -- only the low 32 bits of the
   64-bit seed reach the engine -- and clears the generator's cached normal
   samples. ``random()`` is one 32-bit draw; ``random64()`` is two,
-  ``(first << 32) | second``.
+  ``(first << 32) | second``. numpy's ``MT19937`` seeded as the legacy
+  ``RandomState(seed)`` seeds it (``init_genrand`` too) gives these words one for
+  one, so this module only adds what turns them into torch's normals.
 * ``normal_`` on a contiguous float32 tensor of ``numel >= 16`` (the
   "vectorised path") first fills the tensor with float uniforms
   ``(u32 & 0xffffff) * 2**-24`` (one draw each). Then every block of 16 is
@@ -61,61 +63,20 @@ from .errors import InvalidArgument
 __all__ = [
     "TorchCompatGenerator",
     "NumpyGenerator",
-    "BatchGenerator",
     "make_generator",
     "GENERATOR_KINDS",
 ]
 
 GENERATOR_KINDS = ("torch", "numpy")
 
-# ----------------------------------------------------------------------------
-# mt19937
-# ----------------------------------------------------------------------------
-_N = 624
-_M = 397
-_MATRIX_A = np.uint32(0x9908B0DF)
-_UPPER = np.uint32(0x80000000)
-_LOWER = np.uint32(0x7FFFFFFF)
-
-
-def _twist(mt: np.ndarray) -> np.ndarray:
-    """The next 624-word mt19937 state.
-
-    new[i] = new-or-old[i + 397] ^ twist(old[i], old[i + 1]) for i < 623: the
-    twist terms all read the old state, so they are computed in one go; the
-    ``i + 397`` terms are then filled in three spans of at most 227 words
-    whose sources are already known. Word 623 reads the new word 0."""
-    u = mt[:-1]
-    v = mt[1:]
-    y = (u & _UPPER) | (v & _LOWER)
-    t = (y >> np.uint32(1)) ^ ((v & np.uint32(1)) * _MATRIX_A)
-    new = np.empty_like(mt)
-    k = _N - _M  # 227
-    np.bitwise_xor(mt[_M:], t[:k], out=new[:k])
-    np.bitwise_xor(new[:k], t[k : 2 * k], out=new[k : 2 * k])
-    np.bitwise_xor(new[k : _M - 1], t[2 * k :], out=new[2 * k : _N - 1])
-    last_u = int(mt[_N - 1])
-    first = int(new[0])
-    y_last = (last_u & 0x80000000) | (first & 0x7FFFFFFF)
-    new[_N - 1] = int(new[_M - 1]) ^ (y_last >> 1) ^ (0x9908B0DF if first & 1 else 0)
-    return new
-
-
-def _temper(y: np.ndarray) -> np.ndarray:
-    y = y ^ (y >> np.uint32(11))
-    y = y ^ ((y << np.uint32(7)) & np.uint32(0x9D2C5680))
-    y = y ^ ((y << np.uint32(15)) & np.uint32(0xEFC60000))
-    return y ^ (y >> np.uint32(18))
-
-
-def _seed_state(seed32: int) -> np.ndarray:
-    mt = [0] * _N
-    mt[0] = seed32
-    prev = seed32
-    for i in range(1, _N):
-        prev = (1812433253 * (prev ^ (prev >> 30)) + i) & 0xFFFFFFFF
-        mt[i] = prev
-    return np.array(mt, dtype=np.uint32)
+def _mt19937(seed32: int) -> np.random.MT19937:
+    """numpy's mt19937 in the state ``init_genrand(seed32)`` gives, as torch's
+    ``manual_seed`` leaves its engine (numpy's legacy ``RandomState(int)``
+    seeding is that same ``init_genrand``)."""
+    engine = np.random.MT19937()
+    engine.state = {"bit_generator": "MT19937",
+                    "state": np.random.RandomState(seed32).get_state(legacy=False)["state"]}
+    return engine
 
 
 # ----------------------------------------------------------------------------
@@ -292,9 +253,7 @@ class TorchCompatGenerator:
     def __init__(self, seed: int):
         self.seed = _check_seed(seed)
         # Only the low 32 bits reach mt19937, as in torch.
-        self._state = _seed_state(self.seed & 0xFFFFFFFF)
-        self._block = np.empty(0, np.uint32)  # tempered outputs of self._state
-        self._pos = 0  # next unread word of self._block
+        self._engine = _mt19937(self.seed & 0xFFFFFFFF)
         # at::CPUGeneratorImpl::next_double_normal_sample_
         self._next_double_normal: float | None = None
 
@@ -304,24 +263,7 @@ class TorchCompatGenerator:
     # -- raw engine -------------------------------------------------------
     def random_u32(self, n: int) -> np.ndarray:
         """The next ``n`` 32-bit outputs of the engine (torch's ``random()``)."""
-        out = np.empty(n, np.uint32)
-        take = min(self._block.size - self._pos, n)
-        out[:take] = self._block[self._pos : self._pos + take]
-        self._pos += take
-        rest = n - take
-        if rest > 0:
-            blocks = -(-rest // _N)
-            raw = np.empty((blocks, _N), np.uint32)
-            state = self._state
-            for b in range(blocks):
-                state = _twist(state)
-                raw[b] = state
-            self._state = state
-            tempered = _temper(raw.reshape(-1))
-            out[take:] = tempered[:rest]
-            self._block = tempered[(blocks - 1) * _N :]
-            self._pos = rest - (blocks - 1) * _N
-        return out
+        return self._engine.random_raw(n).astype(np.uint32)
 
     def _uniform_f32(self, n: int) -> np.ndarray:
         """uniform_real_distribution<float>(0, 1): 24 bits of one draw each."""
@@ -388,53 +330,6 @@ class NumpyGenerator:
         """Standard normal float32 samples of ``shape`` (C-contiguous)."""
         dims = _check_shape(shape)
         return np.ascontiguousarray(self._rng.standard_normal(dims, dtype=np.float32))
-
-
-class BatchGenerator:
-    """One generator per image of a batch, as diffusers does with a list of generators:
-    randn(shape) draws shape[1:] from each generator in turn and stacks them on axis 0.
-
-    This is ``diffusers.utils.torch_utils.randn_tensor(shape, generator=[...])``:
-    generator ``i`` draws a ``(1, *shape[1:])`` tensor for image ``i``. As in
-    diffusers, a list of one generator is used like that generator alone (it
-    draws the whole ``shape`` at once, which is *not* the same as drawing image
-    by image). Otherwise ``shape[0]`` must equal the number of generators.
-    """
-
-    def __init__(self, generators: list):
-        gens = list(generators)
-        if not gens:
-            raise InvalidArgument("BatchGenerator needs at least one generator")
-        for g in gens:
-            if not callable(getattr(g, "randn", None)):
-                raise InvalidArgument(
-                    f"BatchGenerator takes generators with a randn(shape) method, "
-                    f"got {type(g).__name__}")
-        self.generators = gens
-
-    @property
-    def seeds(self) -> list[int]:
-        return [g.seed for g in self.generators]
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def __repr__(self) -> str:
-        return f"BatchGenerator({self.generators!r})"
-
-    def randn(self, shape: Sequence[int]) -> np.ndarray:
-        dims = _check_shape(shape)
-        if len(self.generators) == 1:
-            return self.generators[0].randn(dims)
-        if not dims or dims[0] != len(self.generators):
-            raise InvalidArgument(
-                f"shape {dims} does not fit a batch of {len(self.generators)} generators",
-                hint="the first dimension must equal the number of generators")
-        per_image = (1,) + dims[1:]
-        out = np.empty(dims, np.float32)
-        for i, g in enumerate(self.generators):
-            out[i : i + 1] = g.randn(per_image)
-        return out
 
 
 _KINDS = {"torch": TorchCompatGenerator, "numpy": NumpyGenerator}

@@ -1,118 +1,65 @@
-"""CLIP byte-level BPE tokenizer, id-for-id equal to the one diffusers uses.
+"""CLIP tokenizer for the runtime: Hugging Face ``tokenizers`` (a Rust wheel, no torch).
 
 Stable Diffusion turns a prompt into 77 token ids with ``transformers``'
 ``CLIPTokenizer(prompt, padding="max_length", max_length=77, truncation=True)``.
-We write that tokenizer by hand (a few hundred lines) instead of importing
-it: ``transformers`` is a heavy dependency that drags the torch question into a
-runtime that must not need torch, while the files it reads are the standard CLIP
-ones (``vocab.json``, ``merges.txt`` and two small JSON configs) that anyone can
-parse. Exactness is not assumed but proven: ``tests/test_tokenizer.py`` compares
-our ids with transformers' for several hundred awkward prompts, against golden
-files and live when transformers is importable.
+In transformers 5 that class is a thin wrapper around a ``tokenizers.Tokenizer``,
+so the runtime uses the same Rust object without transformers:
 
-What transformers 5.x (backed by the ``tokenizers`` library) does, and so we do:
+* a folder with ``tokenizer.json`` (every folder ``cpuflow export`` writes) is
+  loaded as it is;
+* an older folder with only ``vocab.json`` + ``merges.txt`` (the layout of the
+  SD repositories on the Hub) gets the tokenizer that transformers'
+  ``CLIPTokenizer.__init__`` builds from those files (:func:`build_clip_tokenizer`),
+  with the special tokens registered as transformers' loading rules register
+  them (``_added_tokens``; in SD 2.x every ``!`` of a prompt becomes the pad id 0,
+  exactly as in diffusers). The export writes that same tokenizer as
+  ``tokenizer.json`` (:func:`write_tokenizer_json`).
 
-1. *Added tokens* (the special tokens ``<|startoftext|>``, ``<|endoftext|>`` and,
-   for SD 2.x, ``!``) are cut out of the raw text first and map straight to their
-   id. Tokens flagged ``normalized`` are instead looked for after normalisation
-   (so ``<|STARTOFTEXT|>`` matches). Which flag wins follows transformers' loading
-   rules; the consequence is that in SD 2.x every ``!`` in a prompt becomes the
-   pad id 0, exactly as in diffusers.
-2. *Normalisation* of the rest: Unicode NFC, runs of whitespace to one space,
-   then lower-casing character by character (no final-sigma rule; a few letters
-   newer than Python's Unicode tables are patched in ``_LOWER_FIX``). ftfy and
-   html unescaping (used by OpenAI's original tokenizer) are NOT applied, and
-   NUL / control characters are kept as ordinary symbols.
-3. *Pre-tokenisation* with the CLIP pattern (contractions, letter runs, single
-   digits, runs of other non-space characters); whitespace is dropped. A piece
-   that is the literal text ``<|endoftext|>`` / ``<|startoftext|>`` (one that
-   was not taken as an added token) is then cut into ``<|``, the word, ``|>``. The
-   letter/number classes are those of Oniguruma's Unicode 16 tables: letters
-   and digits that newer Unicode added (``_NEWER_THAN_ONIG``) count as "other".
-4. Each piece becomes its UTF-8 bytes mapped to printable characters (GPT-2's
-   byte-to-unicode table), gets ``</w>`` on its last symbol, and is merged by
-   BPE rank, lowest rank (then leftmost) first.
-5. ``<|startoftext|>`` + ids[:max_length-2] + ``<|endoftext|>`` + pad up to
-   ``max_length``.
+``tests/test_tokenizer.py`` compares both paths with transformers' ids on 529
+awkward prompts for the SD 1.x and 2.x vocabularies.
 
-Lone UTF-16 surrogates (which transformers rejects with a TypeError) are
-replaced by U+FFFD; nothing else about the input can make ``encode`` raise.
+What this module adds: bos + ids + eos + padding to ``max_length`` with the
+truncation reported (how many tokens were kept, the dropped text), lone UTF-16
+surrogates replaced by U+FFFD (``tokenizers`` refuses them with a TypeError,
+so nothing about a ``str`` makes :meth:`ClipTokenizer.encode` raise), and a
+:class:`ModelError` naming the missing or damaged file.
 """
 from __future__ import annotations
 
 import gzip
-import heapq
 import json
 import operator
 import os
-import unicodedata
+import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import regex
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
 
 from cpuflow.errors import InvalidArgument, ModelError
 
-__all__ = ["ClipTokenizer", "TokenizedPrompt", "write_clip_tokenizer_files"]
+__all__ = ["ClipTokenizer", "TokenizedPrompt", "build_clip_tokenizer", "write_tokenizer_json",
+           "write_clip_tokenizer_files", "bytes_to_unicode"]
 
 _REMEDY = "re-export the model"
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
 _EOW = "</w>"
 _DEFAULT_MAX_LENGTH = 77  # CLIP's context length, when the config does not say
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-# Letters / numbers in the `regex` package's (newer) Unicode tables that
-# Oniguruma, the engine behind `tokenizers`, does not know yet (Unicode 17.0
-# additions). Generated by comparing both engines over every code point;
-# scripts/regen_tokenizer_golden.py --check-unicode re-checks it.
-_NEWER_THAN_ONIG = (
-    "0558 058B-058C 088F 0C5C 0CDC 208F 209D-209F A7CE-A7CF A7D2 A7D4 A7DD A7E2 A7F1 "
-    "AB6C-AB6D 107BB-107BF 10940-10959 10EC5-10EC7 10ED9-10EEE 11B0A 11DB0-11DDB "
-    "11DE0-11DE9 11DF1 1246F 12475-1247F 12550-12686 16EA0-16EB8 16EBB-16ED3 16FF2-16FF6 "
-    "187F8-187FF 18CD6-18CDA 18D09-18D20 18D80-18DF2 18E00-19191 191A0-191D2 1B123-1B128 "
-    "1B168 1D6A6 1DF1F-1DF24 1DF2B-1DF81 1DF90-1DF96 1DFCD-1DFFF 1E6C0-1E6DE 1E6E0-1E6E2 "
-    "1E6E4-1E6E5 1E6E7-1E6ED 1E6F0-1E6F4 1E6FE-1E6FF 2B73A-2B73F 2B81E 2CEA2-2CEAD "
-    "323B0-33479 3D000-3FC3F"
-)
-# Lower-case mappings Rust knows and Python 3.11 (Unicode 14) does not:
-# (first, last, offset to the lower-case letter).
-_LOWER_FIX_RUNS = (
-    (0x1C89, 0x1C89, 1), (0xA7CB, 0xA7CB, 0x0264 - 0xA7CB), (0xA7CC, 0xA7CC, 1),
-    (0xA7CE, 0xA7CE, 1), (0xA7D2, 0xA7D2, 1), (0xA7D4, 0xA7D4, 1), (0xA7DA, 0xA7DA, 1),
-    (0xA7DC, 0xA7DC, 0x019B - 0xA7DC), (0x10D50, 0x10D65, 32), (0x16EA0, 0x16EB8, 27),
-)
-_LOWER_FIX = {c: c + d for a, b, d in _LOWER_FIX_RUNS for c in range(a, b + 1)}
-_LOWER_FIX[0x03A3] = 0x03C3  # capital sigma -> sigma, never the final form
-
-
-def _class_of(ranges: str) -> str:
-    out = []
-    for item in ranges.split():
-        a, _, b = item.partition("-")
-        out.append(f"\\U{int(a, 16):08X}" + (f"-\\U{int(b, 16):08X}" if b else ""))
-    return "".join(out)
-
-
-_NEW = _class_of(_NEWER_THAN_ONIG)
-_LETTER = rf"[\p{{L}}--[{_NEW}]]"
-_OTHER = rf"[[^\s\p{{L}}\p{{N}}][{_NEW}]]"
-_PRETOKENIZE = regex.compile(
-    rf"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|{_LETTER}+|[\p{{N}}--[{_NEW}]]|{_OTHER}+",
-    regex.V1,
-)
-# The CLIP pattern keeps these whole, but the ByteLevel step that follows it
-# re-splits every piece with GPT-2's pattern, which is a no-op for all other
-# CLIP pieces and cuts these two into punctuation / letters / punctuation.
-_SPECIAL_WORDS = {w: ("<|", w[2:-2], "|>") for w in ("<|startoftext|>", "<|endoftext|>")}
-_WHITESPACE = regex.compile(r"\s+")
-_SURROGATE = regex.compile(r"[\ud800-\udfff]")
+_DEFAULT_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                     "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+# transformers' CLIPTokenizer pre-tokenizer pattern (contractions, letter runs,
+# single digits, runs of other non-space characters).
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    """GPT-2's reversible map from the 256 byte values to printable characters
+    (the alphabet of a byte-level BPE vocabulary, in vocabulary order)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {b: chr(b) for b in keep}, 0
     for b in range(256):
@@ -120,17 +67,6 @@ def bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
-
-
-_BYTE_TO_CHAR = bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
-
-
-def _normalize(text: str) -> str:
-    """NFC, whitespace runs -> one space, per-character lower case."""
-    text = unicodedata.normalize("NFC", text)
-    text = _WHITESPACE.sub(" ", text)
-    return text.translate(_LOWER_FIX).lower()
 
 
 def _scrub_surrogates(text: str) -> str:
@@ -155,160 +91,61 @@ class TokenizedPrompt:
     dropped_text: str
 
 
-@dataclass(frozen=True)
-class _AddedToken:
-    content: str
-    id: int
-    normalized: bool
-
-
 class ClipTokenizer:
-    """CLIP BPE tokenizer read from a Hugging Face tokenizer folder.
+    """A CLIP tokenizer folder: the ``tokenizers`` object plus the framing ids.
 
     Attributes: ``max_length`` (``model_max_length`` of the config, 77 if
     absent), ``bos_id``, ``eos_id``, ``pad_id`` (the pad token comes from the
     files: ``<|endoftext|>`` for SD 1.x, ``!`` for SD 2.x).
     """
 
-    def __init__(
-        self,
-        vocab: dict[str, int],
-        merges: list[tuple[str, str]],
-        *,
-        specials: dict[str, object] | None = None,
-        added_tokens_decoder: dict | None = None,
-        max_length: int = _DEFAULT_MAX_LENGTH,
-        source: str = "tokenizer",
-    ):
-        self.vocab = vocab
-        self._id_to_token = {i: t for t, i in vocab.items()}
+    def __init__(self, tokenizer: Tokenizer, *, bos_id: int, eos_id: int, pad_id: int,
+                 max_length: int = _DEFAULT_MAX_LENGTH):
+        self._tok = tokenizer
+        self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
         self.max_length = int(max_length)
-        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
-        for rank, (a, b) in enumerate(merges):
-            try:
-                key, new_id = (vocab[a], vocab[b]), vocab[a + b]
-            except KeyError as e:
-                raise ModelError(
-                    f"{source}/merges.txt: merge {rank + 1} ({a} {b}) uses {e.args[0]!r}, which vocab.json lacks",
-                    hint=_REMEDY,
-                ) from None
-            self._merges.setdefault(key, (rank, new_id))
-
-        specials = dict(specials or {})
-        specials.setdefault("bos_token", "<|startoftext|>")
-        for key in ("eos_token", "unk_token", "pad_token"):
-            specials.setdefault(key, "<|endoftext|>")
-        added = self._resolve_added_tokens(specials, added_tokens_decoder, source)
-        ids = {}
-        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            content = _token_content(specials[key])
-            if content in added:
-                ids[key] = added[content].id
-            elif content in vocab:
-                ids[key] = vocab[content]
-            elif key != "unk_token":
-                raise ModelError(f"{source}: {key} {content!r} is not in vocab.json", hint=_REMEDY)
-        self.bos_id, self.eos_id, self.pad_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
-        self.unk_id: int | None = ids.get("unk_token")
-        self.added_tokens = tuple(added.values())
-        for tok in self.added_tokens:
-            self._id_to_token.setdefault(tok.id, tok.content)
-        self._raw_split = _splitter([t for t in self.added_tokens if not t.normalized])
-        self._norm_split = _splitter([t for t in self.added_tokens if t.normalized])
-        self._bpe_cached = lru_cache(maxsize=16384)(self._bpe)
 
     # ----------------------------------------------------------------- loading
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "ClipTokenizer":
-        """Load ``vocab.json`` + ``merges.txt`` (+ optional ``tokenizer_config.json``
-        and ``special_tokens_map.json``) from a tokenizer folder.
-
-        Raises :class:`ModelError` naming the missing or damaged file."""
+        """Load ``tokenizer.json`` if the folder has one, else build the tokenizer
+        from ``vocab.json`` + ``merges.txt``; ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` (both optional) name the special tokens and
+        the length. Raises :class:`ModelError` naming the missing or damaged file."""
         folder = Path(path)
         if not folder.is_dir():
             raise ModelError(f"tokenizer folder not found: {folder}", hint=_REMEDY)
-        vocab = _read_json(folder / "vocab.json", required=True)
-        if not isinstance(vocab, dict) or not vocab or not all(
-            isinstance(k, str) and type(v) is int and v >= 0 for k, v in vocab.items()
-        ):
-            raise ModelError(f"{folder / 'vocab.json'} is not a token -> id mapping", hint=_REMEDY)
-        merges = _read_merges(folder / "merges.txt")
-        config = _read_json(folder / "tokenizer_config.json", required=False) or {}
-        smap = _read_json(folder / "special_tokens_map.json", required=False) or {}
-        if not isinstance(config, dict) or not isinstance(smap, dict):
-            bad = "tokenizer_config.json" if not isinstance(config, dict) else "special_tokens_map.json"
-            raise ModelError(f"{folder / bad} is not a JSON object", hint=_REMEDY)
-
-        # transformers: with `added_tokens_decoder` in the config, special tokens
-        # come from the config alone; otherwise special_tokens_map.json overrides it.
-        specials = {k: config[k] for k in _SPECIAL_KEYS if config.get(k) is not None}
-        decoder = config.get("added_tokens_decoder")
-        if decoder is None:
-            specials.update({k: smap[k] for k in _SPECIAL_KEYS if smap.get(k) is not None})
-        for key, value in specials.items():
-            if not isinstance(value, (str, dict)) or not isinstance(_token_content(value), str):
-                raise ModelError(f"{folder}: bad {key} entry {value!r} in the tokenizer config", hint=_REMEDY)
-        if decoder is not None and not (
-            isinstance(decoder, dict) and all(str(k).isdigit() and isinstance(v, dict)
-                                              and isinstance(v.get("content"), str) for k, v in decoder.items())
-        ):
-            raise ModelError(f"{folder / 'tokenizer_config.json'}: bad added_tokens_decoder", hint=_REMEDY)
-        max_length = config.get("model_max_length", _DEFAULT_MAX_LENGTH)
-        if type(max_length) is not int or not 2 <= max_length <= 1_000_000:
-            max_length = _DEFAULT_MAX_LENGTH  # transformers' "unset" is a huge int
-        # `do_lower_case` is not consulted: transformers' CLIP normaliser always
-        # lower-cases, whatever the config says, and so do we.
-        return cls(vocab, merges, specials=specials, added_tokens_decoder=decoder,
-                   max_length=max_length, source=str(folder))
-
-    def _resolve_added_tokens(self, specials, decoder, source) -> dict[str, _AddedToken]:
-        """Mirror transformers 5's choice of added tokens and their `normalized` flag.
-
-        Tokens of ``added_tokens_decoder`` keep their flags; named special tokens
-        not listed there are added in transformers' order (bos, eos, unk, sep,
-        pad, cls, mask), a later one replacing an earlier one with the same text,
-        plain strings being non-normalized. ``lstrip`` / ``rstrip`` cannot change
-        CLIP ids (whitespace is dropped anyway); ``single_word`` is not supported
-        (no CLIP tokenizer sets it)."""
-        added: dict[str, _AddedToken] = {}
-        for idx, entry in sorted((decoder or {}).items(), key=lambda kv: int(kv[0])):
-            content = entry["content"]
-            if content:
-                norm = bool(entry.get("normalized", not entry.get("special", False)))
-                added[content] = _AddedToken(content, self.vocab.get(content, int(idx)), norm)
-        registered = set(added)
-        for key in _SPECIAL_KEYS:  # later entries override earlier ones for the same text
-            value = specials.get(key)
-            content = _token_content(value)
-            if not content or content in registered:
-                continue
-            norm = bool(value.get("normalized", False)) if isinstance(value, dict) else False
-            if content in self.vocab:  # a missing bos/eos/pad is reported by __init__
-                added[content] = _AddedToken(content, self.vocab[content], norm)
-        return added
+        specials, decoder, max_length = _read_configs(folder)
+        data = _read_bytes(folder / "tokenizer.json", required=False)
+        if data is not None:
+            try:
+                tok = Tokenizer.from_str(data.decode("utf-8-sig"))
+            except Exception as e:  # tokenizers raises a bare Exception for a bad file
+                raise ModelError(f"{folder / 'tokenizer.json'} is not a tokenizers file: {e}", hint=_REMEDY) from None
+            # A file saved after transformers padded / truncated carries those
+            # settings; the framing below does both, with truncation reported.
+            tok.no_truncation()
+            tok.no_padding()
+        else:
+            vocab, merges = _read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt")
+            tok = build_clip_tokenizer(vocab, merges, specials=specials, added_tokens_decoder=decoder,
+                                       source=str(folder))
+        ids = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            content = _token_content(specials[key])
+            ids[key] = tok.token_to_id(content)
+            if ids[key] is None:
+                raise ModelError(f"{folder}: {key} {content!r} is not in the vocabulary", hint=_REMEDY)
+        return cls(tok, bos_id=ids["bos_token"], eos_id=ids["eos_token"], pad_id=ids["pad_token"],
+                   max_length=max_length)
 
     # ---------------------------------------------------------------- encoding
     def encode(self, text: str) -> list[int]:
-        """Raw BPE ids of ``text``: no bos/eos, no truncation. Never raises for a str."""
+        """The ids of ``text`` without bos/eos and without truncation (what a
+        prompt chunker needs). Never raises for a ``str``."""
         if not isinstance(text, str):
             raise InvalidArgument(f"prompt must be a string, got {type(text).__name__}")
-        text = _scrub_surrogates(text)
-        ids: list[int] = []
-        for raw, raw_id in _split(self._raw_split, text):
-            if raw_id is not None:
-                ids.append(raw_id)
-                continue
-            for piece, piece_id in _split(self._norm_split, _normalize(raw)):
-                if piece_id is not None:
-                    ids.append(piece_id)
-                    continue
-                for word in _PRETOKENIZE.findall(piece):
-                    if word in _SPECIAL_WORDS:  # ByteLevel's GPT-2 split cuts these in three
-                        for part in _SPECIAL_WORDS[word]:
-                            ids.extend(self._bpe_cached(part))
-                    else:
-                        ids.extend(self._bpe_cached(word) if len(word) <= 256 else self._bpe(word))
-        return ids
+        return self._tok.encode(_scrub_surrogates(text), add_special_tokens=False).ids
 
     def __call__(self, text: str, max_length: int | None = None) -> TokenizedPrompt:
         """bos + ids + eos, truncated and padded to ``max_length`` (default: the config's)."""
@@ -328,80 +165,134 @@ class ClipTokenizer:
         return TokenizedPrompt(out, len(keep), bool(dropped), self.decode(dropped) if dropped else "")
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids`` as transformers' ``decode`` gives it: special tokens
-        kept, ``</w>`` read as a space, invalid UTF-8 replaced, ends stripped."""
-        data = bytearray()
-        for i in ids:
-            token = self._id_to_token.get(int(i), "")
-            try:
-                data += bytes(_CHAR_TO_BYTE[c] for c in token)
-            except KeyError:
-                data += token.encode("utf-8")
-        return data.decode("utf-8", "replace").replace(_EOW, " ").strip()
-
-    def _bpe(self, word: str) -> tuple[int, ...]:
-        """BPE ids of one pre-token (its text, before the byte mapping)."""
-        symbols = list(word.encode("utf-8").decode("latin-1").translate(_BYTE_TO_CHAR))
-        symbols[-1] += _EOW
-        ids = [self.vocab.get(s, self.unk_id) for s in symbols]
-        ids = [i for i in ids if i is not None]  # no unk token: drop unknown symbols
-        n = len(ids)
-        nxt = list(range(1, n + 1))
-        prv = list(range(-1, n - 1))
-        merges, heap = self._merges, []
-        for i in range(n - 1):
-            m = merges.get((ids[i], ids[i + 1]))
-            if m is not None:
-                heap.append((m[0], i, m[1]))
-        heapq.heapify(heap)
-        while heap:  # lowest rank first, leftmost among equals (as `tokenizers` does)
-            rank, i, new_id = heapq.heappop(heap)
-            j = nxt[i]
-            if ids[i] < 0 or j >= n:
-                continue
-            m = merges.get((ids[i], ids[j]))
-            if m is None or m[1] != new_id:
-                continue  # stale entry
-            ids[i], ids[j] = new_id, -1
-            nxt[i] = nxt[j]
-            if nxt[i] < n:
-                prv[nxt[i]] = i
-            if prv[i] >= 0 and (m := merges.get((ids[prv[i]], new_id))) is not None:
-                heapq.heappush(heap, (m[0], prv[i], m[1]))
-            if nxt[i] < n and (m := merges.get((new_id, ids[nxt[i]]))) is not None:
-                heapq.heappush(heap, (m[0], i, m[1]))
-        return tuple(i for i in ids if i >= 0)
+        """Text of ``ids`` as transformers' CLIPTokenizer ``decode`` gives it:
+        special tokens kept, ``</w>`` read as a space, ends stripped."""
+        text = self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return text.replace(_EOW, " ").strip()
 
 
-# --------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------- building
+def build_clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], *,
+                         specials: dict | None = None, added_tokens_decoder: dict | None = None,
+                         source: str = "tokenizer") -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` that transformers' ``CLIPTokenizer`` builds
+    from ``vocab.json`` / ``merges.txt`` (transformers 5,
+    ``models/clip/tokenization_clip.py``): byte-level BPE with ``</w>`` word
+    ends, NFC + whitespace runs to one space + lower case, the CLIP split
+    pattern, then GPT-2's byte-level step.
+
+    ``specials`` (``bos_token`` ... as in the configs; CLIP's defaults fill the
+    gaps) and ``added_tokens_decoder`` (from ``tokenizer_config.json``) give the
+    added tokens, see :func:`_added_tokens`."""
+    specials = {**_DEFAULT_SPECIALS, **(specials or {})}
+    vocab = dict(vocab)
+    added = _added_tokens(vocab, specials, added_tokens_decoder)
+    for content, (idx, _) in added.items():
+        vocab.setdefault(content, idx)
+    unk = _token_content(specials.get("unk_token"))
+    try:
+        model = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix=_EOW,
+                    fuse_unk=False, unk_token=unk if unk in vocab else None)
+    except Exception as e:  # a merge naming a symbol the vocabulary lacks
+        raise ModelError(f"{source}/merges.txt does not fit vocab.json: {e}", hint=_REMEDY) from None
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([token for _, token in sorted(added.values(), key=lambda v: v[0])])
+    bos, eos = _token_content(specials["bos_token"]), _token_content(specials["eos_token"])
+    if bos in vocab and eos in vocab:  # framing for other users of the file (cpuflow frames itself)
+        tok.post_processor = processors.RobertaProcessing((eos, vocab[eos]), (bos, vocab[bos]),
+                                                          trim_offsets=False, add_prefix_space=False)
+    return tok
+
+
+def _added_tokens(vocab: dict[str, int], specials: dict, decoder: dict | None) -> dict[str, tuple[int, AddedToken]]:
+    """transformers 5's choice of added tokens: content -> (id, AddedToken).
+
+    Tokens of ``added_tokens_decoder`` keep their flags (``normalized`` defaults
+    to "not special"); named special tokens not listed there are added in
+    transformers' order (bos, eos, unk, sep, pad, cls, mask), a later one
+    replacing an earlier one with the same text, plain strings being
+    non-normalized. A special token missing from the vocabulary is skipped
+    (the caller refuses a missing bos / eos / pad)."""
+    added: dict[str, tuple[int, AddedToken]] = {}
+    for idx, entry in sorted((decoder or {}).items(), key=lambda kv: int(kv[0])):
+        content = entry["content"]
+        if content:
+            special = bool(entry.get("special", False))
+            added[content] = (vocab.get(content, int(idx)), AddedToken(
+                content, single_word=bool(entry.get("single_word", False)), lstrip=bool(entry.get("lstrip", False)),
+                rstrip=bool(entry.get("rstrip", False)), normalized=bool(entry.get("normalized", not special)),
+                special=special))
+    registered = set(added)
+    for key in _SPECIAL_KEYS:
+        value = specials.get(key)
+        content = _token_content(value)
+        if not content or content in registered or content not in vocab:
+            continue
+        flags = value if isinstance(value, dict) else {}
+        added[content] = (vocab[content], AddedToken(
+            content, single_word=bool(flags.get("single_word", False)), lstrip=bool(flags.get("lstrip", False)),
+            rstrip=bool(flags.get("rstrip", False)), normalized=bool(flags.get("normalized", False)), special=True))
+    return added
+
+
+def write_tokenizer_json(folder: str | os.PathLike) -> Path:
+    """Write ``folder/tokenizer.json`` for a folder that has only ``vocab.json``
+    + ``merges.txt`` (+ configs): the tokenizer :meth:`ClipTokenizer.from_dir`
+    builds for it, so that the file and the old folder give the same ids.
+    An existing ``tokenizer.json`` is kept. Returns its path."""
+    folder = Path(folder)
+    target = folder / "tokenizer.json"
+    if target.is_file():
+        return target
+    specials, decoder, _ = _read_configs(folder)
+    tok = build_clip_tokenizer(_read_vocab(folder / "vocab.json"), _read_merges(folder / "merges.txt"),
+                               specials=specials, added_tokens_decoder=decoder, source=str(folder))
+    tmp = folder / "tokenizer.json.tmp"
+    tok.save(str(tmp), pretty=True)
+    os.replace(tmp, target)
+    return target
+
+
+# --------------------------------------------------------------------- reading
 def _token_content(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def _splitter(tokens: list[_AddedToken]):
-    if not tokens:
-        return None
-    by_text = {t.content: t.id for t in tokens}
-    # Longest first: at one position the longest token wins (leftmost-longest).
-    alternatives = sorted(by_text, key=len, reverse=True)
-    return regex.compile("|".join(regex.escape(t) for t in alternatives)), by_text
-
-
-def _split(splitter, text: str):
-    """Yield (text, None) for plain stretches and (token, id) for added tokens."""
-    if splitter is None:
-        if text:
-            yield text, None
-        return
-    pattern, by_text = splitter
-    start = 0
-    for m in pattern.finditer(text):
-        if m.start() > start:
-            yield text[start : m.start()], None
-        yield m.group(), by_text[m.group()]
-        start = m.end()
-    if start < len(text):
-        yield text[start:], None
+def _read_configs(folder: Path) -> tuple[dict, dict | None, int]:
+    """(special tokens by key, added_tokens_decoder, max_length) from the two
+    optional JSON configs, with transformers' precedence."""
+    config = _read_json(folder / "tokenizer_config.json") or {}
+    smap = _read_json(folder / "special_tokens_map.json") or {}
+    if not isinstance(config, dict) or not isinstance(smap, dict):
+        bad = "tokenizer_config.json" if not isinstance(config, dict) else "special_tokens_map.json"
+        raise ModelError(f"{folder / bad} is not a JSON object", hint=_REMEDY)
+    # transformers: with `added_tokens_decoder` in the config, special tokens
+    # come from the config alone; otherwise special_tokens_map.json overrides it.
+    specials = {k: config[k] for k in _SPECIAL_KEYS if config.get(k) is not None}
+    decoder = config.get("added_tokens_decoder")
+    if decoder is None:
+        specials.update({k: smap[k] for k in _SPECIAL_KEYS if smap.get(k) is not None})
+    for key, value in specials.items():
+        if not isinstance(value, (str, dict)) or not isinstance(_token_content(value), str):
+            raise ModelError(f"{folder}: bad {key} entry {value!r} in the tokenizer config", hint=_REMEDY)
+    if decoder is not None and not (
+        isinstance(decoder, dict) and all(str(k).isdigit() and isinstance(v, dict)
+                                          and isinstance(v.get("content"), str) for k, v in decoder.items())
+    ):
+        raise ModelError(f"{folder / 'tokenizer_config.json'}: bad added_tokens_decoder", hint=_REMEDY)
+    max_length = config.get("model_max_length", _DEFAULT_MAX_LENGTH)
+    if type(max_length) is not int or not 2 <= max_length <= 1_000_000:
+        max_length = _DEFAULT_MAX_LENGTH  # transformers' "unset" is a huge int
+    # `do_lower_case` is not consulted: transformers' CLIP normaliser always
+    # lower-cases, whatever the config says.
+    return {**_DEFAULT_SPECIALS, **specials}, decoder, max_length
 
 
 def _read_bytes(path: Path, *, required: bool) -> bytes | None:
@@ -421,7 +312,7 @@ def _read_bytes(path: Path, *, required: bool) -> bytes | None:
     return data
 
 
-def _read_json(path: Path, *, required: bool):
+def _read_json(path: Path, *, required: bool = False):
     data = _read_bytes(path, required=required)
     if data is None:
         return None
@@ -429,6 +320,15 @@ def _read_json(path: Path, *, required: bool):
         return json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{path} is not valid JSON: {e}", hint=_REMEDY) from None
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    vocab = _read_json(path, required=True)
+    if not isinstance(vocab, dict) or not vocab or not all(
+        isinstance(k, str) and type(v) is int and v >= 0 for k, v in vocab.items()
+    ):
+        raise ModelError(f"{path} is not a token -> id mapping", hint=_REMEDY)
+    return vocab
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
@@ -453,7 +353,8 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
 def write_clip_tokenizer_files(bpe_gz_path, out_dir, *, pad_token: str = "<|endoftext|>") -> Path:
     """Turn OpenAI's ``bpe_simple_vocab_16e6.txt.gz`` into a Hugging Face CLIP
     tokenizer folder (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
-    ``special_tokens_map.json``) laid out like openai/clip-vit-large-patch14's.
+    ``special_tokens_map.json``) laid out like openai/clip-vit-large-patch14's
+    (without ``tokenizer.json``, as the SD repositories on the Hub ship it).
 
     ``pad_token="<|endoftext|>"`` gives the SD 1.x folder, ``"!"`` the SD 2.x
     one. Returns ``out_dir``.
@@ -467,7 +368,7 @@ def write_clip_tokenizer_files(bpe_gz_path, out_dir, *, pad_token: str = "<|endo
     merges = lines[1 : 49152 - 256 - 2 + 1]
     if len(merges) != 49152 - 256 - 2 or any(len(m.split(" ")) != 2 for m in merges):
         raise ModelError(f"{bpe_gz_path} does not look like CLIP's BPE merges file", hint=_REMEDY)
-    byte_chars = list(_BYTE_TO_CHAR.values())
+    byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + _EOW for c in byte_chars] + [m.replace(" ", "") for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}

@@ -34,9 +34,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from cpuflow.errors import DiskSpaceError, ExportError, InvalidArgument, SourceError
+from cpuflow.errors import DiskSpaceError, ExportError, InvalidArgument, ModelError, SourceError
 from cpuflow.image import fsync_dir as _fsync_dir
 from cpuflow.manifest import FORMATS, MANIFEST_NAME, file_record, record_all_files, write_manifest
+from cpuflow.tokenizer import ClipTokenizer, write_tokenizer_json
 
 from . import quantize as quant
 from . import validate
@@ -319,68 +320,33 @@ def _move_into_place(staging: Path, out_dir: Path) -> None:
 
 
 # --- tokenizer ---------------------------------------------------------------------
-def _token_content(v: Any) -> str | None:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, Mapping) and isinstance(v.get("content"), str):
-        return v["content"]
-    return None
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"tokenizer file {path} is not valid JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
-
-
 def copy_tokenizer(src: Path, dst: Path, text_max_positions: int) -> dict:
-    """Copy the CLIP tokenizer files and read the facts the runtime needs."""
+    """Copy the CLIP tokenizer files, write ``tokenizer.json`` when the source has
+    none (the runtime loads it with ``tokenizers``), and read the facts the
+    runtime needs with the runtime's own loader."""
     src = Path(src)
     for name in REQUIRED_TOKENIZER_FILES:
         if not (src / name).is_file():
             raise SourceError(f"tokenizer folder {src} has no {name}",
                               hint="pass --tokenizer DIR with the CLIP tokenizer files")
     dst.mkdir(parents=True, exist_ok=True)
-    files = []
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
-            files.append(name)
-    vocab = _read_json(dst / "vocab.json")
-    cfg = _read_json(dst / "tokenizer_config.json")
-    special = _read_json(dst / "special_tokens_map.json")
-    added = _read_json(dst / "added_tokens.json")
-    decoder = {}
-    for tid, tok in (cfg.get("added_tokens_decoder") or {}).items():
-        content = _token_content(tok)
-        if content is not None:
-            decoder[content] = int(tid)
-
-    def token_id(role: str, default: str | None) -> int:
-        tok = _token_content(special.get(role)) or _token_content(cfg.get(role)) or default
-        if tok is None:
-            raise SourceError(f"tokenizer in {src} defines no {role}")
-        for table in (vocab, added, decoder):
-            if tok in table:
-                return int(table[tok])
-        raise SourceError(f"tokenizer {role} {tok!r} is not in {src / 'vocab.json'}")
-
-    bos = token_id("bos_token", "<|startoftext|>")
-    eos = token_id("eos_token", "<|endoftext|>")
-    pad_tok = _token_content(special.get("pad_token")) or _token_content(cfg.get("pad_token"))
-    pad = token_id("pad_token", None) if pad_tok else eos
-    max_len = cfg.get("model_max_length")
-    if not isinstance(max_len, int) or max_len <= 0 or max_len > 100_000:
-        max_len = text_max_positions
+    try:
+        write_tokenizer_json(dst)
+        tok = ClipTokenizer.from_dir(dst)
+    except ModelError as e:
+        raise SourceError(f"the tokenizer in {src} cannot be used: {e.message}") from None
+    files = [name for name in TOKENIZER_FILES if (dst / name).is_file()]
+    cfg = dst / "tokenizer_config.json"  # checked to be a JSON object by from_dir
+    has_length = cfg.is_file() and "model_max_length" in json.loads(cfg.read_text(encoding="utf-8-sig"))
+    max_len = tok.max_length if has_length else text_max_positions
     if max_len > text_max_positions:
         raise SourceError(f"tokenizer max length {max_len} exceeds the text encoder's "
                           f"{text_max_positions} positions")
     return {"path": dst.name, "files": sorted(files), "max_length": int(max_len),
-            "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
 # --- manifest pieces ----------------------------------------------------------------------

@@ -11,7 +11,7 @@
 #   DEST/sd2/  pads with "!"            (SD 2.x, stabilityai/stable-diffusion-2)
 # Tests find them through CPUFLOW_CLIP_TOKENIZERS=DEST. Re-running is cheap:
 # folders already built from the same source are kept.
-# Python: $PYTHON, else the repo's .venv, else python3 (needs pip, numpy, regex).
+# Python: $PYTHON, else the repo's .venv, else python3 (needs pip, numpy, tokenizers).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -461,6 +461,8 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_mod.default_cache_dir() == tmp_path / "home" / ".cache" / "cpuflow"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # invalid per the XDG spec: ignored
+    assert cache_mod.default_cache_dir() == tmp_path / "home" / ".cache" / "cpuflow"
 
 
 def test_ensure_private_dir_tightens(tmp_path):

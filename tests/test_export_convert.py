@@ -102,7 +102,7 @@ def break_export(monkeypatch, component: str) -> None:
 
 # --- the exported folders ---------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-def test_manifest_loads_and_describes_the_model(exported, kind):
+def test_manifest_loads_and_describes_the_model(exported, sources, kind):
     path, _ = exported[kind]
     m = load_manifest(path, verify="sha256")
     assert m.family == ("sd1" if kind == "sd1" else "sd2")
@@ -114,6 +114,13 @@ def test_manifest_loads_and_describes_the_model(exported, kind):
     assert tok["path"] == "tokenizer" and "vocab.json" in tok["files"] and tok["max_length"] == 77
     vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
     assert tok["bos_token_id"] == vocab["<|startoftext|>"] and tok["eos_token_id"] == vocab["<|endoftext|>"]
+    # the export writes tokenizer.json (the sources have none); the runtime loads it, not vocab/merges
+    assert "tokenizer.json" in tok["files"] and not (sources[kind] / "tokenizer" / "tokenizer.json").exists()
+    from cpuflow.tokenizer import ClipTokenizer
+    ours = ClipTokenizer.from_dir(path / "tokenizer")
+    assert ours._tok.get_vocab_size() == len(vocab)
+    assert ours.encode("a photo of an astronaut") == ClipTokenizer.from_dir(sources[kind] / "tokenizer").encode(
+        "a photo of an astronaut")
     assert m.scheduler and m.scaling_factor > 0 and m.downscale >= 2
     for name, comp in m.components.items():
         var = comp.variants["fp32"]

@@ -455,6 +455,12 @@ def test_a1111_parameters_text():
     assert old["sampler"] == "dpmpp_2m" and old["schedule"] == "karras" and old["guidance"] == 7
 
 
+def test_a1111_sampler_names_are_cpuflow_samplers():
+    from cpuflow.samplers import SAMPLERS
+
+    assert set(cimg.A1111_SAMPLER_NAMES) == set(SAMPLERS)
+
+
 def test_png_metadata_round_trip(tmp_path):
     p = cimg.save_png_atomic(_gradient(16, 16), tmp_path / "out.png", PARAMS)
     assert cimg.read_png_metadata(p) == PARAMS

@@ -18,7 +18,7 @@ import pytest
 
 from cpuflow import rng
 from cpuflow.errors import InvalidArgument
-from cpuflow.rng import BatchGenerator, NumpyGenerator, TorchCompatGenerator, make_generator
+from cpuflow.rng import NumpyGenerator, TorchCompatGenerator, make_generator
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rng"
 META = json.loads((FIXTURES / "golden.json").read_text())
@@ -55,6 +55,14 @@ def _check_against(prefix: str, info: dict, got: np.ndarray) -> None:
 CASES = META["cases"]
 
 
+def _per_image(seeds, shape) -> np.ndarray:
+    """A batch as the pipelines draw it (and diffusers' randn_tensor with a list of
+    generators): image i from its own generator, shape[1:] each."""
+    if len(seeds) == 1:  # diffusers: a list of one generator draws the whole shape
+        return TorchCompatGenerator(seeds[0]).randn(shape)
+    return np.concatenate([TorchCompatGenerator(s).randn((1,) + tuple(shape[1:])) for s in seeds])
+
+
 # ---------------------------------------------------------------- goldens ----
 class TestGolden:
     @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -67,8 +75,7 @@ class TestGolden:
 
     def test_batch(self):
         b = META["batch"]
-        gen = BatchGenerator([TorchCompatGenerator(s) for s in b["seeds"]])
-        got = gen.randn(tuple(b["shape"]))
+        got = _per_image(b["seeds"], tuple(b["shape"]))
         _check_against("batch/0/", b["call"], got)
 
     def test_goldens_cover_every_path(self):
@@ -192,36 +199,11 @@ class TestApi:
         assert abs(float(a.mean())) < 0.05 and abs(float(a.std()) - 1) < 0.05
         assert not np.array_equal(a, TorchCompatGenerator(3).randn((2, 4, 32, 32)))
 
-    def test_batch_generator_stacks_per_image_draws(self):
-        seeds = [5, 6, 7]
-        got = BatchGenerator([TorchCompatGenerator(s) for s in seeds]).randn((3, 2, 5))
-        for i, s in enumerate(seeds):
-            np.testing.assert_array_equal(got[i:i + 1], TorchCompatGenerator(s).randn((1, 2, 5)))
-        assert got.dtype == np.float32 and got.flags.c_contiguous
-
-    def test_batch_generator_of_one_draws_whole_shape(self):
-        got = BatchGenerator([TorchCompatGenerator(5)]).randn((2, 3, 5))
-        np.testing.assert_array_equal(got, TorchCompatGenerator(5).randn((2, 3, 5)))
-
-    def test_batch_generator_errors(self):
-        with pytest.raises(InvalidArgument):
-            BatchGenerator([])
-        with pytest.raises(InvalidArgument):
-            BatchGenerator([object()])
-        b = BatchGenerator([TorchCompatGenerator(1), TorchCompatGenerator(2)])
-        assert b.seeds == [1, 2]
-        with pytest.raises(InvalidArgument):
-            b.randn((3, 4))
-
     def test_vectorised(self):
         """Not a timing assertion: counts that the work is done in numpy blocks
-        (one twist per 624 words, one Box-Muller step per 1024 blocks)."""
-        calls = {"twist": 0, "bm": 0}
-        twist, bm = rng._twist, rng._box_muller_16
-
-        def count_twist(mt):
-            calls["twist"] += 1
-            return twist(mt)
+        (the engine's words in one call, one Box-Muller step per 1024 blocks)."""
+        calls = {"bm": 0}
+        bm = rng._box_muller_16
 
         def count_bm(u):
             calls["bm"] += 1
@@ -231,7 +213,6 @@ class TestApi:
         n = math.prod(shape)
         mp = pytest.MonkeyPatch()
         try:
-            mp.setattr(rng, "_twist", count_twist)
             mp.setattr(rng, "_box_muller_16", count_bm)
             t0 = time.perf_counter()
             out = TorchCompatGenerator(0).randn(shape)
@@ -239,7 +220,6 @@ class TestApi:
         finally:
             mp.undo()
         assert out.shape == shape
-        assert calls["twist"] == -(-n // 624)
         assert calls["bm"] == -(-(n // 16) // rng._BM_CHUNK)
         print(f"randn{shape}: {elapsed * 1000:.1f} ms")
 
@@ -309,7 +289,7 @@ class TestLiveDiffusers:
         tu = pytest.importorskip("diffusers.utils.torch_utils")
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         ref = tu.randn_tensor(shape, generator=gens, dtype=torch.float32).numpy()
-        got = BatchGenerator([TorchCompatGenerator(s) for s in seeds]).randn(shape)
+        got = _per_image(seeds, shape)
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 if _exact_expected(torch) else 1e-5)
         if _exact_expected(torch):
             np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))

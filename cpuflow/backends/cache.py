@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import platformdirs
+
 from ..errors import InvalidArgument
 
 ENV_CACHE_DIR = "CPUFLOW_CACHE_DIR"
@@ -35,15 +37,14 @@ _MAX_DEPTH = 3
 
 
 def default_cache_dir() -> Path:
-    """``$CPUFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/cpuflow``, else ``~/.cache/cpuflow``
-    (not created here; see :func:`ensure_private_dir`)."""
+    """``$CPUFLOW_CACHE_DIR``, else the platform's user cache folder for cpuflow
+    (platformdirs: ``$XDG_CACHE_HOME/cpuflow`` or ``~/.cache/cpuflow`` on Linux,
+    ``~/Library/Caches/cpuflow`` on macOS, ``%LOCALAPPDATA%\\cpuflow\\Cache`` on
+    Windows). Not created here; see :func:`ensure_private_dir`."""
     env = os.environ.get(ENV_CACHE_DIR)
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "cpuflow"
-    return Path.home() / ".cache" / "cpuflow"
+    return Path(platformdirs.user_cache_dir("cpuflow", appauthor=False))
 
 
 def ensure_private_dir(path: str | os.PathLike) -> Path:

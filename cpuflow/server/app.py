@@ -25,10 +25,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
+from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -160,11 +161,12 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         return job.to_json(position=queue.position(job))
 
     @app.get("/api/jobs/{job_id}/events", summary="Server-sent events for a job",
-             response_class=StreamingResponse)
-    async def job_events(job_id: str, request: Request):
+             response_class=EventSourceResponse)
+    async def job_events(job_id: str):
         job = _job(queue, job_id)
-        return StreamingResponse(_event_stream(job, queue, request), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        # sse-starlette: event framing, keep-alive pings every 15 s, and the end of
+        # the stream when the client goes away.
+        return EventSourceResponse(_event_stream(job, queue), ping=15, sep="\n")
 
     def cancel(job_id: str):
         job = _job(queue, job_id)
@@ -291,10 +293,10 @@ def _job(queue: JobQueue, job_id: str) -> Job:
     return job
 
 
-async def _event_stream(job: Job, queue: JobQueue, request: Request):
+async def _event_stream(job: Job, queue: JobQueue):
     """progress events while the job changes, then one final event named after its status."""
-    last_version, last_preview, idle = -1, None, 0.0
-    yield "retry: 2000\n\n"
+    last_version, last_preview = -1, None
+    yield {"retry": 2000}
     while True:
         if job.version != last_version:
             data = job.to_json(position=queue.position(job))
@@ -303,19 +305,12 @@ async def _event_stream(job: Job, queue: JobQueue, request: Request):
                 data["preview"] = None          # send each preview once
             else:
                 last_preview = data["preview"]
-            yield f"event: progress\ndata: {json.dumps(data)}\n\n"
+            yield {"event": "progress", "data": json.dumps(data)}
             if data["status"] in ("done", "failed", "cancelled"):
                 data["preview"] = None
-                yield f"event: {data['status']}\ndata: {json.dumps(data)}\n\n"
+                yield {"event": data["status"], "data": json.dumps(data)}
                 return
-            idle = 0.0
-        if await request.is_disconnected():
-            return
-        await asyncio.sleep(0.05)
-        idle += 0.05
-        if idle >= 15:
-            idle = 0.0
-            yield ": keep-alive\n\n"
+        await asyncio.sleep(0.05)  # jobs change on the worker thread: poll their version
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

@@ -1,5 +1,10 @@
 """The server's front door: one ASGI middleware that every request passes.
 
+Hand-written, not Starlette's TrustedHostMiddleware: that one drops the port (so
+``127.0.0.1:7861`` or a port-less ``localhost`` pass) and answers in plain text,
+not with this server's JSON ``bad_host`` error; tests/test_server_security.py
+checks both.
+
 Checks, in order (the first that fails answers with a JSON error and the
 request goes no further):
 
