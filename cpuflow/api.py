@@ -20,7 +20,7 @@ from .previews import PreviewFn, with_previews
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 _LOAD_FIELDS = {f.name for f in fields(LoadConfig)}
 _UPSCALE_FIELDS = {"negative_prompt", "noise_level", "steps", "sampler", "schedule", "guidance", "seed", "eta",
-                   "rng", "tile"}
+                   "rng", "tile", "watermark"}
 
 
 class Pipeline:
@@ -63,6 +63,8 @@ class Pipeline:
         "taesd": the tiny autoencoder, when the folder was exported with --taesd),
         clip_skip (A1111's: 1 = the model's own layer) and embeddings (textual-inversion
         files, "FILE" or "FILE:TOKEN"). Prompts take A1111's syntax (README "Prompts").
+        watermark (default True: the invisible watermark of cpuflow/watermark.py on
+        images of 256x256 or more; False: none; each record says which).
         ``preview(image, info)`` gets a PIL preview every ``preview_every`` steps
         (through the tiny autoencoder when the folder has it, else a cheap
         latent -> RGB approximation at 1/8 size; see cpuflow/previews.py)."""

@@ -141,12 +141,15 @@ def _samplers_help() -> str:
                    "noise level 20, 20 steps, guidance 9; the same prompt and seed; see `cpuflow upscale`).")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True,
               help="Quality of .jpg outputs (-o name.jpg); their parameters go to the EXIF UserComment.")
+@click.option("--no-watermark", is_flag=True,
+              help="Do not add the invisible watermark (images of 256x256 pixels or more carry one by "
+                   "default; read it with `cpuflow watermark IMAGE`).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, guidance_rescale, eta, seed,
              width, height, n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map,
              save_depth, backend, device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder,
-             preview_every, clip_skip, embeddings, from_image, upscaler, jpeg_quality, quiet):
+             preview_every, clip_skip, embeddings, from_image, upscaler, jpeg_quality, no_watermark, quiet):
     """Generate images from PROMPT (txt2img, img2img with --init-image, inpainting with --mask,
     depth-to-image with a depth model).
 
@@ -174,7 +177,8 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
                             init_image=init_image,
                             strength=strength if strength is not None else 1.0 if mask is not None else 0.8,
                             rng=rng, decoder=decoder, mask=mask, mask_blur=mask_blur, inpaint_area=inpaint_area,
-                            padding=padding, depth_map=depth_map, embeddings=embeddings).with_seed()
+                            padding=padding, depth_map=depth_map, embeddings=embeddings,
+                            watermark=not no_watermark).with_seed()
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache, low_memory=low_memory)
     paths = _output_paths(out, n_samples, grid)
@@ -232,7 +236,9 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
     if grid:
-        written.append(save_image_atomic(make_grid(result.images), paths["grid"], result.records[0],
+        from .watermark import apply as apply_watermark
+        sheet, mark = apply_watermark(make_grid(result.images), not no_watermark)   # a written image too
+        written.append(save_image_atomic(sheet, paths["grid"], dict(result.records[0], watermark=mark),
                                          jpeg_quality=jpeg_quality))
     if save_depth:
         if "depth_map" not in result.extras:
@@ -395,6 +401,10 @@ main.add_command(batch_command)
 from .upscale_cli import upscale_command  # noqa: E402
 
 main.add_command(upscale_command)
+
+from .watermark_cli import watermark_command  # noqa: E402
+
+main.add_command(watermark_command)
 
 if __name__ == "__main__":
     main()

@@ -122,6 +122,7 @@ class GenerationRequest:
     depth_map: Any = None              # path, bytes or PIL image: depth-to-image with this depth, not an estimate
     clip_skip: int | None = None       # None: the model's default; 1 = the text encoder's own layer (A1111)
     embeddings: tuple[str, ...] = ()   # textual-inversion files, "FILE" or "FILE:TOKEN" (cpuflow/embeddings.py)
+    watermark: bool = True             # the invisible watermark (cpuflow/watermark.py) on every image
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -191,6 +192,8 @@ class GenerationRequest:
         if isinstance(self.embeddings, str) or not all(isinstance(e, str) for e in self.embeddings):
             raise InvalidArgument("embeddings must be a list of file paths (FILE or FILE:TOKEN)")
         set_("embeddings", tuple(self.embeddings))
+        if not isinstance(self.watermark, bool):
+            raise InvalidArgument(f"watermark must be true or false, got {self.watermark!r}")
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))
@@ -260,6 +263,7 @@ class UpscaleRequest:
     eta: float = 0.0
     rng: str = "torch"
     tile: int | None = None
+    watermark: bool = True             # the invisible watermark on the upscaled image
     generation: GenerationRequest = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -269,7 +273,7 @@ class UpscaleRequest:
             raise InvalidArgument("prompt and negative_prompt of an upscale must be strings")
         gen = GenerationRequest(prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps,
                                 sampler=self.sampler, schedule=self.schedule, guidance=self.guidance,
-                                seed=self.seed, eta=self.eta, rng=self.rng)
+                                seed=self.seed, eta=self.eta, rng=self.rng, watermark=self.watermark)
         object.__setattr__(self, "generation", gen)
         if self.noise_level is not None:
             n = _int("noise_level", self.noise_level)

@@ -58,6 +58,7 @@ __all__ = [
     "MAX_INIT_PIXELS",
     "A1111_SAMPLER_NAMES",
     "load_init_image",
+    "load_image_as_stored",
     "image_to_array",
     "array_to_images",
     "check_finite",
@@ -256,6 +257,51 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _read_rgb(source, max_pixels: int, name: str | None, what: str, *, exif: bool) -> Image.Image:
+    """Open, check from the header, decode the first frame, turn by its EXIF
+    orientation when ``exif``, and convert to RGB (:func:`_to_rgb`)."""
+    fp, label, close_fp = _open_source(source, name, what)
+    try:
+        img = _open_checked(fp, label, max_pixels, what=what)
+        # ``with img`` (not img.close()) so that a caller's stream stays open;
+        # our own file is closed in the outer finally.
+        with img:
+            try:
+                img.seek(0)  # animated GIF / APNG / multi-page TIFF: first frame
+                img.load()
+            except Image.DecompressionBombError as e:
+                raise ResourceLimitError(f"{what} {label} is too large to decode ({e})") from None
+            except Exception as e:
+                raise ImageInputError(f"{what} {label} cannot be decoded: {_reason(e)}") from None
+            oriented = None
+            if exif:
+                try:
+                    oriented = ImageOps.exif_transpose(img)
+                except Exception:
+                    # A malformed EXIF block is no reason to refuse the pixels; use
+                    # them as stored (deterministic either way).
+                    oriented = None
+            if oriented is None or oriented is img:
+                oriented = img.copy()
+        try:
+            return _to_rgb(oriented)
+        except Exception as e:
+            raise ImageInputError(
+                f"{what} {label} has an unsupported pixel mode {oriented.mode}: {e}"
+            ) from None
+    finally:
+        if close_fp:
+            fp.close()
+
+
+def load_image_as_stored(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int = MAX_INIT_PIXELS,
+                         name: str | None = None, what: str = "image") -> Image.Image:
+    """Read an image as safely as :func:`load_init_image`, as RGB, pixel for pixel
+    as stored: no EXIF turn, no crop, no resize (what a watermark reader needs:
+    its blocks are counted from the stored top-left corner)."""
+    return _read_rgb(source, max_pixels, name, what, exif=False)
+
+
 def load_init_image(
     source: str | os.PathLike | bytes | BinaryIO,
     width: int | None = None,
@@ -303,36 +349,7 @@ def load_init_image(
             f"requested size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
         )
 
-    fp, label, close_fp = _open_source(source, name, what)
-    try:
-        img = _open_checked(fp, label, max_pixels, what=what)
-        # ``with img`` (not img.close()) so that a caller's stream stays open;
-        # our own file is closed in the outer finally.
-        with img:
-            try:
-                img.seek(0)  # animated GIF / APNG / multi-page TIFF: first frame
-                img.load()
-            except Image.DecompressionBombError as e:
-                raise ResourceLimitError(f"{what} {label} is too large to decode ({e})") from None
-            except Exception as e:
-                raise ImageInputError(f"{what} {label} cannot be decoded: {_reason(e)}") from None
-            try:
-                oriented = ImageOps.exif_transpose(img)
-            except Exception:
-                # A malformed EXIF block is no reason to refuse the pixels; use
-                # them as stored (deterministic either way).
-                oriented = img.copy()
-            if oriented is None or oriented is img:
-                oriented = img.copy()
-        try:
-            rgb = _to_rgb(oriented)
-        except Exception as e:
-            raise ImageInputError(
-                f"{what} {label} has an unsupported pixel mode {oriented.mode}: {e}"
-            ) from None
-    finally:
-        if close_fp:
-            fp.close()
+    rgb = _read_rgb(source, max_pixels, name, "init image", exif=True)
 
     w, h = rgb.size
     if width is None and height is None:
@@ -833,8 +850,10 @@ def save_jpeg_atomic(
     if params is not None:
         text = a1111_parameters(_with_version(params))
         exif.get_ifd(EXIF_IFD)[EXIF_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be", "surrogatepass")
+    # subsampling=0 (4:4:4 chroma): the invisible watermark (cpuflow/watermark.py) lives in the
+    # chroma of 2x2-pixel groups, which the usual 4:2:0 subsampling wipes (README, the watermark).
     return _write_atomic(img, path, lambda f: img.convert("RGB").save(f, format="JPEG", quality=quality,
-                                                                      exif=exif.tobytes()))
+                                                                      subsampling=0, exif=exif.tobytes()))
 
 
 def save_image_atomic(

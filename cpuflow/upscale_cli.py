@@ -34,9 +34,10 @@ Examples:
 @load_options
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
               help="A .png or .jpg file, or a folder (default: ./outputs/).")
+@click.option("--no-watermark", is_flag=True, help="Do not put the invisible watermark on the image.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def upscale_command(image, prompt, model, noise_level, tile, negative_prompt, steps, sampler, schedule, guidance,
-                    eta, seed, rng, backend, device, precision, variant, threads, no_cache, out, quiet):
+                    eta, seed, rng, backend, device, precision, variant, threads, no_cache, out, no_watermark, quiet):
     """Upscale IMAGE 4x with the x4 upscaler, guided by PROMPT (optional: what the image shows)."""
     from .cli import _output_paths
     from .config import LoadConfig, UpscaleRequest
@@ -47,7 +48,7 @@ def upscale_command(image, prompt, model, noise_level, tile, negative_prompt, st
     # Validate everything the user typed before loading anything.
     req = UpscaleRequest(image=image, prompt=prompt, negative_prompt=negative_prompt, noise_level=noise_level,
                          steps=steps, sampler=sampler, schedule=schedule, guidance=guidance, seed=seed, eta=eta,
-                         rng=rng, tile=tile)
+                         rng=rng, tile=tile, watermark=not no_watermark)
     cfg = LoadConfig(model=model, backend=backend, device=device, precision=precision, threads=threads,
                      variant=variant, use_cache=not no_cache)
     if out is not None and out.suffix:
@@ -120,6 +121,6 @@ def upscale_generated(model, image, rec: dict):
     from .pipelines.upscale import upscale
 
     req = UpscaleRequest(image=image, prompt=rec["prompt"], negative_prompt=rec["negative_prompt"],
-                         seed=rec["seed"], rng=rec["rng"])
+                         seed=rec["seed"], rng=rec["rng"], watermark=rec.get("watermark") != "off")
     result = upscale(model, req)
     return result.images[0], dict(result.records[0], base=rec)

@@ -11,6 +11,9 @@ python -m pip install -q --upgrade pip
 # Pin torch: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[export,serve,test]"
+# The watermark compatibility tests' reference (imwatermark): without its opencv-python
+# requirement (the GUI build, needs libGL); the test extra brings opencv-python-headless.
+python -m pip install -q --no-deps "invisible-watermark==0.2.0"
 if [ -f scripts/fetch_clip_vocab.sh ] && [ ! -f .cache/clip-tokenizers/sd2/vocab.json ]; then
     bash scripts/fetch_clip_vocab.sh .cache/clip-tokenizers
 fi

@@ -332,3 +332,46 @@ def test_upscale_button_in_the_browser(browser, tiny_upscale_export):
         assert browser.execute_script("return document.querySelector('#gallery .card img').naturalWidth") == 256
         _wait(browser, "return document.getElementById('status').textContent.startsWith('Done')")
         _no_console_errors(browser)
+
+
+def test_watermark_checkbox_in_the_browser(browser):
+    # On by default: the image the page shows carries cpuflow's mark; unticked, the next one
+    # carries none, its card says so, and "Use again" restores the unticked box.
+    import io
+    import urllib.request
+    from selenium.webdriver.common.by import By
+    from cpuflow.watermark import MESSAGE, detect
+
+    def shown_image():
+        src = browser.find_element(By.CSS_SELECTOR, "#gallery .card img").get_attribute("src")
+        with urllib.request.urlopen(src) as r:
+            return Image.open(io.BytesIO(r.read()))
+
+    with LiveServer({"fake": FakePipeline(step_delay=0.01)}) as srv:
+        browser.get(srv.url + "/")
+        _wait(browser, "return document.getElementById('model').options.length > 0")
+        for side in ("width", "height"):                         # big enough to carry the mark
+            box = browser.find_element(By.ID, side)
+            box.clear()
+            box.send_keys("256")
+        box = browser.find_element(By.ID, "watermark")
+        assert box.is_selected()
+        _generate(browser, steps=2, seed=42)
+        assert "watermarked" in browser.find_element(By.CSS_SELECTOR, "#gallery .card").text
+        found = detect(shown_image())
+        assert found is not None and found.message == MESSAGE
+        box.click()
+        seed = browser.find_element(By.ID, "seed")
+        seed.clear()
+        seed.send_keys("43")
+        browser.find_element(By.ID, "generate").click()
+        _wait(browser, "const c = document.querySelectorAll('#gallery .card img');"
+                       "return c.length === 2 && c[0].complete && c[0].naturalWidth > 0")
+        card = browser.find_element(By.CSS_SELECTOR, "#gallery .card")    # the newest comes first
+        assert "seed 43" in card.text and "no watermark" in card.text
+        assert detect(shown_image()) is None
+        assert _pixel(browser, 2, 2)[:3] == list(colour_of(PROMPT, 43))   # untouched pixels
+        box.click()
+        card.find_element(By.XPATH, ".//button[text()='Use again']").click()
+        assert not box.is_selected()
+        _no_console_errors(browser)

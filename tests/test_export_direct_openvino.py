@@ -105,7 +105,7 @@ def test_sd1_direct_export_matches_diffusers(models):
     ref = np.asarray(pipe("a red circle", negative_prompt="", num_inference_steps=STEPS, guidance_scale=7.5,
                           height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(7)).images[0])
     with Pipeline.load(direct, backend="openvino", precision="f32", threads=1, use_cache=False) as cf:
-        res = cf.txt2img("a red circle", negative_prompt="", steps=STEPS, sampler="euler", guidance=7.5,
+        res = cf.txt2img("a red circle", watermark=False, negative_prompt="", steps=STEPS, sampler="euler", guidance=7.5,
                          width=SIZE, height=SIZE, seed=7)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{p:.1f} dB"
@@ -119,7 +119,7 @@ def test_sdxl_direct_export_matches_diffusers(models):
                height=SIZE, width=SIZE, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
     ref = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
     with Pipeline.load(direct, backend="openvino", precision="f32", threads=1, use_cache=False) as cf:
-        res = cf.txt2img(PROMPT, negative_prompt="blurry", steps=STEPS, sampler="euler", guidance=5.0,
+        res = cf.txt2img(PROMPT, watermark=False, negative_prompt="blurry", steps=STEPS, sampler="euler", guidance=5.0,
                          width=SIZE, height=SIZE, seed=3)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{p:.1f} dB"

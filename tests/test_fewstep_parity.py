@@ -130,7 +130,7 @@ def test_lcm_matches_diffusers(lcm, backend, steps, guidance):
         refs[(steps, guidance)] = _reference(pipe, steps=steps, guidance=guidance)
     cf = _cpuflow(model, backend)
     # no sampler given: the model's LCMScheduler makes lcm the default
-    res = cf.txt2img(PROMPT, steps=steps, guidance=guidance, width=SIZE, height=SIZE, seed=7)
+    res = cf.txt2img(PROMPT, watermark=False, steps=steps, guidance=guidance, width=SIZE, height=SIZE, seed=7)
     assert res.records[0]["sampler"] == "lcm"
     p = psnr(res.images[0], refs[(steps, guidance)])
     assert p >= PSNR_MIN, f"lcm {steps} steps guidance {guidance} {backend}: {p:.1f} dB"
@@ -149,7 +149,7 @@ def test_lcm_guidance_changes_the_image_and_matches_the_lcm_pipeline(lcm):
     ref = np.asarray(lcm_pipe(prompt=PROMPT, num_inference_steps=4, guidance_scale=8.0, height=SIZE, width=SIZE,
                               generator=torch.Generator("cpu").manual_seed(7), output_type="pil").images[0])
     cf = _cpuflow(model, "onnxruntime")
-    a = cf.txt2img(PROMPT, steps=4, guidance=8.0, width=SIZE, height=SIZE, seed=7)
+    a = cf.txt2img(PROMPT, watermark=False, steps=4, guidance=8.0, width=SIZE, height=SIZE, seed=7)
     b = cf.txt2img(PROMPT, steps=4, guidance=2.0, width=SIZE, height=SIZE, seed=7)
     assert psnr(a.images[0], ref) >= PSNR_MIN
     assert psnr(a.images[0], b.images[0]) < PSNR_MIN   # tiny random UNet: a small but real change
@@ -178,7 +178,7 @@ def test_lcm_img2img_matches_diffusers(lcm, backend, strength):
                                    guidance_scale=8.0, generator=torch.Generator("cpu").manual_seed(7),
                                    output_type="pil").images[0])
     cf = _cpuflow(model, backend)
-    res = cf.img2img(PROMPT, _init_image(), strength=strength, steps=4, guidance=8.0, seed=7)
+    res = cf.img2img(PROMPT, _init_image(), watermark=False, strength=strength, steps=4, guidance=8.0, seed=7)
     assert res.records[0]["sampler"] == "lcm" and res.records[0]["task"] == "img2img"
     p = psnr(res.images[0], refs[key])
     assert p >= PSNR_MIN, f"lcm img2img strength {strength} {backend}: {p:.1f} dB"
@@ -204,7 +204,7 @@ def test_turbo_matches_diffusers(turbo, backend, steps, sampler):
         sched = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     ref = _reference(pipe, steps=steps, guidance=0.0, scheduler=sched)
     cf = _cpuflow(model, backend)
-    res = cf.txt2img(PROMPT, steps=steps, guidance=0.0, sampler=None if sampler == "euler_a" else sampler,
+    res = cf.txt2img(PROMPT, watermark=False, steps=steps, guidance=0.0, sampler=None if sampler == "euler_a" else sampler,
                      width=SIZE, height=SIZE, seed=7)
     assert res.records[0]["sampler"] == sampler       # euler_a: the model's own scheduler
     p = psnr(res.images[0], ref)
@@ -254,7 +254,7 @@ def _lora_reference(plain_src, lora_file, refs):
 def test_lora_export_matches_diffusers_fused_lora(lora, fmt, backend):
     plain, files, models, refs = lora
     ref = _lora_reference(plain.src, files[fmt], refs)
-    res = _cpuflow(models[fmt], backend).txt2img(PROMPT, steps=4, sampler="euler", guidance=7.5,
+    res = _cpuflow(models[fmt], backend).txt2img(PROMPT, watermark=False, steps=4, sampler="euler", guidance=7.5,
                                                  width=SIZE, height=SIZE, seed=7)
     p = psnr(res.images[0], ref)
     assert p >= PSNR_MIN, f"LoRA ({fmt}) {backend}: {p:.1f} dB"
@@ -277,7 +277,7 @@ def test_lcm_lora_style_sampling_matches_diffusers(lora, guidance):
         pipe.unload_lora_weights()
         refs[key] = _reference(pipe, steps=4, guidance=guidance,
                                scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
-    res = _cpuflow(models["diffusers"], "openvino").txt2img(PROMPT, steps=4, sampler="lcm", guidance=guidance,
+    res = _cpuflow(models["diffusers"], "openvino").txt2img(PROMPT, watermark=False, steps=4, sampler="lcm", guidance=guidance,
                                                            width=SIZE, height=SIZE, seed=7)
     p = psnr(res.images[0], refs[key])
     assert p >= PSNR_MIN, f"LCM-LoRA style, guidance {guidance}: {p:.1f} dB"
@@ -385,7 +385,7 @@ def test_lcm_sdxl_matches_diffusers(lcm_sdxl, backend, steps, guidance):
     if (steps, guidance) not in refs:
         refs[(steps, guidance)] = _sdxl_reference(pipe, steps=steps, guidance=guidance)
     cf = _cpuflow(model, backend)
-    res = cf.txt2img(PROMPT, steps=steps, guidance=guidance, width=SIZE, height=SIZE, seed=7)
+    res = cf.txt2img(PROMPT, watermark=False, steps=steps, guidance=guidance, width=SIZE, height=SIZE, seed=7)
     assert res.records[0]["sampler"] == "lcm"
     p = psnr(res.images[0], refs[(steps, guidance)])
     assert p >= PSNR_MIN, f"lcm-sdxl {steps} steps guidance {guidance} {backend}: {p:.1f} dB"
@@ -397,10 +397,10 @@ def test_lcm_sdxl_defaults_and_img2img(lcm_sdxl):
     StableDiffusionXLImg2ImgPipeline + LCMScheduler semantics."""
     _, model, pipe, refs = lcm_sdxl
     cf = _cpuflow(model, "openvino")
-    res = cf.txt2img(PROMPT, width=SIZE, height=SIZE, seed=7)
+    res = cf.txt2img(PROMPT, watermark=False, width=SIZE, height=SIZE, seed=7)
     assert (res.records[0]["steps"], res.records[0]["guidance"]) == (4, 8.5)
     assert psnr(res.images[0], _sdxl_reference(pipe, steps=4, guidance=8.5)) >= PSNR_MIN
     ref = _sdxl_reference(pipe, steps=4, guidance=8.0, init=_init_image(), strength=0.6)
-    res = cf.img2img(PROMPT, _init_image(), strength=0.6, steps=4, guidance=8.0, seed=7)
+    res = cf.img2img(PROMPT, _init_image(), watermark=False, strength=0.6, steps=4, guidance=8.0, seed=7)
     p = psnr(res.images[0], ref)
     assert p >= PSNR_MIN, f"lcm-sdxl img2img: {p:.1f} dB"

@@ -109,7 +109,7 @@ def test_txt2img_matches_diffusers(exported, backend, sampler):
     kind, _, out, pipe = exported
     ref = _diffusers_image(pipe, sampler)
     with _cpuflow_pipe(out, backend) as cf:
-        res = cf.txt2img("a red circle", negative_prompt="", steps=STEPS, sampler=sampler, guidance=7.5,
+        res = cf.txt2img("a red circle", watermark=False, negative_prompt="", steps=STEPS, sampler=sampler, guidance=7.5,
                          width=SIZE, height=SIZE, seed=7)
     got = np.asarray(res.images[0])
     assert got.shape == ref.shape
@@ -122,7 +122,7 @@ def test_karras_schedule_matches_diffusers(exported, sampler):
     kind, _, out, pipe = exported
     ref = _diffusers_image(pipe, sampler, schedule="karras")
     with _cpuflow_pipe(out, "onnxruntime") as cf:
-        res = cf.txt2img("a red circle", steps=STEPS, sampler=sampler, schedule="karras", guidance=7.5,
+        res = cf.txt2img("a red circle", watermark=False, steps=STEPS, sampler=sampler, schedule="karras", guidance=7.5,
                          width=SIZE, height=SIZE, seed=7)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{kind} {sampler} karras: {p:.1f} dB"
@@ -132,7 +132,7 @@ def test_ddim_eta_and_negative_prompt_match(exported):
     kind, _, out, pipe = exported
     ref = _diffusers_image(pipe, "ddim", eta=0.7, negative="blurry, ugly")
     with _cpuflow_pipe(out, "openvino") as cf:
-        res = cf.txt2img("a red circle", negative_prompt="blurry, ugly", steps=STEPS, sampler="ddim", eta=0.7,
+        res = cf.txt2img("a red circle", watermark=False, negative_prompt="blurry, ugly", steps=STEPS, sampler="ddim", eta=0.7,
                          guidance=7.5, width=SIZE, height=SIZE, seed=7)
     assert psnr(np.asarray(res.images[0]), ref) >= PSNR_MIN
 
@@ -146,7 +146,7 @@ def test_img2img_matches_diffusers(exported, backend, sampler):
     init = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     ref = _diffusers_image(pipe, sampler, init=init, strength=0.6)
     with _cpuflow_pipe(out, backend) as cf:
-        res = cf.img2img("a red circle", init, strength=0.6, steps=STEPS, sampler=sampler, guidance=7.5, seed=7)
+        res = cf.img2img("a red circle", init, watermark=False, strength=0.6, steps=STEPS, sampler=sampler, guidance=7.5, seed=7)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{kind} img2img {sampler} {backend}: {p:.1f} dB"
 
@@ -155,7 +155,7 @@ def test_no_guidance_skips_the_negative_branch(exported):
     kind, _, out, pipe = exported
     ref = _diffusers_image(pipe, "euler", guidance=1.0)
     with Pipeline.load(out, backend="onnxruntime", threads=2) as cf:   # fresh: count its sessions
-        res = cf.txt2img("a red circle", steps=STEPS, sampler="euler", guidance=1.0, width=SIZE, height=SIZE,
+        res = cf.txt2img("a red circle", watermark=False, steps=STEPS, sampler="euler", guidance=1.0, width=SIZE, height=SIZE,
                          seed=7)
         unet_dims = [dims for name, dims, _ in cf.model.loaded_sessions() if name == "unet"]
     assert psnr(np.asarray(res.images[0]), ref) >= PSNR_MIN

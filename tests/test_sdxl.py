@@ -102,7 +102,7 @@ def test_export_manifest(sdxl):
 def test_txt2img_negative_prompt_matches_diffusers(sdxl, backend):
     _, out, pipe = sdxl
     ref = _reference(pipe, "euler", negative="blurry, ugly")
-    res = _cpuflow(out, backend).txt2img(PROMPT, negative_prompt="blurry, ugly", steps=STEPS, sampler="euler",
+    res = _cpuflow(out, backend).txt2img(PROMPT, watermark=False, negative_prompt="blurry, ugly", steps=STEPS, sampler="euler",
                                          guidance=5.0, width=SIZE, height=SIZE, seed=3)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{backend}: {p:.1f} dB"
@@ -113,7 +113,7 @@ def test_txt2img_empty_negative_is_zeros_as_diffusers(sdxl, backend):
     """cpuflow's empty negative prompt = diffusers' none given: zeros (force_zeros_for_empty_prompt)."""
     _, out, pipe = sdxl
     ref = _reference(pipe, "euler", negative=None)
-    res = _cpuflow(out, backend).txt2img(PROMPT, steps=STEPS, sampler="euler", guidance=5.0, width=SIZE,
+    res = _cpuflow(out, backend).txt2img(PROMPT, watermark=False, steps=STEPS, sampler="euler", guidance=5.0, width=SIZE,
                                          height=SIZE, seed=3)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{backend}: {p:.1f} dB"
@@ -126,7 +126,7 @@ def test_txt2img_empty_negative_is_zeros_as_diffusers(sdxl, backend):
 def test_samplers_match_diffusers(sdxl, sampler):
     _, out, pipe = sdxl
     ref = _reference(pipe, sampler, negative="blurry")
-    res = _cpuflow(out, "onnxruntime").txt2img(PROMPT, negative_prompt="blurry", steps=STEPS, sampler=sampler,
+    res = _cpuflow(out, "onnxruntime").txt2img(PROMPT, watermark=False, negative_prompt="blurry", steps=STEPS, sampler=sampler,
                                                guidance=5.0, width=SIZE, height=SIZE, seed=3)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{sampler}: {p:.1f} dB"
@@ -139,7 +139,7 @@ def test_img2img_matches_diffusers(sdxl, backend, sampler):
     _, out, pipe = sdxl
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     ref = _reference(pipe, sampler, negative="blurry", init=init, strength=0.6)
-    res = _cpuflow(out, backend).img2img(PROMPT, init, negative_prompt="blurry", strength=0.6, steps=STEPS,
+    res = _cpuflow(out, backend).img2img(PROMPT, init, watermark=False, negative_prompt="blurry", strength=0.6, steps=STEPS,
                                          sampler=sampler, guidance=5.0, seed=3)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"img2img {sampler} {backend}: {p:.1f} dB"
@@ -149,7 +149,7 @@ def test_no_guidance_runs_the_unet_at_batch_1(sdxl):
     _, out, pipe = sdxl
     ref = _reference(pipe, "euler", guidance=1.0)
     with Pipeline.load(out, backend="onnxruntime", threads=1, use_cache=False) as cf:
-        res = cf.txt2img(PROMPT, steps=STEPS, sampler="euler", guidance=1.0, seed=3)   # default size
+        res = cf.txt2img(PROMPT, watermark=False, steps=STEPS, sampler="euler", guidance=1.0, seed=3)   # default size
         unet_dims = [d for name, d, _ in cf.model.loaded_sessions() if name == "unet"]
     assert res.images[0].size == (SIZE, SIZE)
     assert psnr(np.asarray(res.images[0]), ref) >= PSNR_MIN
@@ -267,7 +267,7 @@ def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, back
     ref = pipe(prompt=PROMPT, image=init, strength=0.7, num_inference_steps=STEPS, guidance_scale=5.0,
                generator=torch.Generator("cpu").manual_seed(3), output_type="np").images[0]
     ref = np.round(np.clip(ref, 0, 1) * 255).astype(np.uint8)
-    res = _cpuflow(out, backend).img2img(PROMPT, init, strength=0.7, steps=STEPS, sampler="euler", guidance=5.0,
+    res = _cpuflow(out, backend).img2img(PROMPT, init, watermark=False, strength=0.7, steps=STEPS, sampler="euler", guidance=5.0,
                                          seed=3)
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"aesthetic img2img {backend}: {p:.1f} dB"

@@ -85,7 +85,7 @@ def test_manifest_lists_the_tiny_autoencoder_beside_the_sdxl_components(sdxl_tae
 def test_sdxl_txt2img_decoder_taesd_matches_diffusers(sdxl_taesd, backend):
     src, out, taesd_dir = sdxl_taesd
     ref = _reference(src, taesd_dir)
-    res = _cpuflow(out, backend).txt2img(PROMPT, negative_prompt="blurry", steps=STEPS, sampler="euler",
+    res = _cpuflow(out, backend).txt2img(PROMPT, watermark=False, negative_prompt="blurry", steps=STEPS, sampler="euler",
                                          guidance=5.0, width=SIZE, height=SIZE, seed=3, decoder="taesd")
     got = np.asarray(res.images[0])
     assert got.shape == ref.shape and got.std() > 5          # a picture, not a flat clipped field
@@ -103,7 +103,7 @@ def test_sdxl_img2img_decoder_taesd_matches_diffusers(sdxl_taesd, backend):
     src, out, taesd_dir = sdxl_taesd
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     ref = _reference(src, taesd_dir, init=init)
-    res = _cpuflow(out, backend).img2img(PROMPT, init, negative_prompt="blurry", strength=0.6, steps=STEPS,
+    res = _cpuflow(out, backend).img2img(PROMPT, init, watermark=False, negative_prompt="blurry", strength=0.6, steps=STEPS,
                                          sampler="euler", guidance=5.0, seed=3, decoder="taesd")
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"{backend}: {p:.1f} dB"

@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 from cpuflow.config import GenerationRequest  # noqa: E402
 from cpuflow.errors import NumericalError  # noqa: E402
 from cpuflow.server.app import create_app  # noqa: E402
+from cpuflow.watermark import apply as apply_watermark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:7860"
@@ -80,12 +81,13 @@ class FakePipeline:
                               "latents": lat, "x0": lat * 0.5})
             img = Image.new("RGB", (w, h), colour_of(req.prompt, seed))
             img.paste((255, 255, 255), (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+            img, mark = apply_watermark(img, req.watermark)    # the pipelines' finishing step
             images.append(img)
             records.append({"task": "img2img" if req.init_image is not None else "txt2img", "prompt": req.prompt,
                             "negative_prompt": req.negative_prompt, "seed": seed, "sampler": req.sampler or "euler",
                             "schedule": req.schedule, "steps": steps, "guidance": req.guidance or 7.5,
                             "width": w, "height": h, "model_name": "fake", "model_hash": "fake00000000",
-                            "backend": "fake", "precision": "f32"})
+                            "backend": "fake", "precision": "f32", "watermark": mark})
             if req.init_image is not None:
                 records[-1]["strength"] = req.strength
         return SimpleNamespace(images=images, records=records, warnings=[], timings={})

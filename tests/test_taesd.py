@@ -148,7 +148,7 @@ def _diffusers_image(pipe, init=None):
 def test_txt2img_with_taesd_matches_diffusers(taesd_export, reference_pipe, backend):
     ref = _diffusers_image(reference_pipe)
     res = cpuflow_pipe(taesd_export.model, backend).txt2img(
-        "a red circle", steps=STEPS, sampler="euler", guidance=7.5, width=SIZE, height=SIZE, seed=7, decoder="taesd")
+        "a red circle", watermark=False, steps=STEPS, sampler="euler", guidance=7.5, width=SIZE, height=SIZE, seed=7, decoder="taesd")
     got = np.asarray(res.images[0])
     assert got.shape == ref.shape and got.std() > 5          # a picture, not a flat clipped field
     p = psnr(got, ref)
@@ -165,7 +165,7 @@ def test_img2img_with_taesd_matches_diffusers(taesd_export, reference_pipe, back
     init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     ref = _diffusers_image(reference_pipe, init=init)
     res = cpuflow_pipe(taesd_export.model, backend).img2img(
-        "a red circle", init, strength=0.6, steps=STEPS, sampler="euler", guidance=7.5, seed=7, decoder="taesd")
+        "a red circle", init, watermark=False, strength=0.6, steps=STEPS, sampler="euler", guidance=7.5, seed=7, decoder="taesd")
     p = psnr(np.asarray(res.images[0]), ref)
     assert p >= PSNR_MIN, f"img2img taesd {backend}: {p:.1f} dB"
     assert "taesd_encoder" in res.timings and "vae_encoder" not in res.timings

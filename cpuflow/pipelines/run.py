@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from .. import __version__, guidance_embedding, samplers
+from .. import __version__, guidance_embedding, samplers, watermark
 from ..config import MAX_SEED, GenerationRequest
 from ..embeddings import EmbeddingSet
 from ..errors import InvalidArgument
@@ -281,10 +281,15 @@ class Run:
         self.emit(self.decode(x), rec)
 
     def emit(self, image: Image.Image, rec: dict[str, Any]) -> None:
-        """A finished image and its record: keep it, and hand it to ``on_image``."""
-        if self.finish_hook is not None:
+        """A finished image and its record: the invisible watermark on it (unless
+        the request says ``watermark=False``; cpuflow/watermark.py, skipped under
+        256x256 pixels, the record says which), then keep it and hand it to ``on_image``."""
+        if self.finish_hook is not None:   # e.g. inpainting's masked area pasted back into the photo
             image = self.finish_hook(image)
             rec.update(width=image.width, height=image.height)
+        t0 = time.perf_counter()
+        image, rec["watermark"] = watermark.apply(image, getattr(self.req, "watermark", True))
+        self.timer.add("watermark", time.perf_counter() - t0)
         if self.keep_images:
             self.images.append(image)
         self.records.append(rec)

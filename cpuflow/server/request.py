@@ -60,6 +60,7 @@ class GenerateBody(BaseModel):
     rng: Literal["torch", "numpy"] = "torch"
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
     clip_skip: int | None = None         # A1111's meaning (1 = the model's own layer); none: the model's
+    watermark: bool = True               # the invisible watermark (false: none)
     embeddings: list[str] = []           # names from GET /api/models "embeddings" (loaded with serve --embedding)
 
 
@@ -81,6 +82,7 @@ class UpscaleBody(BaseModel):
     steps: int | None = None
     guidance: float | None = None
     seed: int | None = None              # none: the image's own seed
+    watermark: bool = True               # the invisible watermark on the upscaled image
 
 
 def validation_problems(errors: Iterable[dict]) -> str:
@@ -185,7 +187,8 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
                             1.0 if mask_bytes is not None else 0.8,
                             rng=body.rng, decoder=body.decoder, mask=mask_bytes, mask_blur=body.mask_blur,
                             inpaint_area=body.inpaint_area, padding=body.padding, clip_skip=body.clip_skip,
-                            embeddings=tuple(embedding_specs[e] for e in body.embeddings)).with_seed()
+                            embeddings=tuple(embedding_specs[e] for e in body.embeddings),
+                            watermark=body.watermark).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -199,7 +202,8 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
               "guidance": req.guidance if req.guidance is not None else info["guidance"],
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
-              "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings)}
+              "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings),
+              "watermark": req.watermark}
     if mask_bytes is not None:
         params.update(inpaint=True, mask_blur=req.mask_blur, inpaint_area=req.inpaint_area, padding=req.padding)
     return req, params
@@ -219,7 +223,7 @@ def build_upscale(body: UpscaleBody, png: bytes, record: dict, info: dict,
     seed = body.seed if body.seed is not None else record.get("seed")
     req = UpscaleRequest(image=png, prompt=str(record.get("prompt", "")),
                          negative_prompt=str(record.get("negative_prompt", "")), noise_level=body.noise_level,
-                         steps=body.steps, guidance=body.guidance, seed=seed)
+                         steps=body.steps, guidance=body.guidance, seed=seed, watermark=body.watermark)
     params = {"task": "upscale", "model": info["id"], "prompt": req.prompt, "negative_prompt": req.negative_prompt,
               "noise_level": req.noise_level, "steps": req.steps if req.steps is not None else info["steps"],
               "seed": seed, "image": body.image}
