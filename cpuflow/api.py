@@ -53,7 +53,9 @@ class Pipeline:
                 preview_every: int = 1, **params: Any) -> GenerationResult:
         """Text to image. ``params``: negative_prompt, steps, sampler, schedule,
         guidance, width, height, seed, n_samples, eta, rng, decoder ("full" or
-        "taesd": the tiny autoencoder, when the folder was exported with --taesd).
+        "taesd": the tiny autoencoder, when the folder was exported with --taesd),
+        deep_cache (N > 1: DeepCache, the full UNet every N calls, for folders
+        exported with --deep-cache; cpuflow/pipelines/deep_cache.py).
         ``preview(image, info)`` gets a PIL preview every ``preview_every`` steps
         (through the tiny autoencoder when the folder has it, else a cheap
         latent -> RGB approximation at 1/8 size; see cpuflow/previews.py)."""

@@ -108,6 +108,7 @@ class GenerationRequest:
     strength: float = 0.8              # img2img only
     rng: str = "torch"                 # torch-compatible noise (same image as diffusers) | numpy
     decoder: str = "full"              # full VAE | taesd (the tiny autoencoder; img2img encodes with it too)
+    deep_cache: int | None = None      # DeepCache: full UNet every N calls (export --deep-cache); None/1: off
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -158,6 +159,12 @@ class GenerationRequest:
         set_("strength", st)
         _choice("rng", self.rng, ("torch", "numpy"))
         _choice("decoder", self.decoder, DECODERS)
+        if self.deep_cache is not None:
+            n = _int("deep_cache", self.deep_cache)
+            if not 1 <= n <= MAX_STEPS:
+                raise InvalidArgument(f"deep_cache must be between 1 and {MAX_STEPS} (full UNet every N calls; "
+                                      f"1: off), got {n}")
+            set_("deep_cache", n)
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

@@ -47,6 +47,9 @@ Examples:
   # few-step models: the steps / guidance `cpuflow generate` uses when the user gives none
   # (stabilityai/sd-turbo and sdxl-turbo get 1 step, guidance 0 by themselves; LCMs 4 steps)
   cpuflow export ./my-sd-turbo-copy exported/sd-turbo --default-steps 1 --default-guidance 0
+  # DeepCache: two more UNet graphs, for `cpuflow generate --deep-cache N` (reuses the deep
+  # features for N-1 of every N UNet calls: faster, a little different; see README)
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --deep-cache
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
@@ -122,9 +125,13 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="Guidance scale used when no --guidance is given, recorded in cpuflow.json. Default: 0 for "
                    "the Turbo hub ids, 8.5 for an LCM with a guidance embedding (1 without), else 7.5 (SDXL: 5). "
                    "E.g. --default-guidance 0 for SD-Turbo (no negative branch).")
+@click.option("--deep-cache", "deep_cache", is_flag=True,
+              help="Also export the DeepCache UNet graphs (a full UNet that also outputs its deep feature, and "
+                   "the shallow branch that reuses it) for `cpuflow generate --deep-cache N`. They hold the UNet's "
+                   "weights once more (about +1x the UNet on disk per format) and are never quantized.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps, loras, taesd, default_steps, default_guidance):
+                   calibration_steps, loras, taesd, default_steps, default_guidance, deep_cache):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -137,7 +144,8 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
              random_weights=random_weights, arch=arch, seed=seed, taesd=taesd,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps),
-             loras=loras, default_steps=default_steps, default_guidance=default_guidance)
+             loras=loras, default_steps=default_steps, default_guidance=default_guidance,
+             deep_cache=deep_cache)
 
 
 def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:
@@ -154,7 +162,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
          random_weights, arch, seed, quantize=None, loras=(), taesd=None, default_steps=None,
-         default_guidance=None) -> None:
+         default_guidance=None, deep_cache=False) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -199,7 +207,7 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
                            progress=progress, seed=seed, default_steps=default_steps,
-                           default_guidance=default_guidance, **quantize)
+                           default_guidance=default_guidance, deep_cache=deep_cache, **quantize)
     finally:
         progress.close()
     del loaded

@@ -75,6 +75,7 @@ class GenerateBody(BaseModel):
     eta: float = 0.0
     rng: Literal["torch", "numpy"] = "torch"
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
+    deep_cache: int | None = None        # DeepCache: full UNet every N calls (models with "deep_cache": true)
 
 
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
@@ -217,6 +218,7 @@ def describe(mid: str, pipe: Any) -> dict:
         "size_multiple": int(getattr(model, "size_multiple", 8) or 8),
         "img2img": "vae_encoder" in components,
         "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
+        "deep_cache": "unet_deepcache_full" in components,   # exported with --deep-cache
         "random_weights": bool(getattr(m, "random_weights", False)),
         "model_hash": str(getattr(m, "model_hash", "")),
     }
@@ -252,7 +254,7 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
                             width=width, height=height, seed=body.seed, n_samples=body.n_samples,
                             eta=body.eta, init_image=init_bytes, strength=body.strength,
-                            rng=body.rng, decoder=body.decoder).with_seed()
+                            rng=body.rng, decoder=body.decoder, deep_cache=body.deep_cache).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -266,7 +268,7 @@ def _build_request(body: GenerateBody, info: dict, limits: Limits) -> tuple[Gene
               "guidance": req.guidance if req.guidance is not None else info["guidance"],
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
-              "decoder": req.decoder}
+              "decoder": req.decoder, "deep_cache": req.deep_cache}
     return req, params
 
 
