@@ -48,9 +48,10 @@ def _initializers(onnx_path: Path) -> tuple[dict[str, np.ndarray], dict[str, str
     return arrays, scope
 
 
-def load_from_onnx(module, onnx_path: Path, prefixes: dict[str, str]) -> None:
+def load_from_onnx(module, onnx_path: Path, prefixes: dict[str, str], skip: tuple[str, ...] = ()) -> None:
     """Fill ``module``'s parameters from the export of its wrapper. ``prefixes``:
-    wrapper attribute prefix -> the module's own key prefix."""
+    wrapper attribute (or node scope) prefix -> the module's own key prefix;
+    ``skip``: key prefixes this file does not hold (the VAE's encoder in the decoder's)."""
     import torch
 
     arrays, scope = _initializers(onnx_path)
@@ -87,7 +88,7 @@ def load_from_onnx(module, onnx_path: Path, prefixes: dict[str, str]) -> None:
             raise SystemExit(f"{onnx_path}: {key} found twice")
         got[key] = np.ascontiguousarray(a)
     missing = sorted(k for k, v in want.items() if k not in got and v.dtype.is_floating_point
-                     and not k.endswith("position_ids"))
+                     and not k.endswith("position_ids") and not k.startswith(skip))
     if missing:
         raise SystemExit(f"{onnx_path}: no initializer for {missing[:8]} ({len(missing)} in all)")
     module.load_state_dict({k: torch.from_numpy(v) for k, v in got.items()}, strict=False)
@@ -129,8 +130,10 @@ def rebuild(shipped: Path, out: Path) -> dict:
     load_from_onnx(unet, f("unet"), {"unet.": ""})
     te_prefix = next(iter(text.state_dict())).split("embeddings")[0]     # "" or "text_model."
     load_from_onnx(text, f("text_encoder"), {"text_encoder.": te_prefix})
-    load_from_onnx(vae, f("vae_decoder"), {"vae.": "", "decoder.": "decoder.", "post_quant_conv.": "post_quant_conv."})
-    load_from_onnx(vae, f("vae_encoder"), {"encoder.": "encoder.", "quant_conv.": "quant_conv."})
+    load_from_onnx(vae, f("vae_decoder"), {"vae.": "", "decoder.": "decoder.", "post_quant_conv.": "post_quant_conv."},
+                   skip=("encoder.", "quant_conv."))
+    load_from_onnx(vae, f("vae_encoder"), {"encoder.": "encoder.", "quant_conv.": "quant_conv."},
+                   skip=("decoder.", "post_quant_conv."))
     rng = np.random.default_rng(0)
     figs = {
         "unet": check_against_onnx(UNetWrapper(unet), f("unet"), {
