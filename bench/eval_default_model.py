@@ -26,12 +26,13 @@ from cpuflow.toyworld import accuracy, evaluate, held_out_prompts
 
 
 def evaluate_variant(model_dir: Path, variant: str, *, backend: str, n: int, steps: int, guidance: float,
-                     sampler: str | None, precision: str, seed: int = 1000) -> dict:
+                     sampler: str | None, precision: str, seed: int = 1000, deep_cache: int | None = None) -> dict:
     results = []
     t0 = time.perf_counter()
     with Pipeline.load(model_dir, backend=backend, variant=variant, precision=precision, threads=None) as pipe:
         for i, (prompt, attrs) in enumerate(held_out_prompts(n)):
-            res = pipe.txt2img(prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed + i)
+            res = pipe.txt2img(prompt, steps=steps, guidance=guidance, sampler=sampler, seed=seed + i,
+                               deep_cache=deep_cache)
             results.append(evaluate(res.images[0], attrs))
         ran = res.records[0]
     acc = accuracy(results)

@@ -65,6 +65,8 @@ class Pipeline:
         files, "FILE" or "FILE:TOKEN"). Prompts take A1111's syntax (README "Prompts").
         watermark (default True: the invisible watermark of cpuflow/watermark.py on
         images of 256x256 or more; False: none; each record says which).
+        deep_cache (N > 1: DeepCache, the full UNet every N calls, for folders
+        exported with --deep-cache; cpuflow/pipelines/deep_cache.py).
         ``preview(image, info)`` gets a PIL preview every ``preview_every`` steps
         (through the tiny autoencoder when the folder has it, else a cheap
         latent -> RGB approximation at 1/8 size; see cpuflow/previews.py)."""

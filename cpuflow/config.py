@@ -123,6 +123,7 @@ class GenerationRequest:
     clip_skip: int | None = None       # None: the model's default; 1 = the text encoder's own layer (A1111)
     embeddings: tuple[str, ...] = ()   # textual-inversion files, "FILE" or "FILE:TOKEN" (cpuflow/embeddings.py)
     watermark: bool = True             # the invisible watermark (cpuflow/watermark.py) on every image
+    deep_cache: int | None = None      # DeepCache: full UNet every N calls (export --deep-cache); None/1: off
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -194,6 +195,12 @@ class GenerationRequest:
         set_("embeddings", tuple(self.embeddings))
         if not isinstance(self.watermark, bool):
             raise InvalidArgument(f"watermark must be true or false, got {self.watermark!r}")
+        if self.deep_cache is not None:
+            n = _int("deep_cache", self.deep_cache)
+            if not 1 <= n <= MAX_STEPS:
+                raise InvalidArgument(f"deep_cache must be between 1 and {MAX_STEPS} (full UNet every N calls; "
+                                      f"1: off), got {n}")
+            set_("deep_cache", n)
         if self.sampler is not None:
             from .samplers import SAMPLERS  # the one registry the CLI, API and server read
             _choice("sampler", self.sampler, tuple(SAMPLERS))

@@ -26,7 +26,10 @@ Schema version 1 (a JSON object)::
     default_size      {width, height}
     tokenizer         {path, files, max_length, bos_token_id, eos_token_id, pad_token_id}
     components        name -> Component (text_encoder, unet, vae_decoder, vae_encoder; optional
-                      taesd_decoder, taesd_encoder: the tiny autoencoder, config.scaling_factor its own)
+                      taesd_decoder, taesd_encoder: the tiny autoencoder, config.scaling_factor its own;
+                      unet_deepcache_full, unet_deepcache_shallow: DeepCache, both or neither, their
+                      config.deep_cache the cut: the full one also outputs deep_feature, the shallow one
+                      takes it; older runtimes ignore them)
     files             relative path -> {size, sha256}   (every file of the folder but the manifest)
     source            {kind, name, sha256}
     export            {created, tools: {name: version}, formats, weights_dtype, forced}
@@ -73,7 +76,8 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 COMPONENT_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder", "text_encoder_2",  # SDXL's second
                    "taesd_decoder", "taesd_encoder",  # optional: the tiny autoencoder (export --taesd)
-                   "depth_estimator")                 # depth-to-image models: the DPT depth estimator
+                   "depth_estimator",                 # depth-to-image models: the DPT depth estimator
+                   "unet_deepcache_full", "unet_deepcache_shallow")  # optional: DeepCache (export --deep-cache)
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 UPSCALER_FAMILY = "x4-upscaler"
 UPSCALER_KEYS = ("low_res_scheduler", "max_noise_level", "image_channels", "factor")
@@ -339,6 +343,15 @@ def check_compatible(m: Manifest) -> None:
         raise IncompatibleModelError(
             f"vae_decoder takes {dec.shape[1]} latent channels but unet makes {m.latent_channels}"
         )
+    deep = [n for n in ("unet_deepcache_full", "unet_deepcache_shallow") if n in m.components]
+    if len(deep) == 1:
+        raise ManifestError(f"model folder {m.root} has {deep[0]} without its other DeepCache graph", hint=_REEXPORT)
+    if deep:
+        made = m.components["unet_deepcache_full"].output("deep_feature").shape
+        taken = m.components["unet_deepcache_shallow"].input("deep_feature").shape
+        if list(made) != list(taken):
+            raise IncompatibleModelError(f"unet_deepcache_full makes deep_feature {list(made)} but "
+                                         f"unet_deepcache_shallow takes {list(taken)}")
     if "taesd_decoder" in m.components:
         tiny = m.components["taesd_decoder"].input("latent_sample")
         if tiny.shape[1] != m.latent_channels:

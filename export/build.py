@@ -39,6 +39,7 @@ from cpuflow.image import fsync_dir as _fsync_dir
 from cpuflow.manifest import FORMATS, MANIFEST_NAME, file_record, record_all_files, write_manifest
 from cpuflow.tokenizer import ClipTokenizer, write_tokenizer_json
 
+from . import deep_cache as dcache
 from . import quantize as quant
 from . import validate
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
@@ -152,7 +153,8 @@ def _param_count(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: Iterable[str] = ()) -> int:
+def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: Iterable[str] = (),
+                   deep_cache: bool = False) -> int:
     """Bytes the export needs on disk at its peak: every kept file
     (weights x formats), plus the largest component's raw float32 ONNX export
     that sits beside the finished files while it is rewritten (and, without
@@ -172,6 +174,8 @@ def estimate_bytes(loaded: Any, formats: Iterable[str], weights: str, quantize: 
               _param_count(getattr(loaded, "depth_estimator", None))]  # depth-to-image's DPT
     per_param = 4 if weights == "fp32" else 2
     kept = (sum(counts) + _param_count(getattr(loaded, "taesd", None))) * per_param * len(formats)
+    if deep_cache:  # the full DeepCache graph holds every UNet weight again; the shallow one a part
+        kept += counts[1] * per_param * len(formats) * 3 // 2
     # the raw ONNX export beside the finished files; none on the direct torch -> OpenVINO path
     transient = max(counts) * 4 if "onnx" in formats else 0
     if modes:
@@ -414,7 +418,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  calibration_size: int = CALIBRATION_SIZE,
                  calibration_steps: int = CALIBRATION_STEPS,
                  default_steps: int | None = None, default_guidance: float | None = None,
-                 default_clip_skip: int | None = None) -> Path:
+                 default_clip_skip: int | None = None, deep_cache: bool = False) -> Path:
     """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
 
     formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
@@ -431,6 +435,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     default_steps / default_guidance: the manifest's generation ``defaults``
     (else decided by export/fewstep_defaults.py: Turbo, LCM, or none);
     default_clip_skip: ``defaults.clip_skip`` (A1111's meaning; the runtime's default is 1).
+    deep_cache: also write the two DeepCache UNet graphs (export/deep_cache.py).
     Returns the absolute OUT_DIR."""
     user_defaults(default_steps, default_guidance)  # a bad value fails before any work
     from cpuflow.prompt_encoding import check_clip_skip
@@ -471,7 +476,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
         for msg in recover(out_dir):
             steps.info(f"[export] {msg}")
         _check_target(out_dir)
-        needed = estimate_bytes(loaded, formats, weights, modes)
+        needed = estimate_bytes(loaded, formats, weights, modes, deep_cache)
         free = int(disk_free(parent))
         if free < needed:
             raise DiskSpaceError(
@@ -489,7 +494,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                    steps=steps, exporter=exporter, release_modules=release_modules, seed=seed,
                    modes=modes, prompts=prompts, calibration_steps=calibration_steps,
                    default_steps=default_steps, default_guidance=default_guidance,
-                   default_clip_skip=default_clip_skip)
+                   default_clip_skip=default_clip_skip, deep_cache=deep_cache)
             _crash_point("staged")
             _move_into_place(staging, out_dir)
         except BaseException:
@@ -502,13 +507,18 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
            steps: _Steps, exporter: str, release_modules: bool, seed: int,
            modes: tuple[str, ...] = (), prompts: list[str] | None = None,
            calibration_steps: int = CALIBRATION_STEPS, default_steps: int | None = None,
-           default_guidance: float | None = None, default_clip_skip: int | None = None) -> None:
+           default_guidance: float | None = None, default_clip_skip: int | None = None,
+           deep_cache: bool = False) -> None:
     te_cfg = loaded.text_encoder.config
     vae_cfg = loaded.vae.config
     # Everything read from the torch modules is read now, before they are released.
     tokenizer = copy_tokenizer(Path(loaded.tokenizer_dir), staging / "tokenizer",
                                int(te_cfg.max_position_embeddings))
     specs = component_specs(loaded, tokenizer["max_length"])
+    if deep_cache:  # right after the plain unet, so the UNet is released after its last graph
+        extra = dcache.specs(loaded.unet, specs["unet"])
+        specs = {k: v for name, spec in specs.items()
+                 for k, v in ([(name, spec)] + (list(extra.items()) if name == "unet" else []))}
     # model-specific manifest keys (SDXL: tokenizer_2, prompt options), read before modules are released
     extras = loaded.manifest_extras(staging) if hasattr(loaded, "manifest_extras") else {}
     latent = {
@@ -522,8 +532,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     # OpenVINO only: torch -> IR directly, no ONNX intermediate (export/torch_to_openvino.py)
     direct = "onnx" not in formats
     steps.total = len(specs) * (2 + len(formats) + ("openvino" in formats) - direct) + 1
-    # the tiny autoencoder and the depth estimator (run once per image) stay fp32
-    quantizable = [n for n in specs if n not in TAESD_COMPONENTS and n != "depth_estimator"]
+    # the tiny autoencoder, the depth estimator (run once per image) and the DeepCache graphs stay fp32
+    quantizable = [n for n in specs if n not in TAESD_COMPONENTS + dcache.COMPONENTS and n != "depth_estimator"]
     if modes:  # quantize + validate per file, calibration
         steps.total += 2 * quant.count_jobs(modes, formats, quantizable) + (prompts is not None)
     steps.info(f"[export] {loaded.name}: {', '.join(formats)}, {weights} weights -> {len(specs)} components"
@@ -633,6 +643,11 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         manifest["export"]["taesd"] = taesd_entry(loaded.taesd_source)
         if modes:
             steps.info(f"[taesd] not quantized: {TAESD_NOT_QUANTIZED}")
+    if deep_cache:
+        manifest["export"]["deep_cache"] = {**specs[dcache.FULL].config["deep_cache"],
+                                            "components": list(dcache.COMPONENTS)}
+        if modes:
+            steps.info(f"[deep cache] not quantized: {dcache.NOT_QUANTIZED}")
     if modes:
         all_passed = _add_quantized(staging, manifest, modes=modes, formats=formats, checks=checks,
                                     prompts=prompts, calibration_steps=calibration_steps, seed=seed,

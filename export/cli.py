@@ -50,6 +50,9 @@ Examples:
   # few-step models: the steps / guidance `cpuflow generate` uses when the user gives none
   # (stabilityai/sd-turbo and sdxl-turbo get 1 step, guidance 0 by themselves; LCMs 4 steps)
   cpuflow export ./my-sd-turbo-copy exported/sd-turbo --default-steps 1 --default-guidance 0
+  # DeepCache: two more UNet graphs, for `cpuflow generate --deep-cache N` (reuses the deep
+  # features for N-1 of every N UNet calls: faster, a little different; see README)
+  cpuflow export runwayml/stable-diffusion-v1-5 exported/sd15 --deep-cache
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
@@ -132,9 +135,13 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--default-clip-skip", "default_clip_skip", type=int, default=None, metavar="N",
               help="Clip skip used when no --clip-skip is given (A1111's meaning: 1 = the text encoder's own "
                    "layer, 2 = one earlier, as many anime models expect), recorded in cpuflow.json. Default: 1.")
+@click.option("--deep-cache", "deep_cache", is_flag=True,
+              help="Also export the DeepCache UNet graphs (a full UNet that also outputs its deep feature, and "
+                   "the shallow branch that reuses it) for `cpuflow generate --deep-cache N`. They hold the UNet's "
+                   "weights once more (about +1x the UNet on disk per format) and are never quantized.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps, loras, taesd, default_steps, default_guidance, default_clip_skip):
+                   calibration_steps, loras, taesd, default_steps, default_guidance, default_clip_skip, deep_cache):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -148,7 +155,7 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
                            calibration_size=calibration_size, calibration_steps=calibration_steps),
              loras=loras, default_steps=default_steps, default_guidance=default_guidance,
-             default_clip_skip=default_clip_skip)
+             default_clip_skip=default_clip_skip, deep_cache=deep_cache)
 
 
 def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | None, Path]:
@@ -165,7 +172,7 @@ def _split_paths(paths: tuple[str, ...], random_weights: bool) -> tuple[str | No
 
 def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, prediction_type, tokenizer_dir,
          random_weights, arch, seed, quantize=None, loras=(), taesd=None, default_steps=None,
-         default_guidance=None, default_clip_skip=None) -> None:
+         default_guidance=None, default_clip_skip=None, deep_cache=False) -> None:
     if random_weights and source is not None:
         raise InvalidArgument("--random-weights takes no SOURCE (it builds --arch with random weights)")
     if random_weights and arch is None:
@@ -216,7 +223,8 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     try:
         out = export_model(loaded, out_dir, formats=formats, weights=weights, force=force,
                            progress=progress, seed=seed, default_steps=default_steps,
-                           default_guidance=default_guidance, default_clip_skip=default_clip_skip, **quantize)
+                           default_guidance=default_guidance, default_clip_skip=default_clip_skip,
+                           deep_cache=deep_cache, **quantize)
     finally:
         progress.close()
     del loaded

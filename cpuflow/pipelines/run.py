@@ -40,7 +40,7 @@ from ..errors import InvalidArgument
 from ..image import array_to_images
 from ..prompt_encoding import PromptOptions, default_clip_skip, fit_to_unet, pad_to_same_length
 from ..rng import make_generator
-from . import sdxl
+from . import deep_cache, sdxl
 from .model import LoadedModel, StageTimer
 from .stages import TILE_LATENTS, decode_latents, decode_tiled, denoise, encode_prompt, guided_model_fn
 from .taesd import decode_taesd, require_taesd
@@ -131,6 +131,7 @@ class Run:
         self.tiny = self.req.decoder == "taesd"
         if self.tiny:
             require_taesd(model, img2img=task != "txt2img")
+        self.deep_cache = self.req.deep_cache if deep_cache.enabled(self.req.deep_cache) else None
         self.timer = StageTimer()
         self.warnings: list[str] = []
         self.images: list[Image.Image] = []
@@ -146,6 +147,12 @@ class Run:
         self._pending: list[tuple[np.ndarray, dict]] = []   # low-memory: sampled, not yet decoded
         self._t_start = time.perf_counter()
         self._load_before = model.load_seconds
+        if self.deep_cache is not None:   # a folder without the graphs fails before any work
+            deep_cache.require(model)
+            self.record_extra["deep_cache"] = self.deep_cache
+            if model.variant_of("unet") != "fp32":
+                self.warn(f"--deep-cache runs the fp32 DeepCache graphs instead of the {model.variant_of('unet')} "
+                          "unet (they are not quantized)")
 
     # -- what the request resolves to --------------------------------------------------
     @property
@@ -225,6 +232,8 @@ class Run:
         what a task adds (e.g. extra latent channels), passed to guided_model_fn."""
         g, dims = self.params["guidance"], self.latent_dims()
         unet_inputs.setdefault("guidance_rescale", self.req.guidance_rescale)
+        if self.deep_cache is not None:
+            unet_inputs = dict(unet_inputs, deep_cache=self.deep_cache)
         if sdxl.is_sdxl(self.model):
             return sdxl.guided_model_fn(self.model, c.cond, c.uncond, g, dims, self.timer, self.width,
                                         self.height, **unet_inputs)
@@ -236,10 +245,10 @@ class Run:
         seeds seed, seed+1, ... across the whole request."""
         k = 0
         for c in self.conditionings():
-            model_fn = self.guided(c, **unet_inputs)
             for _ in range(self.req.n_samples):
                 seed = (self.req.seed + k) % (MAX_SEED + 1)
-                yield ImageJob(k, c, seed, make_generator(self.req.rng, seed), model_fn)
+                # one UNet function per image: DeepCache's cache starts empty for each
+                yield ImageJob(k, c, seed, make_generator(self.req.rng, seed), self.guided(c, **unet_inputs))
                 k += 1
 
     # -- stages -----------------------------------------------------------------------
@@ -303,7 +312,8 @@ class Run:
     # -- the result -------------------------------------------------------------------
     def result(self) -> GenerationResult:
         if self._pending:
-            self.model.release("unet")
+            for name in ("unet", *deep_cache.COMPONENTS):
+                self.model.release(name)
             pending, self._pending = self._pending, []
             for x, rec in pending:
                 self.emit(self.decode(x), rec)

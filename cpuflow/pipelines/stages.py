@@ -16,6 +16,7 @@ from .. import guidance_embedding, samplers
 from ..errors import ModelError
 from ..image import check_finite
 from ..prompt_encoding import EncodedPrompt, PromptOptions, encode_text, encoders_of, text_length_dims
+from .deep_cache import unet_call
 from .model import LoadedModel, StageTimer
 
 
@@ -44,7 +45,8 @@ def rescale_guided(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.n
 def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
                     latent_dims: dict, timer: StageTimer, *, cond_extra: dict | None = None,
                     uncond_extra: dict | None = None, concat: np.ndarray | None = None,
-                    guidance_rescale: float = 0.0) -> Callable[[np.ndarray, float], np.ndarray]:
+                    guidance_rescale: float = 0.0, deep_cache: int | None = None
+                    ) -> Callable[[np.ndarray, float], np.ndarray]:
     """The UNet with classifier-free guidance (Ho & Salimans 2022):
     out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
     the batch ordered [uncond, cond] as diffusers does. Without guidance
@@ -57,7 +59,10 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     for both branches (inpainting's mask + masked-image latents, depth, the
     upscaler's low-res image), as diffusers concatenates them after
     ``scale_model_input``. ``guidance_rescale`` > 0: :func:`rescale_guided` on the
-    guided output (only where there is an unconditional branch, as in diffusers)."""
+    guided output (only where there is an unconditional branch, as in diffusers).
+    ``deep_cache`` N > 1: DeepCache, the full UNet every N calls of this function and
+    the shallow branch in between (pipelines/deep_cache.py; make one function per
+    image: the cache starts empty)."""
     cond_extra, uncond_extra = dict(cond_extra or {}), dict(uncond_extra or {})
     extra = {}
     emb_dim = guidance_embedding.embedding_dim(model.manifest)
@@ -70,6 +75,7 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     for name, c in cond_extra.items():
         extra[name] = c if uncond is None else np.concatenate([uncond_extra[name], c], axis=0)
     calls = [0]
+    unet = unet_call(model, dims, deep_cache)
     if concat is not None:
         concat = np.asarray(concat, dtype=np.float32)
 
@@ -80,8 +86,7 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
         inp = x if batch == 1 else np.concatenate([x, x], axis=0)
         ts = np.full((batch,), t, dtype=np.float32)
         t0 = time.perf_counter()
-        out = model.run("unet", dims, {"sample": inp, "timestep": ts, "encoder_hidden_states": ehs,
-                                       **extra})["out_sample"]
+        out = unet({"sample": inp, "timestep": ts, "encoder_hidden_states": ehs, **extra})
         timer.add("unet", time.perf_counter() - t0)
         calls[0] += 1
         check_finite(f"unet output (call {calls[0]}, timestep {t:g})", out)

@@ -61,6 +61,7 @@ class GenerateBody(BaseModel):
     decoder: Literal["full", "taesd"] = "full"   # taesd: the tiny autoencoder (models with "taesd": true)
     clip_skip: int | None = None         # A1111's meaning (1 = the model's own layer); none: the model's
     watermark: bool = True               # the invisible watermark (false: none)
+    deep_cache: int | None = None        # DeepCache: full UNet every N calls (models with "deep_cache": true)
     embeddings: list[str] = []           # names from GET /api/models "embeddings" (loaded with serve --embedding)
 
 
@@ -125,6 +126,7 @@ def describe(mid: str, pipe: Any) -> dict:
         "img2img": "vae_encoder" in components,
         "upscaler": str(getattr(m, "family", "")) == UPSCALER_FAMILY,   # for POST /api/upscale, not generate
         "max_noise_level": int(((getattr(m, "raw", None) or {}).get("upscaler") or {}).get("max_noise_level", 0)),
+        "deep_cache": "unet_deepcache_full" in components,   # exported with --deep-cache
         "taesd": "taesd_decoder" in components,     # exported with --taesd: decoder "taesd", full-size previews
         "random_weights": bool(getattr(m, "random_weights", False)),
         "model_hash": str(getattr(m, "model_hash", "")),
@@ -188,7 +190,7 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
                             rng=body.rng, decoder=body.decoder, mask=mask_bytes, mask_blur=body.mask_blur,
                             inpaint_area=body.inpaint_area, padding=body.padding, clip_skip=body.clip_skip,
                             embeddings=tuple(embedding_specs[e] for e in body.embeddings),
-                            watermark=body.watermark).with_seed()
+                            watermark=body.watermark, deep_cache=body.deep_cache).with_seed()
     if req.decoder == "taesd" and not info.get("taesd"):
         raise InvalidArgument(f"decoder taesd needs a model exported with --taesd; model {info['id']} has no "
                               "tiny autoencoder (use decoder full)")
@@ -203,7 +205,7 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
               "width": req.width, "height": req.height, "seed": req.seed, "n_samples": req.n_samples,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
               "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings),
-              "watermark": req.watermark}
+              "watermark": req.watermark, "deep_cache": req.deep_cache}
     if mask_bytes is not None:
         params.update(inpaint=True, mask_blur=req.mask_blur, inpaint_area=req.inpaint_area, padding=req.padding)
     return req, params
