@@ -97,6 +97,12 @@ def _exported_tensors(model_dir: Path, component: str, shapes: set[tuple[int, ..
 
     m = load_manifest(model_dir, verify=False)
     var = m.components[component].variants["fp32"]
+    # tables stored beside the graph (a text encoder's token embeddings, manifest schema 2)
+    folder = m.path(var.model_file("onnx" if "onnx" in var.files else "openvino")).parent
+    for npy in sorted(folder.glob("*.npy")):
+        arr = np.load(npy, allow_pickle=False)
+        if tuple(arr.shape) in shapes:
+            yield tuple(arr.shape), arr.astype(np.float32)
     if "onnx" in var.files:
         import onnx
         from onnx import numpy_helper
