@@ -86,7 +86,8 @@ class AddOffset(torch.nn.Module):
         self.inner = inner
 
     def forward(self, *args):
-        return self.inner(*args) + 0.1
+        out = self.inner(*args)   # a text encoder gives several outputs (schema 2): offset each
+        return tuple(o + 0.1 for o in out) if isinstance(out, tuple) else out + 0.1
 
 
 def break_export(monkeypatch, component: str) -> None:
@@ -530,7 +531,9 @@ def test_crash_during_the_swap_is_repaired(tmp_path, monkeypatch, point):
     def fake_export(folder: Path, stamp: str) -> None:
         folder.mkdir()
         (folder / "weights.bin").write_text(stamp)
-        (folder / MANIFEST_NAME).write_text(json.dumps({"format": "cpuflow-model", "stamp": stamp}))
+        # a manifest records its files, as a real export's does (a file it does not record is the user's)
+        (folder / MANIFEST_NAME).write_text(json.dumps({"format": "cpuflow-model", "stamp": stamp,
+                                                         "files": {"weights.bin": {}}}))
 
     out = tmp_path / "m"
     fake_export(out, "old")
