@@ -349,7 +349,7 @@ def load_init_image(
             f"requested size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
         )
 
-    rgb = _read_rgb(source, max_pixels, name, "init image", exif=True)
+    rgb = _read_rgb(source, max_pixels, name, what, exif=True)
 
     w, h = rgb.size
     if width is None and height is None:
