@@ -228,7 +228,7 @@ def test_random_weights_arch_sdxl(monkeypatch, tmp_path):
     assert m.family == "sdxl" and m.random_weights and m.default_size == SIZE
     assert type(m.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     t1, t2 = ClipTokenizer.from_dir(m.tokenizer_dir), ClipTokenizer.from_dir(m.tokenizer_2_dir)
-    assert t2.pad_id == t1.vocab["!"] and t1.pad_id == t1.eos_id
+    assert t2.pad_id == t1.token_id("!") and t1.pad_id == t1.eos_id
     assert list(component_specs(m, 77)) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
 
 
