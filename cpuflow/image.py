@@ -591,8 +591,8 @@ def a1111_parameters(params: Mapping[str, Any]) -> str:
     sha256), written only when the export read a single file: cpuflow's own
     ``model_hash`` names no checkpoint A1111 knows and stays in the JSON record.
     "Schedule type" is not written: no A1111 schedule reproduces diffusers' spacing
-    (:func:`a1111_reproduction` says why); "RNG: CPU" is A1111's option for noise
-    from torch's CPU generator, which cpuflow's torch-compatible noise reproduces.
+    (:func:`a1111_reproduction` says why); "RNG: CPU" is A1111's option for CPU
+    noise, the generator cpuflow's torch-compatible noise (cpuflow/rng.py) reproduces.
     """
     prompt = "" if params.get("prompt") is None else _text(params["prompt"])
     neg = "" if params.get("negative_prompt") is None else _text(params["negative_prompt"])

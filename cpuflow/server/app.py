@@ -122,12 +122,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         if check is not None:
             check(req)
         job = Job(model_id=model_id, request=req, params=params, n_images=req.n_samples)
-        try:
-            pos = queue.submit(job)
-        except QueueFull as e:
-            return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
-        return JSONResponse(job.to_json(position=pos), status_code=202,
-                            headers={"Location": f"/api/jobs/{job.id}"})
+        return _submit(queue, job)
 
     @app.post("/api/params-from-image", summary="Generation parameters read from a PNG (cpuflow's or A1111's)")
     def params_from_image(body: ParamsFromImageBody):
@@ -149,12 +144,7 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         png, record = item
         req, params = build_upscale(body, png, record, infos[model_id], limits)
         job = Job(model_id=model_id, request=req, params=params, n_images=1)
-        try:
-            pos = queue.submit(job)
-        except QueueFull as e:
-            return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
-        return JSONResponse(job.to_json(position=pos), status_code=202,
-                            headers={"Location": f"/api/jobs/{job.id}"})
+        return _submit(queue, job)
 
     @app.get("/api/jobs", summary="Recent jobs, newest first")
     def list_jobs():
@@ -200,6 +190,15 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
 
 
 # --- helpers -----------------------------------------------------------------------
+def _submit(queue: JobQueue, job: Job) -> JSONResponse:
+    """Queue a job: 202 with where to follow it, or 429 with Retry-After when the queue is full."""
+    try:
+        pos = queue.submit(job)
+    except QueueFull as e:
+        return _error(429, e.code, str(e), headers={"Retry-After": str(e.retry_after)})
+    return JSONResponse(job.to_json(position=pos), status_code=202, headers={"Location": f"/api/jobs/{job.id}"})
+
+
 def _job(queue: JobQueue, job_id: str) -> Job:
     job = queue.get(job_id)
     if job is None:
