@@ -15,10 +15,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .errors import ImageInputError, InvalidArgument
-from .image import MAX_INIT_PIXELS, _open_checked, _open_source, _reason
+from .image import MAX_INIT_PIXELS, open_image_keeping_mode
 
 _A = -0.75   # torch's cubic convolution coefficient (upsample_bicubic2d)
 
@@ -40,20 +40,7 @@ def load_depth_map(source: Any, *, name: str | None = None, max_pixels: int = MA
     if isinstance(source, Image.Image):
         img = source.copy()
     else:
-        fp, label, close_fp = _open_source(source, name, what="depth map")
-        try:
-            with _open_checked(fp, label, max_pixels, what="depth map") as opened:
-                try:
-                    opened.seek(0)
-                    opened.load()
-                    img = ImageOps.exif_transpose(opened) or opened.copy()
-                except Exception as e:
-                    raise ImageInputError(f"depth map {label} cannot be decoded: {_reason(e)}") from None
-                if img is opened:
-                    img = opened.copy()
-        finally:
-            if close_fp:
-                fp.close()
+        img, _ = open_image_keeping_mode(source, max_pixels=max_pixels, name=name, what="depth map")
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         a = np.asarray(img, dtype=np.float32)
     else:

@@ -294,6 +294,25 @@ def _read_rgb(source, max_pixels: int, name: str | None, what: str, *, exif: boo
             fp.close()
 
 
+def open_image_keeping_mode(source, *, max_pixels: int, name: str | None, what: str) -> tuple[Image.Image, str]:
+    """(image, label): read as safely as :func:`load_init_image` (header checked, first
+    frame, EXIF orientation applied) but in its own mode (16-bit grey stays 16-bit), for
+    readers that convert it themselves (masks, depth maps)."""
+    fp, label, close_fp = _open_source(source, name, what)
+    try:
+        with _open_checked(fp, label, max_pixels, what=what) as opened:
+            try:
+                opened.seek(0)
+                opened.load()
+                img = ImageOps.exif_transpose(opened) or opened.copy()
+            except Exception as e:
+                raise ImageInputError(f"{what} {label} cannot be decoded: {_reason(e)}") from None
+            return (opened.copy() if img is opened else img), label
+    finally:
+        if close_fp:
+            fp.close()
+
+
 def load_image_as_stored(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int = MAX_INIT_PIXELS,
                          name: str | None = None, what: str = "image") -> Image.Image:
     """Read an image as safely as :func:`load_init_image`, as RGB, pixel for pixel

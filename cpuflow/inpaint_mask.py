@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from .errors import ImageInputError, InvalidArgument
-from .image import MAX_INIT_PIXELS, _open_checked, _open_source, _reason
+from .image import MAX_INIT_PIXELS, open_image_keeping_mode
 
 INPAINT_AREAS = ("whole", "masked")
 MAX_BLUR = 256
@@ -47,20 +47,7 @@ def load_mask(source: Any, *, name: str | None = None, max_pixels: int = MAX_INI
         img.load()
         label = name or "(image object)"
     else:
-        fp, label, close_fp = _open_source(source, name, what="mask")
-        try:
-            with _open_checked(fp, label, max_pixels, what="mask") as opened:
-                try:
-                    opened.seek(0)
-                    opened.load()
-                    img = ImageOps.exif_transpose(opened) or opened.copy()
-                except Exception as e:
-                    raise ImageInputError(f"mask {label} cannot be decoded: {_reason(e)}") from None
-                if img is opened:
-                    img = opened.copy()
-        finally:
-            if close_fp:
-                fp.close()
+        img, label = open_image_keeping_mode(source, max_pixels=max_pixels, name=name, what="mask")
     try:
         return _to_grey(img)
     except Exception as e:
