@@ -2,6 +2,7 @@
 external-data guard, on tiny ONNX graphs built with onnx.helper (no torch)."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -495,6 +496,41 @@ def test_model_cache_dir_keying(tmp_path):
     assert len(others) == 5 and a not in others
     # dict order does not matter
     assert a == cache_mod.model_cache_dir(tmp_path, "abc123/fp32", **{**kw, "static_dims": {"height": 512, "batch": 1}})
+
+
+def _open_cache_many_times(root, n):
+    for _ in range(n):
+        cache_mod.model_cache_dir(root, "race/unet-fp32", static_dims=None, precision="f32",
+                                  runtime_version="x")
+
+
+def test_model_cache_dir_is_safe_when_processes_open_it_at_once(tmp_path):
+    # CI found this: two Ray actors on one node opening the same model both saw no
+    # marker, both wrote the same .tmp, and the second rename failed the job.
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    for attempt in range(5):
+        root = tmp_path / f"r{attempt}"
+        procs = [ctx.Process(target=_open_cache_many_times, args=(root, 1)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0] * 6
+        (sub,) = cache_mod.cache_entries(root)
+        assert json.loads((sub / cache_mod.MARKER).read_text())["cache_key"] == "race/unet-fp32"
+        assert not list(sub.glob("*.tmp"))
+
+
+def test_model_cache_dir_survives_a_vanished_temporary(tmp_path, monkeypatch):
+    # the rename losing its source (another process won) is not an error
+    def replace_missing(src, dst):
+        os.unlink(src)
+        raise FileNotFoundError(src)
+
+    monkeypatch.setattr(cache_mod.os, "replace", replace_missing)
+    sub = cache_mod.model_cache_dir(tmp_path, "m", static_dims=None, precision="f32", runtime_version="x")
+    assert sub.is_dir() and not list(sub.glob("*.tmp"))
 
 
 def test_prune_lru(tmp_path):

@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import time
+import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -105,9 +106,16 @@ def model_cache_dir(cache_root: str | os.PathLike, cache_key: str, *,
         meta = {"cache_key": cache_key, "static_dims": dict(static_dims) if static_dims else None,
                 "precision": precision, "runtime_version": runtime_version, "backend": backend,
                 "device": device, "extra": dict(extra or {}), "created": time.time()}
-        tmp = sub / (MARKER + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        os.replace(tmp, marker)
+        # Several processes (Ray actors on one node, two servers) may open the
+        # same model at once: each writes its own temporary file, and the
+        # last rename wins (the contents are the same). A marker that cannot
+        # be written never fails a load; the cache is an optimisation.
+        tmp = sub / f"{MARKER}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            tmp.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+            os.replace(tmp, marker)
+        except OSError:
+            tmp.unlink(missing_ok=True)
     touch(sub)
     return sub
 
@@ -143,7 +151,12 @@ def touch(folder: str | os.PathLike) -> None:
     try:
         os.utime(marker)
     except FileNotFoundError:
-        marker.write_text("{}", encoding="utf-8")
+        try:
+            marker.write_text("{}", encoding="utf-8")
+        except OSError:
+            pass   # a pruner removed the folder meanwhile: the next load re-creates it
+    except OSError:
+        pass
 
 
 def last_used(folder: str | os.PathLike) -> float:
