@@ -80,7 +80,7 @@ def load_from_onnx(module, onnx_path: Path, prefixes: dict[str, str], skip: tupl
                 continue
         if key in got:
             raise ModelError(f"{onnx_path}: {key} found twice")
-        got[key] = np.ascontiguousarray(a)
+        got[key] = np.array(a, copy=True, order="C")   # writable: torch.from_numpy shares it
     missing = sorted(k for k, v in want.items() if k not in got and v.dtype.is_floating_point
                      and not k.endswith("position_ids") and not k.startswith(skip))
     if missing:
@@ -125,8 +125,10 @@ def load_text_encoder(text, shipped: Path, m: dict, te_prefix: str) -> None:
     text.load_state_dict({token + "weight": torch.from_numpy(np.asarray(table, np.float32))}, strict=False)
 
 
-def _text_encoder_check(text, onnx_file: Path, m: dict, rng: np.random.Generator):
+def text_encoder_check(text, shipped: Path, m: dict, rng: np.random.Generator):
+    """check_against_onnx's arguments for the text encoder of either schema."""
     from .components import TextEncoderWrapper
+    onnx_file = shipped / m["components"]["text_encoder"]["variants"]["fp32"]["files"]["onnx"][0]
     cfg = m["components"]["text_encoder"]["config"]
     ids = rng.integers(0, cfg["vocab_size"], (2, 77), dtype=np.int64)
     if _schema_1_text_encoder(m):
@@ -169,7 +171,7 @@ def rebuild(shipped: Path, out: Path) -> dict[str, float]:
             "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
             "timestep": np.array([900.0, 300.0], np.float32),
             "encoder_hidden_states": rng.standard_normal((2, 77, width), dtype=np.float32)}, "unet"),
-        "text_encoder": check_against_onnx(*_text_encoder_check(text, f("text_encoder"), m, rng)),
+        "text_encoder": check_against_onnx(*text_encoder_check(text, shipped, m, rng)),
         "vae_decoder": check_against_onnx(VaeDecoderWrapper(vae), f("vae_decoder"), {
             "latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}, "vae_decoder"),
         "vae_encoder": check_against_onnx(VaeEncoderWrapper(vae), f("vae_encoder"), {

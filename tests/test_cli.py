@@ -96,13 +96,19 @@ def test_missing_or_damaged_model_exit_3(model, tmp_path):
 
 
 def test_long_prompts_run_and_an_old_export_cuts_them_with_a_warning(model, tmp_path):
-    """A current export takes prompts of several 75-token chunks (parity: tests/test_prompts.py);
-    the shipped model is a schema-1 export (UNet of 77 tokens): its first chunk is used, with a warning."""
+    """A current export takes prompts of several 75-token chunks (parity: tests/test_prompts.py),
+    the shipped model included (7 chunks); a schema-1 export (UNet of 77 tokens; the shipped model
+    turned back into one, tests/helpers_schema1.py) uses the first chunk, with a warning."""
+    from helpers_schema1 import schema_1_copy
+
+    from cpuflow.pipelines.model import shipped_model_dir
     long = "a red circle " + " ".join(["a red car in the city at night"] * 25)   # 3 chunks here, 7 shipped
-    r = run("generate", "--model", model, long, "--steps", 1, "--out", tmp_path / "l.png", "-q")
-    assert r.exit_code == 0, r.output
-    assert "warning" not in r.output
-    r = run("generate", long, "--steps", 1, "--out", tmp_path / "s.png", "-q")
+    for m in (model, None):
+        r = run("generate", *(["--model", m] if m else []), long, "--steps", 1, "--out", tmp_path / "l.png", "-q")
+        assert r.exit_code == 0, r.output
+        assert "warning" not in r.output
+    old = schema_1_copy(shipped_model_dir(), tmp_path / "schema1")
+    r = run("generate", "--model", old, long, "--steps", 1, "--out", tmp_path / "s.png", "-q")
     assert r.exit_code == 0, r.output
     assert "warning: the prompt needs 7 chunks" in r.output and "re-export" in r.output
 
