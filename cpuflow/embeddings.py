@@ -98,6 +98,30 @@ class EmbeddingSet:
         return out
 
 
+EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
+
+
+def embedding_files(directory: str | Path) -> list[str]:
+    """The embedding files a user put in ``directory`` (``cpuflow serve
+    --embeddings-dir``): its regular files ending in .pt, .safetensors or .bin,
+    sorted, not hidden, not in subfolders, and none whose real path leaves the
+    folder (a symlink to elsewhere is not listed). Returned as resolved paths:
+    the server reads them itself and requests name them by their word only."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise InvalidArgument(f"embeddings folder not found: {root}")
+    root = root.resolve()
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in EMBEDDING_SUFFIXES:
+            continue
+        real = p.resolve()
+        if real.parent != root or not real.is_file():
+            continue
+        out.append(str(real))
+    return out
+
+
 def split_spec(spec: str) -> tuple[Path, str | None]:
     """``FILE`` or ``FILE:TOKEN`` (a colon that is part of an existing path stays in it)."""
     p = Path(spec)

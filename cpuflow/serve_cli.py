@@ -104,11 +104,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
 @click.option("--embedding", "embeddings", multiple=True, metavar="FILE[:TOKEN]",
               help="A textual-inversion embedding requests may use (by name, in their \"embeddings\" list). "
                    "Repeatable.")
+@click.option("--embeddings-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="A folder of textual-inversion embeddings (.pt, .safetensors, .bin): the page "
+                                  "lists them; requests name them by file name (without extension).")
 @click.option("--max-session-memory", type=click.FloatRange(0.001, None), default=None, metavar="GIB",
               help="Memory for compiled sessions (one per component and image size); the least recently "
                    "used are freed beyond it (default: half the RAM).")
 def serve_command(models, host, port, token, allow_host, max_queue, backend, precision, threads, embeddings,
-                  max_session_memory):
+                  embeddings_dir, max_session_memory):
     """Serve a web page and a JSON API for generating images on this machine."""
     token = token or None            # an empty CPUFLOW_TOKEN is no token
     if token == "random":
@@ -124,7 +127,8 @@ def serve_command(models, host, port, token, allow_host, max_queue, backend, pre
     if max_session_memory is not None:
         load["max_session_bytes"] = int(max_session_memory * 2**30)
     app = create_app(ids, token=token, allowed_hosts=default_allowed_hosts(port, host, allow_host), port=port,
-                     max_queue=max_queue, load_options=load, embeddings=embeddings)
+                     max_queue=max_queue, load_options=load, embeddings=embeddings,
+                     embeddings_dir=embeddings_dir)
     shown = host if host not in ("0.0.0.0", "::") else "127.0.0.1"
     if ":" in shown and not shown.startswith("["):
         shown = f"[{shown}]"

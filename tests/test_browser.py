@@ -375,3 +375,49 @@ def test_watermark_checkbox_in_the_browser(browser):
         card.find_element(By.XPATH, ".//button[text()='Use again']").click()
         assert not box.is_selected()
         _no_console_errors(browser)
+
+
+def test_embedding_picker_in_the_browser(browser, tmp_path):
+    """`serve --embeddings-dir`: the page lists the folder's embeddings as chips whose buttons put
+    the word in (and take it out of) the prompt or the negative prompt; Generate sends the
+    words the prompts use, which the server resolves in its own folder."""
+    from selenium.webdriver.common.by import By
+    from test_server_embeddings import _safetensors
+
+    import numpy as np
+    d = tmp_path / "embeddings"
+    d.mkdir()
+    for name in ("bad-hands", "style"):
+        _safetensors(d / f"{name}.safetensors", {"emb_params": np.ones((1, 8), np.float32)})
+    seen = []
+    pipe = FakePipeline(step_delay=0.01)
+    real_run = pipe._run
+    pipe._run = lambda req, progress: (seen.append(req), real_run(req, progress))[1]
+    with LiveServer({"fake": pipe}, embeddings_dir=str(d)) as srv:
+        browser.get(srv.url + "/")
+        _wait(browser, "return document.querySelectorAll('#embeddings .chip').length === 2")
+        value = lambda i: browser.execute_script(f"return document.getElementById('{i}').value")  # noqa: E731
+
+        def click(word, target):
+            browser.find_element(By.CSS_SELECTOR, f"#embeddings .chip[data-word='{word}'] button.to-{target}").click()
+        browser.find_element(By.ID, "prompt").send_keys("a cat")
+        click("style", "prompt")
+        click("bad-hands", "negative")
+        assert (value("prompt"), value("negative")) == ("a cat, style", "bad-hands")
+        click("style", "prompt")                                   # a second click takes it out
+        assert value("prompt") == "a cat"
+        chip = browser.find_element(By.CSS_SELECTOR, "#embeddings .chip[data-word='style']")
+        assert "on" not in chip.get_attribute("class").split()
+        click("style", "prompt")
+        assert "on" in chip.get_attribute("class").split()
+        browser.find_element(By.ID, "generate").click()
+        _wait(browser, "const i = document.querySelector('#gallery .card img');"
+                       "return i !== null && i.complete && i.naturalWidth > 0")
+        assert seen[0].prompt == "a cat, style" and seen[0].negative_prompt == "bad-hands"
+        assert sorted(seen[0].embeddings) == sorted(str((d / f"{n}.safetensors").resolve())
+                                                    for n in ("bad-hands", "style"))
+        _no_console_errors(browser)
+    with LiveServer({"fake": FakePipeline(step_delay=0.01)}) as srv:     # no folder: no picker
+        browser.get(srv.url + "/")
+        _wait(browser, "return document.getElementById('model').options.length > 0")
+        assert not browser.find_element(By.ID, "embeddings-box").is_displayed()

@@ -4,6 +4,7 @@ Routes (all JSON errors are ``{"error": {"code": ..., "message": ...}}``)::
 
     GET    /                        the page (inline CSS/JS, nothing from outside)
     GET    /api/models              models (server-made ids), samplers, limits
+    GET    /api/embeddings          the textual-inversion embeddings requests may name (their words)
     POST   /api/generate            202 {job}; 413 caps; 415 not JSON; 422 bad input; 429 queue full
     POST   /api/upscale             202 {job}: a gallery image (by its id) through an x4 upscaler model
     GET    /api/jobs                recent jobs
@@ -47,15 +48,16 @@ MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_hosts=None, port: int = 7860,
                max_queue: int | None = None, limits: Limits | None = None, load_options: dict | None = None,
-               preview_every: int | None = None, embeddings=()) -> FastAPI:
+               preview_every: int | None = None, embeddings=(), embeddings_dir=None) -> FastAPI:
     """``models``: id -> exported model folder, ``None`` (the shipped model) or a
     loaded :class:`cpuflow.Pipeline`. ``allowed_hosts``: exact Host header values
     (default: localhost / 127.0.0.1 / [::1] with ``port``). ``embeddings``:
-    textual-inversion files (FILE or FILE:TOKEN) a request may name; read now, so a
-    bad file stops the server from starting, and no request ever names a path."""
+    textual-inversion files (FILE or FILE:TOKEN) a request may name; ``embeddings_dir``:
+    a folder whose .pt / .safetensors / .bin files are added (cpuflow.embeddings.embedding_files).
+    All are read now, so a bad file stops the server from starting, and no request
+    ever names a path: a request names an embedding by its word, looked up here."""
     limits = limits or Limits()
-    from ..embeddings import load_embedding
-    embedding_specs = {load_embedding(spec).name: spec for spec in embeddings}
+    embedding_specs, embedding_infos = _load_embeddings(embeddings, embeddings_dir)
     if max_queue is not None:
         limits = replace(limits, max_queue=max_queue)
     if not models:
@@ -73,7 +75,9 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
         pipes[mid] = m
     infos = {mid: describe(mid, p) for mid, p in pipes.items()}
     default_model = next((mid for mid, info in infos.items() if not info["upscaler"]), next(iter(pipes)))
-    secret_strings = tuple(s for s in [token, *paths] if s)
+    from ..embeddings import split_spec
+    embedding_paths = [str(split_spec(spec)[0]) for spec in embedding_specs.values()]
+    secret_strings = tuple(s for s in [token, *paths, *embedding_paths] if s)
 
     store = ImageStore()
     queue = JobQueue(make_runner(pipes, store, preview_every=preview_every), max_queue=limits.max_queue,
@@ -108,6 +112,10 @@ def create_app(models: Mapping[str, Any], *, token: str | None = None, allowed_h
                 "limits": {"max_pixels": limits.max_pixels, "max_steps": limits.max_steps,
                            "max_samples": limits.max_samples, "max_prompt_chars": limits.max_prompt_chars,
                            "max_init_bytes": limits.max_init_bytes, "max_queue": limits.max_queue}}
+
+    @app.get("/api/embeddings", summary="Textual-inversion embeddings a request may use (by word)")
+    def list_embeddings():
+        return {"embeddings": embedding_infos}
 
     @app.post("/api/generate", status_code=202, summary="Queue a generation; returns the job")
     def generate(body: GenerateBody):
@@ -234,6 +242,23 @@ _STATUS_MESSAGES = {404: "not found", 405: "method not allowed"}
 
 def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _load_embeddings(specs, directory) -> tuple[dict[str, str], list[dict]]:
+    """word -> file spec, and what GET /api/embeddings says of each (no paths)."""
+    from ..embeddings import embedding_files, load_embedding
+    all_specs = list(specs) + (embedding_files(directory) if directory is not None else [])
+    by_word: dict[str, str] = {}
+    infos = []
+    for spec in all_specs:
+        e = load_embedding(spec)
+        if e.name in by_word:
+            raise InvalidArgument(f"two embeddings are called {e.name!r} ({by_word[e.name]} and {spec}); "
+                                  "rename one, or give one a word with --embedding FILE:TOKEN")
+        by_word[e.name] = spec
+        infos.append({"name": e.name, "vectors": e.n_vectors,
+                      "widths": {part or "text_encoder": int(v.shape[1]) for part, v in e.parts.items()}})
+    return by_word, sorted(infos, key=lambda i: i["name"])
 
 
 def _install_error_handlers(app: FastAPI, secret_strings: tuple[str, ...]) -> None:

@@ -62,7 +62,7 @@ class GenerateBody(BaseModel):
     clip_skip: int | None = None         # A1111's meaning (1 = the model's own layer); none: the model's
     watermark: bool = True               # the invisible watermark (false: none)
     deep_cache: int | None = None        # DeepCache: full UNet every N calls (models with "deep_cache": true)
-    embeddings: list[str] = []           # names from GET /api/models "embeddings" (loaded with serve --embedding)
+    embeddings: list[str] = []           # words from GET /api/embeddings (serve --embedding / --embeddings-dir)
 
 
 class ParamsFromImageBody(BaseModel):
@@ -142,7 +142,7 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
     embedding_specs = embedding_specs or {}
     unknown = [e for e in body.embeddings if e not in embedding_specs]
     if unknown:
-        have = ", ".join(sorted(embedding_specs)) or "none (start the server with --embedding FILE)"
+        have = ", ".join(sorted(embedding_specs)) or "none (start the server with --embedding FILE or --embeddings-dir DIR)"
         raise InvalidArgument(f"unknown embedding {unknown[0]!r}; this server has: {have}")
     for name in ("prompt", "negative_prompt"):
         n = len(getattr(body, name))
