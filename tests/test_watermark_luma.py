@@ -67,6 +67,19 @@ def test_luma_mark_moves_grey_levels_and_keeps_chroma():
     assert psnr(a, m) >= 45.0
 
 
+def test_sizes_not_a_multiple_of_8():
+    # JPEG's grid starts at the top-left pixel whatever the size; the pixels past the last whole
+    # block are left as they were
+    img = texture(1, 512).crop((0, 0, 300, 262))
+    marked = wm.embed(img)
+    a = np.asarray(img)
+    luma = wl.embed_luma(a, BITS)
+    assert np.array_equal(luma[256:], a[256:]) and np.array_equal(luma[:, 296:], a[:, 296:])
+    assert not np.array_equal(luma[:256, :296], a[:256, :296])
+    found = wm.detect(_jpeg(marked, quality=90))
+    assert found.message == wm.MESSAGE and [m for m, _ in found.marks] == [wm.LUMA]
+
+
 def test_flat_white_carries_the_luma_mark():
     # the DWT-DCT mark cannot live in pure white (blue would have to exceed 255); the luma mark
     # moves such blocks down
