@@ -314,9 +314,10 @@ def detect(image: Image.Image) -> Found | None:
     its marks; the Stable Diffusion 1 and 2 scripts'; SDXL's), or None.
 
     A message must be read exactly: every one of its bits, each decided by the
-    majority of its blocks (in the DWT-DCT mark as imwatermark decides it). An
-    unmarked image reads as cpuflow's by chance about once in 40 million per mark
-    (24 fixed bits and two digits).
+    majority of its blocks (in the DWT-DCT mark as imwatermark decides it; in the
+    luma mark by their weighted soft votes). An unmarked image reads as cpuflow's
+    by chance about once in 40 million per mark (24 fixed bits and two digits),
+    once in 20 million for the two.
     """
     rgb = _as_rgb_array(image)
     if too_small(rgb.shape[1], rgb.shape[0]):
