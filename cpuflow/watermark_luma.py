@@ -84,7 +84,8 @@ def _phase(means: np.ndarray, dither: np.ndarray, step: float) -> np.ndarray:
     return np.mod(means / step - dither, 1.0)
 
 
-def read_luma(rgb: np.ndarray, n_bits: int, step: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_luma(rgb: np.ndarray, n_bits: int,
+              step: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``n_bits`` bits the luma mark of an (H, W, 3) uint8 RGB array reads, each block's
     hard vote, and the bit each block carries (the last two for an agreement figure).
     ``step``: STEP unless given (read at call time, so a measurement can vary it)."""
@@ -105,8 +106,9 @@ def read_luma(rgb: np.ndarray, n_bits: int, step: float | None = None) -> tuple[
 
 
 def _shifted(px: np.ndarray, shift: np.ndarray, thresh: np.ndarray) -> np.ndarray:
-    """Pixels ``px`` (uint8, RGB last) moved by ``shift`` grey levels (per pixel), R, G and B alike, rounded
-    against the ordered-dither ``thresh`` (floor(x + shift + thresh) for integer x) and clipped.
+    """Pixels ``px`` (uint8, RGB last) moved by ``shift`` grey levels (per pixel), R, G and B
+    alike, rounded against the ordered-dither ``thresh`` (floor(x + shift + thresh) for integer
+    x) and clipped.
     ``shift`` and ``thresh`` broadcast against ``px`` without its RGB axis."""
     whole = np.floor(shift)
     add = (whole + (shift - whole + thresh >= 1.0)).astype(np.int16)
@@ -128,8 +130,8 @@ def embed_luma(rgb: np.ndarray, bits: np.ndarray, step: float | None = None) -> 
     target = np.rint((means - offset) / step) * step + offset
     h, w = nr * BLOCK, nc * BLOCK
     original = np.ascontiguousarray(rgb[:h, :w]).reshape(nr, BLOCK, nc, BLOCK, 3)   # blocks, axes 0 and 2
-    blocks = _shifted(original, (target - means).astype(np.float32).reshape(nr, 1, nc, 1) * _WINDOW[None, :, None, :],
-                      _THRESH[None, :, None, :])
+    shift = (target - means).astype(np.float32).reshape(nr, 1, nc, 1) * _WINDOW[None, :, None, :]
+    blocks = _shifted(original, shift, _THRESH[None, :, None, :])
     # Where clipping at 0 or 255 kept a block more than STEP / 8 from its point (half of
     # the reader's margin), aim at the point of the same bit on the other side once.
     got = _block_means(blocks.reshape(h, w, 3))
@@ -137,8 +139,8 @@ def embed_luma(rgb: np.ndarray, bits: np.ndarray, step: float | None = None) -> 
     if len(wrong):
         other = np.where(target > means, target - step, target + step)[wrong]
         r, c = wrong // nc, wrong % nc
-        blocks[r, :, c] = _shifted(original[r, :, c], (other - means[wrong]).astype(np.float32)[:, None, None] * _WINDOW[None],
-                                   _THRESH[None])
+        shift = (other - means[wrong]).astype(np.float32)[:, None, None] * _WINDOW[None]
+        blocks[r, :, c] = _shifted(original[r, :, c], shift, _THRESH[None])
     out = rgb.copy()                   # pixels past the last whole block stay as they were
     out[:h, :w] = blocks.reshape(h, w, 3)
     return out

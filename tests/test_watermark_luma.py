@@ -52,8 +52,9 @@ def test_unmarked_images_are_not_detected():
 
 def test_luma_mark_moves_grey_levels_and_keeps_chroma():
     # Where nothing clips: R, G and B move together by whole grey levels, at most the largest
-    # shift (STEP / 2, to the nearest point of the bit's lattice) times the window's peak, U (what the DWT-DCT mark and imwatermark read)
-    # is unchanged to the last bit, and every block reads back its bit.
+    # shift (STEP / 2, to the nearest point of the bit's lattice) times the window's peak; U
+    # (what the DWT-DCT mark and imwatermark read) is unchanged to the last bit; and every
+    # block reads back its bit.
     a = np.asarray(texture(1, 256))
     a = np.clip(a, 8, 247)                  # no pixel near 0 or 255
     m = wl.embed_luma(a, BITS)
@@ -95,9 +96,11 @@ def test_cli_says_which_mark_read_it(tmp_path):
     marked.save(tmp_path / "marked.png")
     marked.save(tmp_path / "marked.jpg", quality=90)
     texture(0, 256).save(tmp_path / "plain.jpg", quality=90)
-    r = CliRunner().invoke(main, ["watermark"] + [str(tmp_path / n) for n in ("marked.png", "marked.jpg", "plain.jpg")])
+    names = ("marked.png", "marked.jpg", "plain.jpg")
+    r = CliRunner().invoke(main, ["watermark"] + [str(tmp_path / n) for n in names])
     assert r.exit_code == 0, r.output
     png, jpg, plain = r.output.strip().splitlines()
-    assert "cpuflow 0.1 (message b'cf01'; DWT-DCT chroma mark: 100% of its 8x8 blocks agree; luma mark: 100%" in png
+    assert ("cpuflow 0.1 (message b'cf01'; DWT-DCT chroma mark: 100% of its 8x8 blocks agree; "
+            "luma mark: 100%") in png
     assert "cpuflow 0.1 (message b'cf01'; luma mark: " in jpg and "DWT-DCT" not in jpg
     assert plain.endswith("plain.jpg: no watermark found")
