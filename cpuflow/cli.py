@@ -21,8 +21,11 @@ Examples:
   cpuflow generate "a red circle on a blue background"
   cpuflow generate --model exported/sd15 "a lighthouse at dusk, oil painting" \\
       --steps 25 --sampler dpmpp_2m --schedule karras --seed 42 --out lighthouse.png
+  # img2img: the photo at the model's area with its own shape (a line says the size used)
   cpuflow generate --model exported/sd15 "a watercolor of a fox" \\
       --init-image photo.jpg --strength 0.6 --out fox.png
+  # a 512x512 square from a landscape photo, keeping all of it (the bands repeat its edges)
+  cpuflow generate --model exported/sd15 "a watercolor of a fox" --init-image photo.jpg -W 512 -H 512 --resize fit
   cpuflow generate "a green square on a white background" --n-samples 4 --grid --out grid.png
   # inpainting: repaint the white part of the mask; --inpaint-area masked works on the region only
   cpuflow generate --model exported/sd15-inpainting "a vase of tulips" --init-image room.png \
