@@ -51,7 +51,7 @@ class GenerateBody(BaseModel):
     seed: int | None = None              # none: random (the job reports it)
     n_samples: int = 1
     init_image: str | None = None        # base64 (or a data: URL) of a PNG/JPEG/WebP/...: img2img
-    resize: Literal[RESIZE_MODES] = "crop"   # type: ignore[valid-type]  # init image -> working size (cpuflow/resize.py)
+    resize: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]  # crop | fit | stretch: cpuflow/resize.py
     strength: float | None = None        # none: 0.8 for img2img, 1.0 with a mask (as diffusers)
     mask: str | None = None              # base64 PNG (or any image), white = repaint: inpainting, with init_image
     mask_blur: int = 0
