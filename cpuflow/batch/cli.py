@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..config import RESIZE_MODES
+
 EXAMPLES = """
 \b
 Examples:
@@ -40,6 +42,9 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--height", "-H", type=int, default=None, help="--prompts: height.")
 @click.option("--init-image", default=None, help="--prompts: img2img from this image file.")
 @click.option("--strength", type=float, default=None, help="--prompts: img2img strength.")
+@click.option("--resize", type=click.Choice(list(RESIZE_MODES)), default=None,
+              help="--prompts: how the init image is brought to the size (as `cpuflow generate --resize`; "
+                   "default crop).")
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default=None, help="--prompts: decoder.")
 @click.option("--ray", "ray_address", default=None, metavar="auto|ray://HOST:PORT",
               help="Run on a Ray cluster (needs `pip install 'cpuflow[ray]'`).")
@@ -61,7 +66,7 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--threads", type=int, default=None, help="Threads per worker (default: cores / workers).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, sampler, schedule, guidance, width,
-                  height, init_image, strength, decoder, ray_address, workers, cpus_per_worker, model_transfer,
+                  height, init_image, strength, resize, decoder, ray_address, workers, cpus_per_worker, model_transfer,
                   model_uri, retry_failed, backend, precision, variant, threads, quiet):
     """Generate many images from JOBS (a JSONL file) or --prompts, resumably, exactly once."""
     from ..errors import InvalidArgument
@@ -71,7 +76,7 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
         init_image = str(Path(init_image).expanduser().resolve())
     flags = {"negative_prompt": negative_prompt, "steps": steps, "sampler": sampler, "schedule": schedule,
              "guidance": guidance, "width": width, "height": height, "init_image_path": init_image,
-             "strength": strength, "decoder": decoder}
+             "strength": strength, "resize": resize, "decoder": decoder}
     params = {k: v for k, v in flags.items() if v is not None}
     if params and prompts is None:
         flag = "--" + next(iter(params)).replace("_path", "").replace("_", "-")
