@@ -94,7 +94,7 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
                               "in a jobs file each line carries its own parameters")
     if ray_address is not None:
         from .ray_pool import import_ray
-        import_ray()          # one clear line before any work when Ray is missing
+        import_ray(ray_address)     # one clear line before any work when Ray (or its client) is missing
     bar = _Progress(quiet)
     try:
         summary = run(jobs, out=out, model=model, prompts=prompts, seeds=seeds, params=params, ray=ray_address,
