@@ -30,6 +30,9 @@ Examples:
   # (--no-compile-cache: its OpenVINO compiled cache would need another 10+ GB of disk)
   cpuflow bench exported/sdxl --stages text,unet,vae,taesd,e2e,load --steps 2 --repeat 1 \
       --no-compile-cache
+  # images per minute of `cpuflow batch` with 1, 2, ... worker processes on the shipped model (or a
+  # MODEL_DIR); the fastest is recorded for this CPU and model, and `cpuflow batch` then runs it
+  cpuflow bench --throughput
   # SDXL-Turbo style: 512x512, one step, no guidance (UNet at batch 1), tiny decoder
   cpuflow bench exported/sdxl -W 512 -H 512 --steps 1 --guidance 0 --decoder taesd \
       --stages text,unet,taesd,e2e --no-compile-cache
@@ -120,6 +123,8 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
     from . import report, runner
 
     if throughput:
+        if reference is not None or chart_path is not None:
+            raise InvalidArgument("--reference and --chart go with the stage benchmark, not --throughput")
         return _run_throughput(model_dir=model_dir, arch=arch, backends=backends, precisions=precisions,
                                variants=variants, device=device, width=width, height=height, steps=steps,
                                warmup=warmup, images=throughput_images, json_path=json_path,
