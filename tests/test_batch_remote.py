@@ -124,10 +124,11 @@ def test_cli_batch_through_the_ray_client(ray_client_head, tmp_path):
                                   "--model-transfer", "ship", "-q"])
     assert r.exit_code == 0, r.output
     # --workers auto on Ray: the cluster's 2 CPUs / 1 CPU per worker
-    assert "4 image(s) written" in r.output and "2 worker(s)" in r.output and "all 4 job(s) finished" in r.output
+    assert "4 image(s) written" in r.output and "2 worker(s)" in r.output and "all 4 job(s) finished" in r.output, \
+        r.output
     assert not ray.is_initialized()                 # the command disconnected from the cluster
     files = list((out / "images").glob("*.png"))
-    assert len(files) == 4 and len(journal(out)) == 4
+    assert len(files) == 4 and len(journal(out)) == 4, (files, journal(out))
     ref = generate_reference(tmp_path, PROMPTS[0], [0, 1, 2, 3])
     for f in files:
         assert (pixels(f) == ref[read_png_metadata(f)["seed"]]).all()     # bit-identical to `cpuflow generate`
