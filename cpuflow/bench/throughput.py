@@ -134,10 +134,10 @@ def measure(model_dir: str | os.PathLike | None, *, backend: str = "openvino", p
     from ..config import LoadConfig
     from ..cpu import default_threads
     from ..manifest import load_manifest
+    from ..pipelines.model import shipped_model_dir
     if images < 2 or warmup < 1:
         raise InvalidArgument(f"--throughput needs at least 2 counted images and 1 warm-up image a worker, "
                               f"got {images} and {warmup}")
-    from ..pipelines.model import shipped_model_dir
     LoadConfig(backend=backend, device=device, precision=precision, variant=variant)    # checked before any run
     model_dir = Path(model_dir) if model_dir is not None else shipped_model_dir()
     m = load_manifest(model_dir, verify="size")
@@ -158,6 +158,8 @@ def measure(model_dir: str | os.PathLike | None, *, backend: str = "openvino", p
                                   device=device, precision=precision, variant=variant,
                                   progress=lambda ev: stamps.append(time.perf_counter())
                                   if ev["event"] == "image" else None)
+            if s.interrupted:
+                raise KeyboardInterrupt    # Ctrl-C: the batch stopped cleanly; nothing is recorded
             if s.failed or s.written != n:
                 raise InvalidArgument(f"the throughput batch with {k} worker(s) failed: "
                                       f"{s.errors[0][1] if s.errors else s.line()}")
