@@ -42,7 +42,8 @@ PROMPTS = ("a red circle on a blue background", "a green square on a white backg
 
 def machine_key() -> str:
     """This CPU as the record knows it: model, cores (physical / logical / usable) and the ISA
-    features that change speed (cpuinfo only: the same string in every process)."""
+    features that change speed (cpuinfo only: the same string in every process). Not the compiled
+    cache's ``cache.cpu_identity()``: the best worker count depends on the cores it leaves out."""
     from ..cpu import cpu_features, describe
     return describe(cpu_features(use_openvino=False))
 
