@@ -16,11 +16,24 @@ Examples:
   #   {"prompt": "a red circle on a blue background", "seed": 1, "steps": 20}
   cpuflow batch jobs.jsonl --out out/
   cpuflow batch --prompts prompts.txt --seeds 0..99 --steps 20 --model exported/sd15 --out out/
+  cpuflow bench --throughput exported/sd15      # once per machine: then batch runs the fastest worker count
   cpuflow batch jobs.jsonl --out out/ --ray auto                  # on the Ray cluster of `ray start`
   cpuflow batch jobs.jsonl --out out/ --ray ray://head:10001 --cpus-per-worker 8
 \b
 Kill it at any moment and run the same command again: it finishes what is missing.
 """
+
+
+def _workers_option(ctx, param, value):
+    if value is None or str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 4096:
+        raise click.BadParameter(f"must be auto or a whole number from 1 to 4096, got {value!r}")
+    return n
 
 
 @click.command("batch", epilog=EXAMPLES)
@@ -48,9 +61,11 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default=None, help="--prompts: decoder.")
 @click.option("--ray", "ray_address", default=None, metavar="auto|ray://HOST:PORT",
               help="Run on a Ray cluster (needs `pip install 'cpuflow[ray]'`).")
-@click.option("--workers", type=click.IntRange(1, 4096), default=None,
-              help="Workers: local processes (default 1), or Ray actors (default: the cluster's CPUs / "
-                   "--cpus-per-worker).")
+@click.option("--workers", default="auto", show_default=True, metavar="auto|N", callback=_workers_option,
+              help="Local worker processes, each with its own copy of the model and cores / N threads; auto: "
+                   "the count `cpuflow bench --throughput` measured fastest for this model on this machine, "
+                   "else 1 (the line `workers: ...` says which and why). With --ray: actors (auto: the "
+                   "cluster's CPUs / --cpus-per-worker).")
 @click.option("--cpus-per-worker", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Ray: CPUs (and threads) per actor.")
 @click.option("--model-transfer", type=click.Choice(["auto", "shared", "ship"]), default="auto", show_default=True,
@@ -84,7 +99,7 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
                               "in a jobs file each line carries its own parameters")
     if ray_address is not None:
         from .ray_pool import import_ray
-        import_ray()          # one clear line before any work when Ray is missing
+        import_ray(ray_address)     # one clear line before any work when Ray (or its client) is missing
     bar = _Progress(quiet)
     try:
         summary = run(jobs, out=out, model=model, prompts=prompts, seeds=seeds, params=params, ray=ray_address,
@@ -118,6 +133,8 @@ class _Progress:
         kind = ev.get("event")
         if kind == "warning":
             self._write(f"warning: {ev['message']}")
+        elif kind == "note":
+            self._write(ev["message"])
         elif kind == "start" and not self.quiet:
             from tqdm import tqdm
             finished = ev["done_before"] + ev["failed_before"]
