@@ -58,7 +58,8 @@ def main(old, new, json_out):
             row = {"backend": backend, "variant": variant}
             for k in a:
                 peak = 255.0 if k != "text_encoder" else float(np.abs(a[k]).max())
-                row[k] = {"equal": bool(np.array_equal(a[k], b[k])), "psnr_db": round(_psnr(a[k], b[k], peak), 1)}
+                equal = bool(np.array_equal(a[k], b[k]))
+                row[k] = {"equal": equal, "psnr_db": None if equal else round(_psnr(a[k], b[k], peak), 1)}
             rows.append(row)
             print(f"{backend:12} {variant:13} " + "  ".join(
                 f"{k} {'equal' if v['equal'] else str(v['psnr_db']) + ' dB'}" for k, v in row.items()
