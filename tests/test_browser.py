@@ -209,8 +209,17 @@ def test_token_login_and_init_image_in_the_browser(browser, tmp_path):
         browser.find_element(By.ID, "init").send_keys(str(init))   # img2img: the upload goes as base64 JSON
         _generate(browser, steps=3, seed=7)                         # fetch + EventSource work with the cookie
         text = browser.find_element(By.CSS_SELECTOR, "#gallery .card").text
-        assert "seed 7" in text and "img2img strength 0.8" in text and "64×64" in text
+        # #16 item 3: a 300x200 photo works at the model's area (64x64) with its own shape, cropped
+        assert "seed 7" in text and "img2img strength 0.8" in text and "80×56" in text, text
         assert _pixel(browser, 2, 2)[:3] == list(colour_of(PROMPT, 7))
+        # without "photo's aspect ratio" the Width x Height fields (the model's 64x64) are the size
+        browser.find_element(By.ID, "photo-aspect").click()
+        browser.find_element(By.ID, "generate").click()
+        _wait(browser, "return document.querySelectorAll('#gallery .card img').length >= 2 && "
+                       "[...document.querySelectorAll('#gallery .card img')].every(i => i.complete && i.naturalWidth > 0)",
+              timeout=120)
+        text = browser.find_element(By.CSS_SELECTOR, "#gallery .card").text
+        assert "64×64" in text, text
         assert browser.execute_script("return document.cookie") == ""   # HttpOnly: scripts cannot read it
         browser.get_log("browser")   # the first visit's 401 is logged on purpose; clear it
 
