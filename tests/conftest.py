@@ -57,7 +57,7 @@ _TINY_EXPORTS: dict = {}
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """tiny_export(kind) -> SimpleNamespace(src=diffusers folder, model=exported folder).
+    """tiny_export(kind) -> SimpleNamespace(src=diffusers folder, model=exported folder, events=progress events).
 
     One tiny random model per kind ("sd1", "sd2", "sd2-v") for the whole session,
     saved as a diffusers folder and exported to both formats. Random weights:
@@ -74,9 +74,10 @@ def tiny_export(tmp_path_factory):
 
             base = tmp_path_factory.mktemp(f"tiny-{kind}")
             src = save_tiny_diffusers_folder(base / "src", kind, seed=0)
+            events: list = []   # the export's progress events (tests/test_export_convert.py reads them)
             out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                               progress=lambda *a, **k: None)
-            _TINY_EXPORTS[kind] = SimpleNamespace(src=Path(src), model=Path(out))
+                               progress=events.append)
+            _TINY_EXPORTS[kind] = SimpleNamespace(src=Path(src), model=Path(out), events=events)
         return _TINY_EXPORTS[kind]
 
     return make

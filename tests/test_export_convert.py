@@ -53,25 +53,17 @@ class Recorder:
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    base = tmp_path_factory.mktemp("export-sources")
-    out = {}
-    for kind in KINDS:
-        save_tiny_diffusers_folder(base / kind, kind)
-        out[kind] = base / kind
-    return out
+def sources(tiny_export):
+    """kind -> the tiny diffusers folder of the session's shared export (read only)."""
+    return {kind: tiny_export(kind).src for kind in KINDS}
 
 
 @pytest.fixture(scope="module")
-def exported(sources, tmp_path_factory):
-    """kind -> (model folder, progress events) for all three tiny kinds, both formats."""
-    base = tmp_path_factory.mktemp("exported")
-    out = {}
-    for kind in KINDS:
-        rec = Recorder()
-        path = export_model(load_source(str(sources[kind])), base / kind, progress=rec)
-        out[kind] = (path, rec.events)
-    return out
+def exported(tiny_export):
+    """kind -> (model folder, progress events) for all three tiny kinds, both formats: the
+    session's shared exports (conftest.tiny_export), so they are made once for the whole suite.
+    Tests that change a folder copy it first."""
+    return {kind: (tiny_export(kind).model, tiny_export(kind).events) for kind in KINDS}
 
 
 def _leftovers(parent: Path) -> list[str]:

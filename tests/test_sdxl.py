@@ -240,10 +240,11 @@ def test_calibrated_quantization_is_refused_for_sdxl(sdxl, tmp_path):
         export_model(load_source(str(src)), tmp_path / "q", quantize=("int8",), progress=lambda *a, **k: None)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, backend):
+def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, backend="onnxruntime"):
     """A model whose config requires_aesthetics_score (5 time ids: sizes, crop, aesthetic
-    score 6.0 / negative 2.5), no force_zeros: StableDiffusionXLImg2ImgPipeline's time ids."""
+    score 6.0 / negative 2.5), no force_zeros: StableDiffusionXLImg2ImgPipeline's time ids.
+    The time ids are built by the runtime, the same for both backends (the other SDXL tests
+    run both), so this model is exported to ONNX only: one tiny SDXL export less per suite."""
     from PIL import Image
 
     from export.build import export_model
@@ -253,7 +254,7 @@ def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, back
         base = tmp_path_factory.mktemp("tiny-sdxl-aesthetic")
         src = save_tiny_sdxl_folder(base / "src", seed=1, force_zeros_for_empty_prompt=False,
                                     requires_aesthetics_score=True)
-        out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
+        out = export_model(load_source(str(src)), base / "model", formats=("onnx",),
                            progress=lambda *a, **k: None)
         _AESTHETIC = (src, out)
     src, out = _AESTHETIC
