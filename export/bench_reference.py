@@ -49,7 +49,7 @@ def _torch_module_of(loaded: Any, component: str):
 
 
 def build_pipeline(spec: dict) -> tuple[Any, Any]:
-    """(StableDiffusionPipeline, export.sources.LoadedModel) from spec's source,
+    """(StableDiffusionPipeline, export.sources.LoadedSource) from spec's source,
     float32, eval mode, no safety checker, progress bar off."""
     import diffusers
     from transformers import CLIPTokenizer

@@ -419,7 +419,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  calibration_steps: int = CALIBRATION_STEPS,
                  default_steps: int | None = None, default_guidance: float | None = None,
                  default_clip_skip: int | None = None, deep_cache: bool = False) -> Path:
-    """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
+    """Export ``loaded`` (an ``export.sources.LoadedSource``) into ``out_dir``.
 
     formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
     only; compute stays float32). force: keep components that fail the parity

@@ -74,7 +74,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$
 
 
 @dataclass
-class LoadedModel:
+class LoadedSource:
     text_encoder: Any            # transformers.CLIPTextModel, eval mode, float32
     unet: Any                    # diffusers.UNet2DConditionModel
     vae: Any                     # diffusers.AutoencoderKL
@@ -422,7 +422,7 @@ def _read_component(folder: Path, component: str, allow_pickle: bool, progress: 
 
 
 def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, prediction_type: str | None,
-                 tokenizer, arch: str | None, progress: ProgressFn | None) -> LoadedModel:
+                 tokenizer, arch: str | None, progress: ProgressFn | None) -> LoadedSource:
     _need_torch()
     index = _read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
@@ -510,14 +510,14 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
                  "prediction_type_decided_by": pt_why, "default_size": default_size,
                  "default_size_decided_by": f"unet sample_size x VAE downscale {vae_scale}",
                  "tokenizer": tok_why, "unet_kind": unet_kind, "unet_kind_decided_by": kind_why, "notes": []}
-    return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
+    return LoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
                        pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
                        unet_kind=unet_kind, depth_estimator=depth_estimator, depth_preprocess=depth_preprocess)
 
 
 # ------------------------------------------------------------------ single files
 def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | None, tokenizer,
-                      arch: str | None, progress: ProgressFn | None) -> LoadedModel:
+                      arch: str | None, progress: ProgressFn | None) -> LoadedSource:
     _need_torch()
     wf = safe_load.load_state_dict(path, allow_pickle=allow_pickle, progress=progress)
     sd = safe_load.unwrap_state_dict(wf.state_dict)
@@ -567,7 +567,7 @@ def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | 
     unet_kind, kind_why = detect.unet_kind(info.unet_config["in_channels"], info.vae_config["latent_channels"],
                                            str(path))
     detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
-    return LoadedModel(text_encoder, unet, vae, tok_dir, scheduler_config, info.family, info.prediction_type,
+    return LoadedSource(text_encoder, unet, vae, tok_dir, scheduler_config, info.family, info.prediction_type,
                        info.default_size, name, {"kind": "single_file", "name": path.name, "sha256": sha}, False,
                        detection, unet_kind=unet_kind)
 
@@ -620,7 +620,7 @@ def looks_like_hub_id(source: str) -> bool:
 
 # ------------------------------------------------------------------ random weights
 def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, progress: ProgressFn | None
-                 ) -> LoadedModel:
+                 ) -> LoadedSource:
     _need_torch()
     import torch
 
@@ -653,7 +653,7 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
                  else f"arch {arch}", "default_size": size, "default_size_decided_by": f"arch {arch}",
                  "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
     unet_kind, _ = detect.unet_kind(cfgs["unet"]["in_channels"], cfgs["vae"]["latent_channels"], f"arch {arch}")
-    return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
+    return LoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
                        size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection,
                        unet_kind=unet_kind)
 
@@ -661,8 +661,8 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
 # ------------------------------------------------------------------ entry point
 def load_source(source: str | Path | None, *, allow_pickle: bool = False, prediction_type: str | None = None,
                 tokenizer: str | Path | None = None, arch: str | None = None, random_weights: bool = False,
-                seed: int = 0, progress: ProgressFn | None = None) -> LoadedModel:
-    """Load an export source (see the module docstring) into a :class:`LoadedModel`.
+                seed: int = 0, progress: ProgressFn | None = None) -> LoadedSource:
+    """Load an export source (see the module docstring) into a :class:`LoadedSource`.
 
     ``prediction_type`` overrides what the source says or detection decides;
     ``tokenizer`` is a folder with ``vocab.json`` + ``merges.txt`` (needed for

@@ -36,8 +36,8 @@ DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 @dataclass
-class SDXLLoadedModel(src.LoadedModel):
-    """A :class:`~export.sources.LoadedModel` plus SDXL's second text encoder and tokenizer."""
+class SDXLLoadedSource(src.LoadedSource):
+    """A :class:`~export.sources.LoadedSource` plus SDXL's second text encoder and tokenizer."""
     text_encoder_2: Any = None                   # transformers.CLIPTextModelWithProjection
     tokenizer_2_dir: Path | None = None
     pipeline_config: dict = field(default_factory=dict)   # force_zeros_for_empty_prompt, requires_aesthetics_score
@@ -154,7 +154,7 @@ def _tokenizer_2(tokenizer_2, own: Path | None, fallback: Path, vocab_size: int,
 
 
 def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, prediction_type: str | None,
-                tokenizer, arch: str | None, progress) -> SDXLLoadedModel:
+                tokenizer, arch: str | None, progress) -> SDXLLoadedSource:
     src._need_torch()
     index = src._read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
@@ -221,13 +221,13 @@ def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, predi
     unet_kind, kind_why = detect.unet_kind(int(cfgs["unet"].get("in_channels", 4)),
                                            int(cfgs["vae"].get("latent_channels", 4)), str(folder))
     detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
-    return SDXLLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, FAMILY,
+    return SDXLLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, FAMILY,
                            pt, size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
                            unet_kind=unet_kind, text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=tok2_dir,
                            pipeline_config=_pipeline_config(index))
 
 
-def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> SDXLLoadedModel:
+def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> SDXLLoadedSource:
     """The full SDXL base architecture (vendored configs) with seeded random weights."""
     src._need_torch()
     import torch
@@ -251,7 +251,7 @@ def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> 
                  else f"arch {ARCH}", "default_size": size, "default_size_decided_by": f"arch {ARCH}",
                  "tokenizer": tok_why, "tokenizer_2": tok2_why, "seed": int(seed),
                  "notes": ["random weights: images are noise"]}
-    return SDXLLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir,
+    return SDXLLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir,
                            dict(cfgs["scheduler"], prediction_type=pt), FAMILY, pt, size, f"random-{ARCH}",
                            {"kind": "random", "name": ARCH, "sha256": ident}, True, detection,
                            text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=tok2_dir,

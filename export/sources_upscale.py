@@ -42,8 +42,8 @@ DEFAULT_GUIDANCE = 9.0             # likewise
 
 
 @dataclass
-class UpscaleLoadedModel(src.LoadedModel):
-    """A :class:`~export.sources.LoadedModel` plus the low-res noise schedule."""
+class UpscaleLoadedSource(src.LoadedSource):
+    """A :class:`~export.sources.LoadedSource` plus the low-res noise schedule."""
     low_res_scheduler_config: dict = field(default_factory=dict)
     max_noise_level: int = DEFAULT_MAX_NOISE_LEVEL
 
@@ -127,7 +127,7 @@ def _default_size(unet_cfg: dict, vae_cfg: dict) -> int:
 
 
 def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, prediction_type: str | None,
-                tokenizer, arch: str | None, progress) -> UpscaleLoadedModel:
+                tokenizer, arch: str | None, progress) -> UpscaleLoadedSource:
     src._need_torch()
     index = src._read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", "")) or "lists low_res_scheduler"
@@ -174,14 +174,14 @@ def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, predi
     detection = {"family": FAMILY, "family_decided_by": f"model_index.json {cls}", "prediction_type": pt,
                  "prediction_type_decided_by": pt_why, "default_size": size,
                  "default_size_decided_by": "unet sample_size x VAE downscale", "tokenizer": tok_why, "notes": notes}
-    return UpscaleLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir,
+    return UpscaleLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir,
                               dict(scheds["scheduler"], prediction_type=pt), FAMILY, pt, size, name,
                               {"kind": kind, "name": name, "sha256": sha}, False, detection,
                               low_res_scheduler_config=scheds["low_res_scheduler"],
                               max_noise_level=int(index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)))
 
 
-def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> UpscaleLoadedModel:
+def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> UpscaleLoadedSource:
     """The full x4 upscaler architecture (vendored configs) with seeded random weights."""
     src._need_torch()
     import torch
@@ -203,7 +203,7 @@ def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> 
                  "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
                  else f"arch {ARCH}", "default_size": size, "default_size_decided_by": f"arch {ARCH}",
                  "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
-    return UpscaleLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir,
+    return UpscaleLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir,
                               dict(cfgs["scheduler"], prediction_type=pt), FAMILY, pt, size, f"random-{ARCH}",
                               {"kind": "random", "name": ARCH, "sha256": ident}, True, detection,
                               low_res_scheduler_config=cfgs["low_res_scheduler"],
