@@ -29,6 +29,7 @@ import numpy as np
 
 from cpuflow.bench.worker import UNET_TIMESTEP, Progress, measure, memory_status, unet_batch
 from cpuflow.errors import ExportError
+from cpuflow.manifest import load_manifest
 
 # Parameters compared with the exported files: names as in the diffusers /
 # transformers modules. Chosen because the ONNX exporter stores them unchanged
@@ -215,7 +216,10 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
     upscaler = getattr(loaded, "family", None) == "x4-upscaler"
     # the x4 upscaler's UNet also takes the noised low-res image (3 channels) and the noise level
     image = torch.rand((1, 3, *lat_shape[2:]), generator=gen) * 2 - 1 if upscaler else None
-    labels = torch.tensor([int(spec.get("noise_level", 20))] * unet_batch(spec)) if upscaler else None
+    # the UNet's batch as the runtime decides it (uses_cfg: the export's manifest says whether it
+    # takes the guidance as an embedding)
+    b = unet_batch(load_manifest(Path(spec["model"]), verify=False), guidance)
+    labels = torch.tensor([int(spec.get("noise_level", 20))] * b) if upscaler else None
 
     with torch.inference_mode():
         if stage == "load":
@@ -226,7 +230,6 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
                                  truncation=True, return_tensors="pt").input_ids
             out.update(measure(lambda: pipe.text_encoder(ids)[0], spec["warmup"], spec["repeat"], progress))
         elif stage == "unet":
-            b = unet_batch(spec)
             hidden = int(pipe.text_encoder.config.hidden_size)
             ehs = torch.randn((b, pipe.tokenizer.model_max_length, hidden), generator=gen)
             x = torch.randn(lat_shape, generator=gen)

@@ -403,13 +403,7 @@ def _base_spec(settings: BenchSettings, width: int, height: int, model_dir: Path
     return {"model": str(model_dir), "width": width, "height": height, "steps": settings.steps,
             "guidance": float(settings.guidance), "threads": settings.threads, "prompt": settings.prompt,
             "gen_seed": settings.gen_seed, "warmup": settings.warmup, "repeat": settings.repeat,
-            "decoder": settings.decoder, "guidance_embedding": _takes_guidance_embedding(model_dir)}
-
-
-def _takes_guidance_embedding(model_dir: Path) -> bool:
-    from ..guidance_embedding import embedding_dim
-    from ..manifest import load_manifest
-    return embedding_dim(load_manifest(model_dir, verify=False)) is not None
+            "decoder": settings.decoder}
 
 
 def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work: Path,
@@ -575,8 +569,7 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
                      "compile_cache": settings.compile_cache,
                      "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
-                     "unet_batch": unet_batch({"guidance": settings.guidance,
-                                                "guidance_embedding": _takes_guidance_embedding(Path(model_dir))}),
+                     "unet_batch": unet_batch(m, settings.guidance),
                      "reference": reference},
         "configs": columns,
         "ratios": speedups(columns),
