@@ -622,7 +622,6 @@ def looks_like_hub_id(source: str) -> bool:
 def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, progress: ProgressFn | None
                  ) -> LoadedSource:
     _need_torch()
-    import torch
 
     if arch == "sdxl":
         from . import sources_sdxl
@@ -638,24 +637,43 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
         cfgs[comp] = dict(changes) if comp == "scheduler" else {**cfgs[comp], **changes}
     tok_dir, tok_why = _resolve_tokenizer(tokenizer, None, family, vendored, cfgs["text_encoder"]["vocab_size"],
                                           progress)
-    models = {}
-    with torch.random.fork_rng(devices=[]):
-        for i, comp in enumerate(("unet", "vae", "text_encoder")):
-            _say(progress, f"building {comp} ({arch}) with random weights, seed {seed}")
-            torch.manual_seed(int(seed) * 1000 + i)
-            m = _build(comp, cfgs[comp], empty=False)
-            models[comp] = m.eval()
+    models = build_random_modules(arch, seed, cfgs, ("unet", "vae", "text_encoder"), _build, progress)
     scheduler_config = dict(cfgs["scheduler"], prediction_type=pt)
-    ident = hashlib.sha256(json.dumps({"arch": arch, "seed": int(seed), "configs": cfgs},
-                                      sort_keys=True).encode()).hexdigest()
-    detection = {"family": family, "family_decided_by": f"arch {arch}", "prediction_type": pt,
-                 "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
-                 else f"arch {arch}", "default_size": size, "default_size_decided_by": f"arch {arch}",
-                 "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
+    record, detection = random_source_record(arch, seed, cfgs, family=family, prediction_type=pt,
+                                             overridden=bool(prediction_type), size=size, tokenizer=tok_why)
     unet_kind, _ = detect.unet_kind(cfgs["unet"]["in_channels"], cfgs["vae"]["latent_channels"], f"arch {arch}")
     return LoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
-                       size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection,
-                       unet_kind=unet_kind)
+                        size, f"random-{arch}", record, True, detection, unet_kind=unet_kind)
+
+
+def build_random_modules(arch: str, seed: int, cfgs: dict, components: tuple[str, ...], build,
+                         progress: ProgressFn | None) -> dict[str, Any]:
+    """``build(component, config, empty=False)`` for each of ``components`` in eval mode,
+    component i seeded ``seed * 1000 + i`` (the same weights for the same seed on every
+    run, without touching the caller's torch RNG). Every --random-weights arch builds here."""
+    import torch
+
+    models = {}
+    with torch.random.fork_rng(devices=[]):
+        for i, comp in enumerate(components):
+            _say(progress, f"building {comp} ({arch}) with random weights, seed {seed}")
+            torch.manual_seed(int(seed) * 1000 + i)
+            models[comp] = build(comp, cfgs[comp], empty=False).eval()
+    return models
+
+
+def random_source_record(arch: str, seed: int, cfgs: dict, *, family: str, prediction_type: str, overridden: bool,
+                         size: int, **tokenizers: str) -> tuple[dict, dict]:
+    """(source record, detection) of a --random-weights model: its identity is the hash of
+    the arch, the seed and the configs; ``tokenizers``: where each tokenizer came from
+    (``tokenizer``, and SDXL's ``tokenizer_2``)."""
+    ident = hashlib.sha256(json.dumps({"arch": arch, "seed": int(seed), "configs": cfgs},
+                                      sort_keys=True).encode()).hexdigest()
+    detection = {"family": family, "family_decided_by": f"arch {arch}", "prediction_type": prediction_type,
+                 "prediction_type_decided_by": "override (prediction_type argument)" if overridden
+                 else f"arch {arch}", "default_size": size, "default_size_decided_by": f"arch {arch}",
+                 **tokenizers, "seed": int(seed), "notes": ["random weights: images are noise"]}
+    return {"kind": "random", "name": arch, "sha256": ident}, detection
 
 
 # ------------------------------------------------------------------ entry point
