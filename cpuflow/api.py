@@ -80,7 +80,11 @@ class Pipeline:
         """Image to image: the same loop started part-way down the noise
         schedule (``strength`` 1 ignores the image; a strength that leaves no
         denoising step, such as 0, raises :class:`InvalidArgument` naming the smallest that works).
-        With ``decoder="taesd"`` the tiny autoencoder encodes and decodes."""
+        With ``decoder="taesd"`` the tiny autoencoder encodes and decodes.
+        Size: without width / height the photo's aspect ratio at the model's native area
+        (a 1600x1200 photo on SD 1.5: 592x440); with one, the other follows the photo; with
+        both, those. ``resize`` ("crop" default, "fit", "stretch") says how the photo is
+        brought there (cpuflow/resize.py); each record holds ``init_size`` and ``resize``."""
         if init_image is None:
             raise ImageInputError("img2img needs an init image (a path, bytes or a PIL image); "
                                   "for text to image use txt2img")
@@ -94,7 +98,8 @@ class Pipeline:
         An inpainting model (9-channel UNet) sees the mask and the masked image; an ordinary one
         gets the known region blended back after every step (as diffusers). ``inpaint_area="masked"``
         works only on the region around the mask (grown by ``padding`` pixels) at the model's size
-        (or width / height) and pastes it back. ``strength`` 1 (default, as diffusers) starts from noise."""
+        (or width / height) and pastes it back; "whole" sizes the picture and the mask as
+        :meth:`img2img` does (``resize``). ``strength`` 1 (default, as diffusers) starts from noise."""
         return self(_request(prompt, dict(params, init_image=init_image, mask=mask, strength=strength,
                                           mask_blur=mask_blur, inpaint_area=inpaint_area, padding=padding)),
                     progress, preview=preview, preview_every=preview_every)

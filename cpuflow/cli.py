@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import SCHEDULES
+from .config import RESIZE_MODES, SCHEDULES
 from .errors import InvalidArgument, MissingDependency
 
 EXAMPLES_GENERATE = """
@@ -21,8 +21,11 @@ Examples:
   cpuflow generate "a red circle on a blue background"
   cpuflow generate --model exported/sd15 "a lighthouse at dusk, oil painting" \\
       --steps 25 --sampler dpmpp_2m --schedule karras --seed 42 --out lighthouse.png
+  # img2img: the photo at the model's area with its own shape (a line says the size used)
   cpuflow generate --model exported/sd15 "a watercolor of a fox" \\
       --init-image photo.jpg --strength 0.6 --out fox.png
+  # a 512x512 square from a landscape photo, keeping all of it (the bands repeat its edges)
+  cpuflow generate --model exported/sd15 "a watercolor of a fox" --init-image photo.jpg -W 512 -H 512 --resize fit
   cpuflow generate "a green square on a white background" --n-samples 4 --grid --out grid.png
   # inpainting: repaint the white part of the mask; --inpaint-area masked works on the region only
   cpuflow generate --model exported/sd15-inpainting "a vase of tulips" --init-image room.png \
@@ -83,10 +86,20 @@ def _samplers_help() -> str:
                    "guidance_rescale, Lin et al. 2023): 0.7 for zero-terminal-SNR models at high guidance.")
 @click.option("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic).")
 @click.option("--seed", type=int, default=None, help="Seed 0..4294967295 (default: random, printed and saved).")
-@click.option("--width", "-W", type=int, default=None, help="Width in pixels (default: the model's).")
-@click.option("--height", "-H", type=int, default=None, help="Height in pixels (default: the model's).")
+@click.option("--width", "-W", type=int, default=None,
+              help="Width in pixels (default: the model's; with --init-image see --resize).")
+@click.option("--height", "-H", type=int, default=None,
+              help="Height in pixels (default: the model's; with --init-image see --resize).")
 @click.option("--n-samples", type=int, default=1, help="Images to make (seeds seed, seed+1, ...).")
 @click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img: start from this image.")
+@click.option("--resize", type=click.Choice(list(RESIZE_MODES)), default="crop", show_default=True,
+              help="How --init-image (and --mask) is brought to the working size. Without -W/-H that size keeps "
+                   "the photo's aspect ratio at the model's native area (512x512 for SD 1.5, 1024x1024 for SDXL: "
+                   "a 1600x1200 photo on SD 1.5 becomes 592x440), with one of them the other follows the photo; "
+                   "a line says the size used. When the aspect ratios differ (both -W and -H given): crop = "
+                   "scale to cover and cut the overflowing edges (default: nothing is distorted or invented); "
+                   "fit = scale to fit inside and fill the bands by repeating the photo's edge pixels (keeps "
+                   "all of the photo); stretch = resize to the size, distorting it.")
 @click.option("--strength", type=float, default=None,
               help="img2img / inpainting: how much to change the init image (0..1; default 0.8, "
                    "with --mask 1.0 as diffusers).")
@@ -151,7 +164,7 @@ def _samplers_help() -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guidance, guidance_rescale, eta, seed,
-             width, height, n_samples, init_image, strength, mask, mask_blur, inpaint_area, padding, depth_map,
+             width, height, n_samples, init_image, resize, strength, mask, mask_blur, inpaint_area, padding, depth_map,
              save_depth, backend, device, precision, variant, threads, rng, out, grid, no_cache, low_memory, decoder,
              preview_every, clip_skip, embeddings, from_image, upscaler, deep_cache, jpeg_quality,
              no_watermark, quiet):
@@ -178,8 +191,10 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
     # Validate everything the user typed before loading anything.
     if init_image is None and ctx.get_parameter_source("strength") == click.core.ParameterSource.COMMANDLINE:
         raise InvalidArgument("--strength applies to img2img: give --init-image too, or leave --strength out")
+    if init_image is None and ctx.get_parameter_source("resize") == click.core.ParameterSource.COMMANDLINE:
+        raise InvalidArgument("--resize applies to an init image: give --init-image too, or leave --resize out")
     req = GenerationRequest(**given, guidance_rescale=guidance_rescale, eta=eta, n_samples=n_samples,
-                            init_image=init_image,
+                            init_image=init_image, resize=resize,
                             strength=strength if strength is not None else 1.0 if mask is not None else 0.8,
                             rng=rng, decoder=decoder, mask=mask, mask_blur=mask_blur, inpaint_area=inpaint_area,
                             padding=padding, depth_map=depth_map, embeddings=embeddings,
@@ -218,6 +233,10 @@ def generate(ctx, prompt, model, negative_prompt, steps, sampler, schedule, guid
         previews.clear()   # they belong to a finished image now
 
     try:
+        from .pipelines.init_image import announce
+        size_line = announce(loaded, req)   # e.g. "img2img: 1600x1200 photo -> 592x440 (crop)"
+        if size_line is not None:
+            click.echo(size_line, err=True)
         result = run(loaded, req, with_previews(loaded, None if quiet else progress,
                                                 save_preview if preview_every else None, preview_every or 1),
                      on_image=save, keep_images=grid)

@@ -21,6 +21,8 @@ PRECISIONS = ("auto", "bf16", "f32")
 # (its own use_karras_sigmas included); "karras" forces Karras sigmas on, "uniform" off.
 SCHEDULES = ("default", "karras", "uniform")
 DECODERS = ("full", "taesd")    # taesd: the tiny autoencoder (export --taesd)
+# How an init image is brought to the working size (cpuflow/resize.py): crop (default) | fit | stretch.
+RESIZE_MODES = ("crop", "fit", "stretch")
 
 MAX_STEPS = 1000
 MAX_SAMPLES = 64
@@ -112,6 +114,7 @@ class GenerationRequest:
     n_samples: int = 1
     eta: float = 0.0                   # ddim only
     init_image: Any = None             # path, bytes or PIL image: img2img
+    resize: str = "crop"               # init image -> working size: crop | fit | stretch (cpuflow/resize.py)
     strength: float = 0.8              # img2img only
     rng: str = "torch"                 # torch-compatible noise (same image as diffusers) | numpy
     decoder: str = "full"              # full VAE | taesd (the tiny autoencoder; img2img encodes with it too)
@@ -178,6 +181,7 @@ class GenerationRequest:
         set_("strength", st)
         _choice("rng", self.rng, ("torch", "numpy"))
         _choice("decoder", self.decoder, DECODERS)
+        _choice("resize", self.resize, RESIZE_MODES)
         if self.mask is not None or self.mask_blur or self.inpaint_area != "whole" or self.padding != 32:
             from . import inpaint_mask
             set_("mask_blur", inpaint_mask.int_in_range("mask_blur", self.mask_blur, 0, inpaint_mask.MAX_BLUR))

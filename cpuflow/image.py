@@ -13,8 +13,9 @@ decoder, so it is strict:
   that names the file and what is wrong.
 
 Accepted images are converted deterministically (same bytes in, same pixels out)
-to RGB, see :func:`_to_rgb`; resizing is ``PIL.ImageOps.fit`` (scale to cover, center
-crop, one LANCZOS resample with a float crop box).
+to RGB, see :func:`_to_rgb`; :func:`load_init_image` resizes with ``PIL.ImageOps.fit``
+(scale to cover, center crop, one LANCZOS resample with a float crop box), and
+:func:`read_init_image` keeps the image's size for cpuflow/resize.py to decide.
 
 Writing: :func:`array_to_images` reproduces diffusers'
 ``VaeImageProcessor.postprocess(output_type="pil")`` bit for bit and refuses
@@ -58,6 +59,8 @@ __all__ = [
     "MAX_INIT_PIXELS",
     "A1111_SAMPLER_NAMES",
     "load_init_image",
+    "read_init_image",
+    "init_image_size",
     "load_image_as_stored",
     "image_to_array",
     "array_to_images",
@@ -321,6 +324,55 @@ def load_image_as_stored(source: str | os.PathLike | bytes | BinaryIO, *, max_pi
     return _read_rgb(source, max_pixels, name, what, exif=False)
 
 
+def _check_max_pixels(max_pixels: Any) -> None:
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise InvalidArgument(f"max_pixels must be a positive integer, got {max_pixels!r}")
+
+
+def _image_object_as_bytes(source: Image.Image, name: str | None, what: str) -> tuple[bytes, str]:
+    """An image object (Python API), serialised losslessly (TIFF keeps every mode, CMYK
+    and 16-bit included), so that it takes the same checked path as a file."""
+    if 0 in source.size:
+        raise ImageInputError(f"{what} {name or '(image object)'} is empty ({source.size[0]}x{source.size[1]})")
+    buf = io.BytesIO()
+    source.save(buf, format="TIFF")
+    return buf.getvalue(), name or "(image object)"
+
+
+def read_init_image(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
+                    max_pixels: int = MAX_INIT_PIXELS, name: str | None = None,
+                    what: str = "init image") -> Image.Image:
+    """An init image read as strictly as :func:`load_init_image` (same sources, checks and
+    errors), as RGB at its own size once turned by its EXIF orientation: no crop, no
+    resize (cpuflow/resize.py decides the working size from it)."""
+    _check_max_pixels(max_pixels)
+    if isinstance(source, Image.Image):
+        source, name = _image_object_as_bytes(source, name, what)
+    return _read_rgb(source, max_pixels, name, what, exif=True)
+
+
+def init_image_size(source: str | os.PathLike | bytes | BinaryIO | Image.Image, *,
+                    max_pixels: int = MAX_INIT_PIXELS, name: str | None = None,
+                    what: str = "init image") -> tuple[int, int]:
+    """(width, height) :func:`read_init_image` would return, from the file's header and
+    EXIF orientation (tags 5-8 swap the sides), without decoding the pixels."""
+    _check_max_pixels(max_pixels)
+    if isinstance(source, Image.Image):
+        source, name = _image_object_as_bytes(source, name, what)
+    fp, label, close_fp = _open_source(source, name, what)
+    try:
+        with _open_checked(fp, label, max_pixels, what=what) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112, 1)   # ExifTags.Base.Orientation, as exif_transpose reads
+            except Exception:
+                orientation = 1   # _read_rgb keeps such an image as stored too
+            return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    finally:
+        if close_fp:
+            fp.close()
+
+
 def load_init_image(
     source: str | os.PathLike | bytes | BinaryIO,
     width: int | None = None,
@@ -343,22 +395,15 @@ def load_init_image(
     multiple of 8 by center-cropping the few extra pixels, without resampling;
     a side under 8 pixels is scaled up to 8. When only one is given the other
     follows the image's aspect ratio, rounded down to a multiple of 8 (min 8).
+    (img2img, inpainting and depth-to-image choose their size by the model's area and
+    the ``resize`` mode instead: cpuflow/resize.py over :func:`read_init_image`.)
 
     Errors: :class:`ResourceLimitError` when the header (or the requested size)
     exceeds ``max_pixels``; :class:`ImageInputError` for a missing, empty,
     truncated, damaged or non-image file, a directory, or an unsupported format;
     :class:`InvalidArgument` for a bad width/height.
     """
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise InvalidArgument(f"max_pixels must be a positive integer, got {max_pixels!r}")
-    if isinstance(source, Image.Image):
-        if 0 in source.size:
-            raise ImageInputError(f"init image {name or '(image object)'} is empty ({source.size[0]}x{source.size[1]})")
-        # An image object (Python API): serialise it losslessly (TIFF keeps every
-        # mode, CMYK and 16-bit included) and take the same checked path as a file.
-        buf = io.BytesIO()
-        source.save(buf, format="TIFF")
-        source, name = buf.getvalue(), name or "(image object)"
+    _check_max_pixels(max_pixels)
     if width is not None:
         width = _check_size_arg("width", width)
     if height is not None:
@@ -368,7 +413,7 @@ def load_init_image(
             f"requested size {width}x{height} = {width * height} pixels is above the limit of {max_pixels}"
         )
 
-    rgb = _read_rgb(source, max_pixels, name, what, exif=True)
+    rgb = read_init_image(source, max_pixels=max_pixels, name=name, what=what)
 
     w, h = rgb.size
     if width is None and height is None:

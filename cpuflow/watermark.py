@@ -40,6 +40,13 @@ imwatermark still decodes every image this module marks, see the tests):
   rounded and clipped; where clipping kept a block from its bit, the level on
   the other side is tried once.
 
+A second mark carries the same message in the luma (cpuflow/watermark_luma.py:
+QIM of the means of JPEG's 8x8 luma blocks). It is written first, adding the same
+amount to R, G and B, which leaves U, and so the DWT-DCT mark written after it and
+what imwatermark reads, as they were. It is what survives an ordinary JPEG (4:2:0
+chroma subsampling wipes the DWT-DCT mark); :func:`detect` reports the message when
+either mark reads it, and which did.
+
 Images under 256x256 pixels are left unmarked (imwatermark refuses to read or
 write them; the shipped model's 64x64 pictures are such): :func:`apply` returns
 the reason, which the PNG metadata records.
@@ -53,10 +60,11 @@ from PIL import Image
 
 from . import __version__
 from .errors import InvalidArgument
+from .watermark_luma import embed_luma, read_luma
 
 __all__ = [
     "MESSAGE", "MIN_PIXELS", "SCALE", "Found", "message_for_version", "too_small",
-    "embed", "detect", "apply", "read_bits",
+    "embed", "detect", "apply", "read_bits", "DWTDCT", "LUMA",
 ]
 
 #: Quantisation step of imwatermark's dwtDct for U (its default scales [0, 36, 36]).
@@ -231,8 +239,9 @@ def _move(rgb: np.ndarray, out: np.ndarray, idx: np.ndarray, nc: int, pos: np.nd
     return left * _H + right * _H
 
 
-def embed(image: Image.Image, message: bytes = MESSAGE) -> Image.Image:
-    """``image`` with ``message`` embedded (a new RGB image of the same size).
+def embed(image: Image.Image, message: bytes = MESSAGE, luma: bool = True) -> Image.Image:
+    """``image`` with ``message`` embedded (a new RGB image of the same size): in the
+    luma mark (unless ``luma`` is false), then in the DWT-DCT mark.
 
     Raises :class:`InvalidArgument` for an image too small to carry it
     (:func:`too_small`) or an empty message.
@@ -245,6 +254,8 @@ def embed(image: Image.Image, message: bytes = MESSAGE) -> Image.Image:
     if reason:
         raise InvalidArgument(f"cannot watermark this image: {reason}")
     bits = _bits(message)
+    if luma:
+        rgb = embed_luma(rgb, bits)
     blocks = _blocks(_rgb_to_u(rgb))
     n, nc = len(blocks), w // 8
     idx = np.arange(n)
@@ -271,13 +282,20 @@ def embed(image: Image.Image, message: bytes = MESSAGE) -> Image.Image:
 # ---------------------------------------------------------------------------------
 # Detection
 # ---------------------------------------------------------------------------------
+#: The marks :func:`detect` reads, as Found.marks names them.
+DWTDCT, LUMA = "dwtDct", "luma"
+
+
 @dataclass(frozen=True)
 class Found:
     """A watermark read from an image."""
 
     name: str          # who writes it: "cpuflow 0.1", "Stable Diffusion 2 scripts (SDV2)", ...
     message: bytes     # the message as bytes
-    agreement: float   # share of the image's blocks that vote for the message's bits (1.0: untouched)
+    agreement: float   # share of the blocks of marks[0] that vote for the message's bits (1.0: untouched)
+    # the marks that read the message, each with its agreement: ("dwtDct", a) (imwatermark's chroma
+    # mark) and / or ("luma", a) (cpuflow's own, which survives a 4:2:0 JPEG)
+    marks: tuple[tuple[str, float], ...] = ()
 
 
 def _agreement(votes: np.ndarray, bits: np.ndarray) -> float:
@@ -292,12 +310,14 @@ def _name_cpuflow(message: bytes) -> str | None:
 
 
 def detect(image: Image.Image) -> Found | None:
-    """The known watermark ``image`` carries (cpuflow's, any version; the Stable
-    Diffusion 1 and 2 scripts'; SDXL's), or None.
+    """The known watermark ``image`` carries (cpuflow's, any version, in either of
+    its marks; the Stable Diffusion 1 and 2 scripts'; SDXL's), or None.
 
     A message must be read exactly: every one of its bits, each decided by the
-    majority of its blocks as imwatermark decides it. An unmarked image reads as
-    cpuflow's by chance about once in 40 million (24 fixed bits and two digits).
+    majority of its blocks (in the DWT-DCT mark as imwatermark decides it; in the
+    luma mark by their weighted soft votes). An unmarked image reads as cpuflow's
+    by chance about once in 40 million per mark (24 fixed bits and two digits),
+    once in 20 million for the two.
     """
     rgb = _as_rgb_array(image)
     if too_small(rgb.shape[1], rgb.shape[0]):
@@ -305,13 +325,22 @@ def detect(image: Image.Image) -> Found | None:
     votes = _votes(_blocks(_rgb_to_u(rgb)))
     bits32 = _decide(_fractions(votes, 32))
     message = np.packbits(bits32).tobytes()
+    luma_bits, luma_votes, luma_bit_of = read_luma(rgb, 32)
+    luma_message = np.packbits(luma_bits).tobytes()
+    luma = ((LUMA, float((luma_votes == luma_bits[luma_bit_of]).mean())),)
     name = _name_cpuflow(message)
     if name:
-        return Found(name, message, _agreement(votes, bits32))
+        agreement = _agreement(votes, bits32)
+        marks = ((DWTDCT, agreement),) + (luma if luma_message == message else ())
+        return Found(name, message, agreement, marks)
+    name = _name_cpuflow(luma_message)
+    if name:
+        return Found(name, luma_message, luma[0][1], luma)
     for name, bits in _KNOWN:
         read = bits32 if len(bits) == 32 else _decide(_fractions(votes, len(bits)))
         if np.array_equal(read, bits):
-            return Found(name, np.packbits(bits).tobytes(), _agreement(votes, bits))
+            agreement = _agreement(votes, bits)
+            return Found(name, np.packbits(bits).tobytes(), agreement, ((DWTDCT, agreement),))
     return None
 
 

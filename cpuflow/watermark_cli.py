@@ -13,10 +13,14 @@ Examples:
   cpuflow watermark outputs/*.png photo.jpg
 \b
 Prints one line per file: the watermark found (cpuflow's, with the version
-that wrote it; the Stable Diffusion 1 / 2 scripts'; SDXL's), or "no
-watermark found". A file that is not a readable image gets one error line
+that wrote it, and which of its two marks read it: the DWT-DCT chroma mark
+that invisible-watermark also reads, the luma mark that survives an ordinary
+JPEG; the Stable Diffusion 1 / 2 scripts'; SDXL's), or "no watermark found". A file that is not a readable image gets one error line
 on stderr, the others are still read, and the exit code is then 2.
 """
+
+
+_MARK_NAMES = {"dwtDct": "DWT-DCT chroma mark", "luma": "luma mark"}
 
 
 @click.command("watermark", epilog=EXAMPLES_WATERMARK)
@@ -43,7 +47,8 @@ def watermark_command(images):
         if found is None:
             click.echo(f"{path}: no watermark found")
         else:
-            click.echo(f"{path}: {found.name} (message {found.message!r}, "
-                       f"{found.agreement:.0%} of its 8x8 blocks agree)")
+            read_by = "; ".join(f"{_MARK_NAMES[mark]}: {agreement:.0%} of its 8x8 blocks agree"
+                                for mark, agreement in found.marks)
+            click.echo(f"{path}: {found.name} (message {found.message!r}; {read_by})")
     if failed:
         sys.exit(2)

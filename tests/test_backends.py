@@ -322,6 +322,59 @@ def test_openvino_without_cache_dir(tiny):
     assert s.cache_dir is None and s.info.cached is False
 
 
+def _saved_graph(session_info_root):
+    (sub,) = [p for p in cache_mod.cache_entries(session_info_root) if p.parent.name == "onnxruntime"]
+    return sub / "optimized"
+
+
+def test_onnxruntime_saves_its_optimised_graph_and_loads_it_next_start(tiny, tmp_path):
+    root = tmp_path / "cache"
+    dims = {"batch": 1, "latent_height": 6}
+    first = load("onnxruntime", tiny, cache_dir=root, static_dims=dims)
+    saved = _saved_graph(root)
+    assert first.info.cached is False and first.info.warning is None
+    assert (saved / "model.onnx").is_file() and (saved / "cpuflow-blobs.json").is_file()
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".tmp-")]   # no leftovers
+    second = load("onnxruntime", tiny, cache_dir=root, static_dims=dims)
+    assert second.info.cached is True and second.info.warning is None
+    f = feeds_for(1, 6)
+    np.testing.assert_array_equal(second.run(f)["out_sample"], first.run(f)["out_sample"])
+    np.testing.assert_allclose(second.run(f)["out_sample"], reference(f), atol=1e-5, rtol=1e-5)
+    # other static dims: another graph, optimised afresh
+    other = load("onnxruntime", tiny, cache_dir=root, static_dims={"batch": 2, "latent_height": 6})
+    assert other.info.cached is False
+    assert len([p for p in cache_mod.cache_entries(root) if p.parent.name == "onnxruntime"]) == 2
+
+
+def test_onnxruntime_damaged_saved_graph_is_optimised_again(tiny, tmp_path):
+    root = tmp_path / "cache"
+    load("onnxruntime", tiny, cache_dir=root)
+    graph = _saved_graph(root) / "model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-5] ^= 0xFF                       # a flipped byte: the file's sha256 no longer matches
+    graph.write_bytes(bytes(data))
+    again = load("onnxruntime", tiny, cache_dir=root)
+    assert again.info.cached is False
+    assert "damaged" in again.info.warning
+    f = feeds_for(1, 6)
+    np.testing.assert_allclose(again.run(f)["out_sample"], reference(f), atol=1e-5, rtol=1e-5)
+    assert load("onnxruntime", tiny, cache_dir=root).info.cached is True   # saved afresh
+
+
+def test_onnxruntime_half_saved_graph_is_not_trusted(tiny, tmp_path):
+    root = tmp_path / "cache"
+    load("onnxruntime", tiny, cache_dir=root)
+    (_saved_graph(root) / "cpuflow-blobs.json").unlink()   # killed between the rename and the record
+    assert load("onnxruntime", tiny, cache_dir=root).info.cached is False
+    assert load("onnxruntime", tiny, cache_dir=root).info.cached is True
+
+
+def test_onnxruntime_without_cache_dir_writes_nothing(tiny, tmp_path):
+    s = load("onnxruntime", tiny)
+    assert s.info.cached is False
+    assert not list(tmp_path.rglob("optimized"))
+
+
 # --- OpenVINO IR -------------------------------------------------------------------------
 def test_openvino_reads_ir(tiny, tmp_path):
     import openvino as ov

@@ -77,3 +77,21 @@ def test_damaged_blob_warning_reaches_the_cli(warm_cache, tmp_path):
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith("warning:")]
     assert len(lines) == 1 and "unet" in lines[0] and "damaged blob" in lines[0], r.output
+
+
+def test_onnxruntime_saved_graphs_give_the_same_image(tmp_path):
+    """#16 item 12: the second ORT start loads the saved optimised graphs, and the
+    image is the one a start without any cache makes, bit for bit."""
+    def run(cache):
+        with Pipeline.load(None, backend="onnxruntime", threads=2, cache_dir=cache, use_cache=cache is not None) as p:
+            r = p.txt2img("a red circle on a blue background", **ASK)
+            cached = {name: info.cached for name, (info, _variant) in p.model.session_infos().items()}
+        return np.asarray(r.images[0], np.int16), r.warnings, cached
+
+    plain, _, cached = run(None)
+    assert not any(cached.values())
+    cache = tmp_path / "cache"
+    first, warnings, cached = run(cache)
+    assert warnings == [] and not any(cached.values()) and np.array_equal(first, plain)
+    again, warnings, cached = run(cache)
+    assert warnings == [] and all(cached.values()) and np.array_equal(again, plain)

@@ -27,10 +27,15 @@ from ..file_digests import DigestMemo
 RECORD = "cpuflow-blobs.json"
 
 
+# OpenVINO's compiled blobs, and ONNX Runtime's saved optimised graph with its weights
+# (backends/onnxruntime_backend.py): every file a backend would load from our cache.
+SUFFIXES = (".blob", ".onnx", ".data")
+
+
 def _blobs(folder: Path) -> list[Path]:
     try:
         return sorted(Path(e.path) for e in os.scandir(folder)
-                      if e.name.endswith(".blob") and e.is_file(follow_symlinks=False))
+                      if e.name.endswith(SUFFIXES) and e.is_file(follow_symlinks=False))
     except OSError:
         return []
 

@@ -91,6 +91,19 @@ def cache_key_hash(cache_key: str, *, static_dims: Mapping[str, int] | None, pre
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def cpu_identity() -> dict[str, object]:
+    """What of the CPU a compiled or optimised model depends on (the kernels and
+    blocked layouts a runtime picks differ with AMX / AVX-512 / bf16): part of
+    every cache key, so a cache folder copied to another machine is not reused."""
+    try:
+        from ..cpu import cpu_features
+        f = cpu_features(use_openvino=False)
+        return {"model": f.get("model_name"), "amx": f.get("amx"), "bf16": f.get("bf16"),
+                "avx512f": f.get("avx512f")}
+    except Exception:  # noqa: BLE001 - the cache key just gets coarser
+        return {}
+
+
 def model_cache_dir(cache_root: str | os.PathLike, cache_key: str, *,
                     static_dims: Mapping[str, int] | None, precision: str, runtime_version: str,
                     backend: str = "openvino", device: str = "CPU",

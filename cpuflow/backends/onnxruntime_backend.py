@@ -9,24 +9,49 @@ dimension of that name is pinned with ``add_free_dimension_override_by_name``
 (the exporter names ONNX dims like the manifest), which lets ORT plan memory
 for fixed shapes; the feeds are checked against the same values.
 
-ORT has no bf16 inference hint on the CPU (use the openvino backend for bf16)
-and no compiled-model cache: ``SessionInfo.cached`` is always False.
+ORT has no bf16 inference hint on the CPU (use the openvino backend for bf16).
+
+**Optimised-graph cache** (CPU only, when ``options.cache_dir`` is set): ORT
+rewrites a graph at every session start (constant folding, fusions, the
+blocked NCHWc layout for convolutions), which takes seconds on a UNet. The
+first start saves the rewritten graph (ORT's "offline mode":
+``optimized_model_filepath``, weights in an external ``.data`` file so UNets
+over 2 GB fit protobuf) into a per-model cache subfolder keyed like
+OpenVINO's blobs (weights, static dims, ORT version, CPU); later starts load
+that graph with optimisations off (``ORT_DISABLE_ALL``), as ORT's docs
+prescribe for offline-optimised models. The saved files carry sha256 records
+(:mod:`cpuflow.backends.blob_digests`): a damaged one is deleted and the graph
+optimised again. Not for CUDA: ORT ties the saved graph to the execution
+provider and hardware it was optimised for, and the GPU start is not the
+slow part.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import BackendError, InvalidArgument, MissingDependency, ModelError
+from ..file_digests import DigestMemo
 from ..manifest import TensorSpec
+from . import blob_digests
+from . import cache as cache_mod
 from .base import BackendOptions, SessionInfo, check_feeds
 from .device import CPU_PROVIDER, cuda_fallback_message, normalize_device, select_providers
-from .onnx_external import check_external_data
+from .onnx_external import check_external_data, external_data_locations
 
 PRECISIONS = ("auto", "f32")
+
+# The saved optimised graph, in a subfolder of the model's cache folder that is
+# renamed into place whole (graph and weights together, never one without the other).
+OPTIMIZED_DIR = "optimized"
+OPTIMIZED_MODEL = "model.onnx"
+OPTIMIZED_DATA = "model.data"
 
 # ONNX Runtime's type strings -> numpy dtypes
 _ORT_TYPES = {
@@ -62,6 +87,17 @@ def _check_names(component: str, kind: str, specs: Sequence[TensorSpec], model_n
         raise BackendError(f"{component}: the model's {kind} {list(model_names)} do not match the manifest's "
                            f"{[s.name for s in specs]}",
                            hint="the model file and cpuflow.json come from different exports; re-export")
+
+
+def _weights_bytes(model_file: Path) -> int:
+    """Bytes of an ONNX model with its external weights (what a saved graph needs on disk)."""
+    total = model_file.stat().st_size
+    for loc in set(external_data_locations(model_file)):
+        try:
+            total += (model_file.parent / loc).stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 class OnnxRuntimeSession:
@@ -117,17 +153,100 @@ class OnnxRuntimeBackend:
         # raises early (MissingDependency) for --device cuda without onnxruntime-gpu
         self.providers = select_providers(self.device, self._ort.get_available_providers())
 
-    def session_options(self, static_dims: Mapping[str, int] | None = None) -> Any:
+    def session_options(self, static_dims: Mapping[str, int] | None = None, *,
+                        optimize: bool = True, save_to: Path | None = None) -> Any:
+        """ORT's options; ``optimize=False`` for a graph that was optimised
+        already (the cache), ``save_to`` to write the optimised graph there."""
         ort = self._ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(self.options.threads or 0)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 3  # errors only: ORT's warnings are not for end users
         for name, value in (static_dims or {}).items():
             so.add_free_dimension_override_by_name(str(name), int(value))
+        if save_to is not None:
+            so.optimized_model_filepath = str(save_to / OPTIMIZED_MODEL)
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                        OPTIMIZED_DATA)
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                        "1024")
         return so
+
+    def _cache_sub(self, component: str, model_file: Path, cache_key: str,
+                   static_dims: Mapping[str, int] | None) -> Path | None:
+        """The optimised-graph cache folder of this model and shape (None: no cache)."""
+        if self.options.cache_dir is None or self.providers[0] != CPU_PROVIDER:
+            return None
+        try:
+            return cache_mod.model_cache_dir(
+                self.options.cache_dir, cache_key, static_dims=static_dims, precision="f32",
+                runtime_version=self._ort.__version__, backend=self.name, device=CPU_PROVIDER,
+                extra={"component": component, "file": model_file.name, "level": "all",
+                       "cpu": cache_mod.cpu_identity()})
+        except (InvalidArgument, OSError):
+            return None   # an unusable cache folder never fails a load: ORT optimises in memory
+
+    def _create(self, component: str, model_file: Path, so: Any) -> Any:
+        try:
+            return self._ort.InferenceSession(str(model_file), sess_options=so, providers=list(self.providers))
+        except self._errors as e:
+            raise BackendError(f"{component}: onnxruntime cannot load {model_file.name}: {e}") from None
+
+    def _open(self, component: str, model_file: Path, cache_key: str,
+              static_dims: Mapping[str, int] | None) -> tuple[Any, bool, list[str]]:
+        """(the ORT session, whether its graph came from the cache, warnings)."""
+        sub = self._cache_sub(component, model_file, cache_key, static_dims)
+        if sub is None:
+            return self._create(component, model_file, self.session_options(static_dims)), False, []
+        notes: list[str] = []
+        memo = DigestMemo.in_cache(self.options.cache_dir)
+        saved = sub / OPTIMIZED_DIR
+        note = blob_digests.check(saved, memo, component)   # damaged files are deleted, never loaded
+        if note:
+            notes.append(note)
+        if (saved / OPTIMIZED_MODEL).is_file() and (saved / blob_digests.RECORD).is_file():
+            try:
+                check_external_data(saved / OPTIMIZED_MODEL)
+                sess = self._create(component, saved / OPTIMIZED_MODEL,
+                                    self.session_options(static_dims, optimize=False))
+                cache_mod.touch(sub)
+                return sess, True, notes
+            except (BackendError, ModelError) as e:
+                shutil.rmtree(saved, ignore_errors=True)
+                notes.append(f"{component}: the saved optimised graph could not be loaded ({e}); "
+                             "it was deleted and the graph optimised again")
+        shutil.rmtree(saved, ignore_errors=True)   # half a folder (no record): not trusted
+        need = _weights_bytes(model_file)
+        fits, free = cache_mod.room_for_blob(self.options.cache_dir, need)
+        if not fits:
+            notes.append(f"{component}: optimised without saving the graph (it needs up to "
+                         f"{need / 1024 ** 3:.1f} GiB and only {free / 1024 ** 3:.1f} GiB are free in "
+                         f"{self.options.cache_dir}); the next start optimises again. Free some space or "
+                         "set CPUFLOW_CACHE_DIR to a bigger disk; --no-cache silences this")
+            return self._create(component, model_file, self.session_options(static_dims)), False, notes
+        # Written into a private folder, then renamed into place whole: a reader
+        # never sees a graph without its weights, and of two processes saving at
+        # once, the first rename wins and the other's copy is dropped.
+        tmp = sub / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(mode=0o700)
+            sess = self._create(component, model_file, self.session_options(static_dims, save_to=tmp))
+            try:
+                os.rename(tmp, saved)
+            except OSError:
+                pass   # another process saved it first
+            else:
+                blob_digests.record(saved, memo)
+                try:
+                    cache_mod.prune(self.options.cache_dir, cache_mod.DEFAULT_MAX_BYTES, keep=[sub])
+                except OSError:
+                    pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return sess, False, notes
 
     def load(self, component: str, model_file: Path, inputs: Sequence[TensorSpec],
              outputs: Sequence[TensorSpec], *, static_dims: Mapping[str, int] | None,
@@ -143,11 +262,7 @@ class OnnxRuntimeBackend:
         static_dims = dict(static_dims) if static_dims else None
 
         t0 = time.perf_counter()
-        try:
-            sess = ort.InferenceSession(str(model_file), sess_options=self.session_options(static_dims),
-                                        providers=list(self.providers))
-        except self._errors as e:
-            raise BackendError(f"{component}: onnxruntime cannot load {model_file.name}: {e}") from None
+        sess, cached, notes = self._open(component, model_file, cache_key, static_dims)
         compile_s = time.perf_counter() - t0
         used = list(sess.get_providers())
         fallback = cuda_fallback_message(self.providers, used)
@@ -180,5 +295,5 @@ class OnnxRuntimeBackend:
                                        f"{want_d} expected (manifest {list(s.shape)}, model {shape})")
         precision = "f16" if float_types == {"tensor(float16)"} else "f32"
         info = SessionInfo(backend=self.name, device=used[0] if used else CPU_PROVIDER, precision=precision,
-                           compile_s=compile_s, cached=False)
+                           compile_s=compile_s, cached=cached, warning="; ".join(notes) or None)
         return OnnxRuntimeSession(component, sess, inputs, outputs, static_dims, info, self._errors)

@@ -203,17 +203,10 @@ class OpenVINOBackend:
         """The compiled-model cache folder of this model, shape and precision setting (None: no cache)."""
         if self.options.cache_dir is None:
             return None
-        try:
-            from ..cpu import cpu_features
-            f = cpu_features(use_openvino=False)
-            cpu_id = {"model": f.get("model_name"), "amx": f.get("amx"), "bf16": f.get("bf16"),
-                      "avx512f": f.get("avx512f")}
-        except Exception:  # noqa: BLE001 - the cache key just gets coarser
-            cpu_id = {}
         return cache_mod.model_cache_dir(
             self.options.cache_dir, cache_key, static_dims=static_dims, precision=precision,
             runtime_version=self._ov.get_version(), backend=self.name, device=self.device,
-            extra={"component": component, "file": model_file.name, "cpu": cpu_id})
+            extra={"component": component, "file": model_file.name, "cpu": cache_mod.cpu_identity()})
 
     def _reshape(self, component: str, model: Any, inputs: Sequence[TensorSpec], in_index: list[int],
                  static_dims: Mapping[str, int]) -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from ..config import RESIZE_MODES
+
 EXAMPLES = """
 \b
 Examples:
@@ -14,11 +16,24 @@ Examples:
   #   {"prompt": "a red circle on a blue background", "seed": 1, "steps": 20}
   cpuflow batch jobs.jsonl --out out/
   cpuflow batch --prompts prompts.txt --seeds 0..99 --steps 20 --model exported/sd15 --out out/
+  cpuflow bench --throughput exported/sd15      # once per machine: then batch runs the fastest worker count
   cpuflow batch jobs.jsonl --out out/ --ray auto                  # on the Ray cluster of `ray start`
   cpuflow batch jobs.jsonl --out out/ --ray ray://head:10001 --cpus-per-worker 8
 \b
 Kill it at any moment and run the same command again: it finishes what is missing.
 """
+
+
+def _workers_option(ctx, param, value):
+    if value is None or str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 4096:
+        raise click.BadParameter(f"must be auto or a whole number from 1 to 4096, got {value!r}")
+    return n
 
 
 @click.command("batch", epilog=EXAMPLES)
@@ -40,12 +55,17 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--height", "-H", type=int, default=None, help="--prompts: height.")
 @click.option("--init-image", default=None, help="--prompts: img2img from this image file.")
 @click.option("--strength", type=float, default=None, help="--prompts: img2img strength.")
+@click.option("--resize", type=click.Choice(list(RESIZE_MODES)), default=None,
+              help="--prompts: how the init image is brought to the size (as `cpuflow generate --resize`; "
+                   "default crop).")
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default=None, help="--prompts: decoder.")
 @click.option("--ray", "ray_address", default=None, metavar="auto|ray://HOST:PORT",
               help="Run on a Ray cluster (needs `pip install 'cpuflow[ray]'`).")
-@click.option("--workers", type=click.IntRange(1, 4096), default=None,
-              help="Workers: local processes (default 1), or Ray actors (default: the cluster's CPUs / "
-                   "--cpus-per-worker).")
+@click.option("--workers", default="auto", show_default=True, metavar="auto|N", callback=_workers_option,
+              help="Local worker processes, each with its own copy of the model and cores / N threads; auto: "
+                   "the count `cpuflow bench --throughput` measured fastest for this model on this machine, "
+                   "else 1 (the line `workers: ...` says which and why). With --ray: actors (auto: the "
+                   "cluster's CPUs / --cpus-per-worker).")
 @click.option("--cpus-per-worker", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Ray: CPUs (and threads) per actor.")
 @click.option("--model-transfer", type=click.Choice(["auto", "shared", "ship"]), default="auto", show_default=True,
@@ -61,7 +81,7 @@ Kill it at any moment and run the same command again: it finishes what is missin
 @click.option("--threads", type=int, default=None, help="Threads per worker (default: cores / workers).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, sampler, schedule, guidance, width,
-                  height, init_image, strength, decoder, ray_address, workers, cpus_per_worker, model_transfer,
+                  height, init_image, strength, resize, decoder, ray_address, workers, cpus_per_worker, model_transfer,
                   model_uri, retry_failed, backend, precision, variant, threads, quiet):
     """Generate many images from JOBS (a JSONL file) or --prompts, resumably, exactly once."""
     from ..errors import InvalidArgument
@@ -71,7 +91,7 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
         init_image = str(Path(init_image).expanduser().resolve())
     flags = {"negative_prompt": negative_prompt, "steps": steps, "sampler": sampler, "schedule": schedule,
              "guidance": guidance, "width": width, "height": height, "init_image_path": init_image,
-             "strength": strength, "decoder": decoder}
+             "strength": strength, "resize": resize, "decoder": decoder}
     params = {k: v for k, v in flags.items() if v is not None}
     if params and prompts is None:
         flag = "--" + next(iter(params)).replace("_path", "").replace("_", "-")
@@ -79,7 +99,7 @@ def batch_command(jobs, out, model, prompts, seeds, negative_prompt, steps, samp
                               "in a jobs file each line carries its own parameters")
     if ray_address is not None:
         from .ray_pool import import_ray
-        import_ray()          # one clear line before any work when Ray is missing
+        import_ray(ray_address)     # one clear line before any work when Ray (or its client) is missing
     bar = _Progress(quiet)
     try:
         summary = run(jobs, out=out, model=model, prompts=prompts, seeds=seeds, params=params, ray=ray_address,
@@ -113,6 +133,8 @@ class _Progress:
         kind = ev.get("event")
         if kind == "warning":
             self._write(f"warning: {ev['message']}")
+        elif kind == "note":
+            self._write(ev["message"])
         elif kind == "start" and not self.quiet:
             from tqdm import tqdm
             finished = ev["done_before"] + ev["failed_before"]

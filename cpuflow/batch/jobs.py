@@ -189,7 +189,7 @@ def resolved_params(req: GenerationRequest, info: dict) -> dict[str, Any]:
         "strength": req.strength if img2img else None,
         "init_image_sha256": hashlib.sha256(req.init_image).hexdigest() if img2img else None,
         "model_hash": info["model_hash"],
-    }
+    } | ({"resize": req.resize} if img2img else {})   # only img2img jobs: txt2img job ids stay what they were
 
 
 def job_id(params: dict) -> str:

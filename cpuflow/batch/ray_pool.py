@@ -24,11 +24,17 @@ MAX_ATTEMPTS = 3
 INSTALL_HINT = "pip install 'cpuflow[ray]'"
 
 
-def import_ray():
+def import_ray(address: str | None = None):
     try:
         import ray
     except ImportError:
         raise MissingDependency("--ray needs Ray, which is not installed", hint=INSTALL_HINT) from None
+    if address is not None and str(address).startswith("ray://"):
+        try:
+            import grpc  # noqa: F401  (the Ray Client speaks gRPC; `pip install ray` alone lacks it)
+        except ImportError:
+            raise MissingDependency("--ray ray://... connects through the Ray Client, which needs grpcio",
+                                    hint=INSTALL_HINT) from None
     return ray
 
 
@@ -71,7 +77,7 @@ class RayPool:
     def __init__(self, address: str, load_options: dict, model_dir, *, workers: int | None,
                  cpus_per_worker: int, model_transfer_mode: str = "auto", model_uri: str | None = None,
                  on_event=None):
-        ray = import_ray()
+        ray = import_ray(address)
         self.ray = ray
         self.on_event = on_event or (lambda ev: None)
         self.started_ray = False
@@ -79,8 +85,12 @@ class RayPool:
             try:
                 ray.init(address=address, log_to_driver=False, include_dashboard=False)
             except ConnectionError as e:
-                raise CpuflowError(f"cannot reach the Ray cluster at {address}: {e}",
-                                   hint="start one with `ray start --head`, or check the address") from None
+                # a Ray Client server that wants a token it was not sent also looks like a timeout
+                hint = ("check the address and that the head runs the Ray Client server (`ray start --head "
+                        "--ray-client-server-port 10001`); a cluster with token authentication needs "
+                        "RAY_AUTH_MODE=token here, with its token" if str(address).startswith("ray://") else
+                        "start one with `ray start --head`, or check the address")
+                raise CpuflowError(f"cannot reach the Ray cluster at {address}: {e}", hint=hint) from None
             self.started_ray = True
         self.cpus = cpus_per_worker
         if workers is None:

@@ -67,7 +67,7 @@ class Summary:
 def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os.PathLike,
         model: str | os.PathLike | None = None, prompts: str | os.PathLike | None = None,
         seeds: str | list[int] | None = None, params: dict | None = None,
-        ray: str | None = None, workers: int | None = None, cpus_per_worker: int = 1,
+        ray: str | None = None, workers: int | str | None = None, cpus_per_worker: int = 1,
         model_transfer: str = "auto", model_uri: str | None = None, retry_failed: bool = False,
         backend: str = "openvino", device: str = "auto", precision: str = "auto", variant: str | None = None,
         threads: int | None = None, use_cache: bool = True, progress: Event | None = None) -> Summary:
@@ -78,11 +78,15 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
     one prompt a line, the other fields from ``params``. ``seeds``: ``"A..B"`` or a
     list: each job without its own seed is made once per seed. ``ray``: ``"auto"``
     or ``"ray://HOST:PORT"`` (or an already initialised Ray: any value) to run on a
-    Ray cluster with ``workers`` actors of ``cpus_per_worker`` CPUs each;
+    Ray cluster with ``workers`` actors of ``cpus_per_worker`` CPUs each (None: the
+    cluster's CPUs / ``cpus_per_worker``). Locally ``workers`` is the number of worker
+    processes (None: 1, in this process); ``"auto"`` (the CLI's default) takes the count
+    ``cpuflow bench --throughput`` measured fastest for this model on this CPU, else 1,
+    and says which and why in a ``note`` event;
     ``model_transfer``: ``auto`` (a shared path when the nodes see it, else
     shipped), ``shared`` or ``ship``; ``model_uri``: workers fetch a tar archive of
     the model folder from there instead (file://, http(s)://). ``progress(event)`` gets dicts with an
-    ``"event"`` key: start, worker, image, failed, requeued, warning.
+    ``"event"`` key: note, start, worker, image, failed, requeued, warning.
     """
     emit = progress or (lambda ev: None)
     if (jobs is None) == (prompts is None):
@@ -91,8 +95,10 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
         raise InvalidArgument(f"model_transfer must be auto, shared or ship, got {model_transfer!r}")
     if model_uri is not None and ray is None:
         raise InvalidArgument("--model-uri is for --ray workers; locally, pass the folder as --model")
-    if workers is not None and not 1 <= int(workers) <= 4096:
-        raise InvalidArgument(f"workers must be between 1 and 4096, got {workers}")
+    if workers == "auto" and ray is not None:
+        workers = None               # on Ray: the cluster's CPUs / cpus_per_worker
+    if workers not in (None, "auto") and not (isinstance(workers, int) and 1 <= workers <= 4096):
+        raise InvalidArgument(f"workers must be auto or a whole number between 1 and 4096, got {workers!r}")
     if not 1 <= int(cpus_per_worker) <= 1024:
         raise InvalidArgument(f"cpus_per_worker must be between 1 and 1024, got {cpus_per_worker}")
     seed_list = jobs_mod.parse_seeds(seeds) if isinstance(seeds, (str, type(None))) else list(seeds)
@@ -112,6 +118,11 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
     finally:
         facts.close()
     load_options["model"] = model_dir
+    if workers == "auto":
+        from ..bench.throughput import choose_workers
+        workers, why = choose_workers(info["model_hash"], backend=backend, precision=precision, variant=variant,
+                                      model=model)
+        emit({"event": "note", "message": why, "workers": workers})
 
     if prompts is not None:
         bodies = jobs_mod.read_prompts(Path(prompts), dict(params or {}))

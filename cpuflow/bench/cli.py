@@ -30,6 +30,9 @@ Examples:
   # (--no-compile-cache: its OpenVINO compiled cache would need another 10+ GB of disk)
   cpuflow bench exported/sdxl --stages text,unet,vae,taesd,e2e,load --steps 2 --repeat 1 \
       --no-compile-cache
+  # images per minute of `cpuflow batch` with 1, 2, ... worker processes on the shipped model (or a
+  # MODEL_DIR); the fastest is recorded for this CPU and model, and `cpuflow batch` then runs it
+  cpuflow bench --throughput
   # SDXL-Turbo style: 512x512, one step, no guidance (UNet at batch 1), tiny decoder
   cpuflow bench exported/sdxl -W 512 -H 512 --steps 1 --guidance 0 --decoder taesd \
       --stages text,unet,taesd,e2e --no-compile-cache
@@ -73,7 +76,8 @@ is that process's high-water mark (VmHWM).
                    "hub id it was exported from (not needed with --arch or a --random-weights export).")
 @click.option("--width", "-W", type=int, default=None, help="Image width (default: the model's).")
 @click.option("--height", "-H", type=int, default=None, help="Image height (default: the model's).")
-@click.option("--steps", type=int, default=20, show_default=True, help="Steps of the end-to-end image.")
+@click.option("--steps", type=int, default=None,
+              help="Steps of the end-to-end image (default 20; --throughput: the model's default).")
 @click.option("--guidance", "-g", type=float, default=7.5, show_default=True,
               help="Guidance scale (above 1: the UNet runs at batch 2).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
@@ -96,6 +100,12 @@ is that process's high-water mark (VmHWM).
               help="Write a PNG bar chart of the medians to this file.")
 @click.option("--timeout", "job_timeout", type=float, default=None,
               help="Kill a worker process after this many seconds (default: no limit).")
+@click.option("--throughput", is_flag=True,
+              help="Instead of stages: images per minute of `cpuflow batch` with 1, 2, 4, ... worker processes "
+                   "(up to the physical cores) on MODEL_DIR (default: the shipped model) at its default size and "
+                   "steps; records the fastest count for this CPU and model, which `cpuflow batch` then uses.")
+@click.option("--throughput-images", type=click.IntRange(2, 10000), default=8, show_default=True,
+              help="--throughput: counted images per worker count (after --warmup images per worker).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench_command(**opts):
     """Measure per-stage latency and peak memory of MODEL_DIR (or --arch), for
@@ -107,9 +117,18 @@ def bench_command(**opts):
 
 def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
          reference_source, width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
-         chart_path, job_timeout, quiet, decoder="full", no_compile_cache=False):
+         chart_path, job_timeout, quiet, decoder="full", no_compile_cache=False, throughput=False,
+         throughput_images=8):
     from ..manifest import load_manifest
     from . import report, runner
+
+    if throughput:
+        if reference is not None or chart_path is not None:
+            raise InvalidArgument("--reference and --chart go with the stage benchmark, not --throughput")
+        return _run_throughput(model_dir=model_dir, arch=arch, backends=backends, precisions=precisions,
+                               variants=variants, device=device, width=width, height=height, steps=steps,
+                               warmup=warmup, images=throughput_images, json_path=json_path,
+                               rebuild=rebuild, tokenizer_dir=tokenizer_dir)
 
     if (model_dir is None) == (arch is None):
         raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch "
@@ -121,7 +140,8 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
     for p in (json_path, chart_path):
         if p is not None:
             check_writable(p)
-    settings = runner.BenchSettings(width=width, height=height, steps=steps, guidance=guidance, threads=threads,
+    settings = runner.BenchSettings(width=width, height=height, steps=20 if steps is None else steps,
+                                    guidance=guidance, threads=threads,
                                     repeat=repeat, warmup=warmup, stages=stages,
                                     prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder,
                                     compile_cache=not no_compile_cache)
@@ -151,6 +171,50 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
         log(f"wrote {report.write_chart(result, chart_path)}")
     if any(st.get("error") for c in result["configs"] for st in c["stages"].values()):
         sys.exit(1)
+
+
+def _run_throughput(*, model_dir, arch, backends, precisions, variants, device, width, height, steps, warmup, images,
+                    json_path, rebuild, tokenizer_dir) -> None:
+    """`cpuflow bench --throughput`: one measurement and record per configuration asked for."""
+    import json
+
+    from ..manifest import load_manifest
+    from . import runner, throughput
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    if json_path is not None:
+        check_writable(json_path)
+    if arch is not None:
+        if model_dir is not None:
+            raise InvalidArgument("pass either MODEL_DIR (an exported folder) or --arch, not both")
+        model_dir, _ = runner.ensure_arch_model(arch, rebuild=rebuild, tokenizer=tokenizer_dir, log=log)
+    if model_dir is None:
+        from ..pipelines.model import shipped_model_dir
+        model_dir = shipped_model_dir()
+    m = load_manifest(model_dir, verify="size")
+    configs, notes = runner.make_configs(m, backends or ("openvino",), variants or (None,),
+                                         precisions or ("auto",), device)
+    for n in notes:
+        log(f"note: {n}")
+    results = []
+    for c in configs:
+        rec = throughput.measure(model_dir, backend=c.backend, precision=c.precision, variant=c.variant,
+                                 device=c.device, images=images, warmup=warmup, steps=steps, width=width,
+                                 height=height, log=log)
+        path = throughput.write_record(rec)
+        rates = ", ".join(f"{k} worker(s) {v:.1f}" for k, v in rec["images_per_minute"].items())
+        load = rec["loadavg_before"]
+        when = f" (load average {load[0]:.2f} at the start)" if load else ""
+        click.echo(f"{c.id}: images/min: {rates} -> fastest {rec['best']}{when}")
+        log(f"recorded in {path}: `cpuflow batch` on this model and machine now runs {rec['best']} worker(s)")
+        results.append(rec)
+    if json_path is not None:
+        tmp = json_path.with_name(json_path.name + ".tmp")
+        tmp.write_text(json.dumps({"schema": throughput.SCHEMA, "results": results}, indent=1), encoding="utf-8")
+        tmp.replace(json_path)
+        log(f"wrote {json_path}")
 
 
 def check_writable(path: Path) -> None:

@@ -19,7 +19,8 @@ from .. import depth_map as dm
 from .. import samplers
 from ..config import GenerationRequest
 from ..errors import InvalidArgument, ModelError
-from ..image import check_finite, image_to_array, load_init_image
+from ..image import check_finite, image_to_array
+from . import init_image
 from .model import LoadedModel, StageTimer
 from .run import GenerationResult, ImageFn, ProgressFn, Run
 from .stages import encode_image
@@ -31,8 +32,7 @@ def depth2img(model: LoadedModel, req: GenerationRequest, progress: ProgressFn |
               on_image: ImageFn | None = None, *, keep_images: bool = True) -> GenerationResult:
     check_request(model, req)
     run = Run(model, req, "depth2img", progress, on_image, keep_images=keep_images)
-    img = load_init_image(run.req.init_image, run.req.width, run.req.height)
-    run.set_size(*img.size)
+    img = init_image.load_for(run)
     given = run.req.depth_map is not None
     depth = dm.load_depth_map(run.req.depth_map) if given else estimate(model, img, run.timer)
     shape = run.latent_shape()

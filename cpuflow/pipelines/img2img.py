@@ -6,7 +6,8 @@ from __future__ import annotations
 from .. import samplers
 from ..config import GenerationRequest
 from ..errors import InvalidArgument
-from ..image import image_to_array, load_init_image
+from ..image import image_to_array
+from . import init_image
 from .model import LoadedModel
 from .run import GenerationResult, ImageFn, ProgressFn, Run
 from .stages import EncodedImage, encode_image
@@ -29,12 +30,11 @@ def img2img(model: LoadedModel, req: GenerationRequest, progress: ProgressFn | N
 
 
 def load_init(run: Run) -> EncodedImage:
-    """The init image, read and sized (the request's -W/-H, else its own size),
-    encoded once for the whole request: the encoder's output does not depend on
-    the seed, only the sample drawn from it does."""
-    img = load_init_image(run.req.init_image, run.req.width, run.req.height)
-    run.set_size(*img.size)
-    pixels = image_to_array(img)
+    """The init image, read and sized (init_image.py: the request's -W/-H, else the
+    model's native area at the photo's aspect ratio), encoded once for the whole
+    request: the encoder's output does not depend on the seed, only the sample drawn
+    from it does."""
+    pixels = image_to_array(init_image.load_for(run))
     if run.tiny:   # the tiny encoder is deterministic: it draws nothing from the generator
         return EncodedImage(encode_taesd(run.model, pixels, run.timer), None)
     return encode_image(run.model, pixels, run.timer)

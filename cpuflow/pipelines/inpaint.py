@@ -26,13 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .. import inpaint_mask as mk
 from .. import samplers
 from ..config import GenerationRequest
 from ..errors import InvalidArgument, ModelError
 from ..image import image_to_array, load_init_image
+from . import init_image
 from .model import LoadedModel
 from .run import GenerationResult, ImageFn, ProgressFn, Run
 from .stages import encode_image
@@ -99,6 +100,7 @@ class InpaintSpec:
     paste_mask: Image.Image | None = None
     box: tuple[int, int, int, int] | None = None
     notes: list[str] = field(default_factory=list)
+    init: init_image.InitImage | None = None   # "whole" and no mask: the photo and its working size
 
     @property
     def masked_pixels(self) -> np.ndarray:
@@ -109,10 +111,11 @@ class InpaintSpec:
         return mk.paste_back(self.paste_mask, self.original, img, self.box)
 
     def record(self, req) -> dict:
-        """What the image record adds for a masked request."""
+        """What the image record adds: the init image's size and resize mode, and the mask's settings."""
+        rec = self.init.record() if self.init is not None else {}
         if req.mask is None:
-            return {}
-        rec = {"mask_blur": req.mask_blur, "inpaint_area": req.inpaint_area}
+            return rec
+        rec.update(mask_blur=req.mask_blur, inpaint_area=req.inpaint_area)
         if self.box is not None:
             rec["padding"] = req.padding
             rec["inpaint_box"] = list(self.box)
@@ -134,25 +137,26 @@ def prepare(model: LoadedModel, req, default_width: int, default_height: int) ->
             w, h = req.width or default_width, req.height or default_height
             pixels = np.zeros((1, 3, h, w), np.float32)
             strength = 1.0
+            init = None
         else:
-            img = load_init_image(req.init_image, req.width, req.height)
-            w, h = img.size
-            pixels, strength = image_to_array(img), req.strength
-        return InpaintSpec(pixels, np.ones((1, 1, h, w), np.float32), w, h, nine, strength)
+            init = init_image.load(model, req)
+            (w, h), pixels, strength = init.size, image_to_array(init.sized()), req.strength
+        return InpaintSpec(pixels, np.ones((1, 1, h, w), np.float32), w, h, nine, strength, init=init)
     area = mk.check_area(req.inpaint_area)
+    if area == "whole":
+        # The mask is laid on the photo at the photo's size and blurred there, then both go to
+        # the working size through the same resize (init_image.py), so it stays on the picture.
+        init = init_image.load(model, req)
+        mask, note = mk.fit_mask(mk.load_mask(req.mask), init.photo.size)
+        mask01 = mk.binary_mask(init.sized(mk.blur(mask, req.mask_blur)))
+        mk.require_nonempty(mask01)
+        return InpaintSpec(image_to_array(init.sized()), mask01, *init.size, nine, req.strength,
+                           notes=[note] if note else [], init=init)
     original = load_init_image(req.init_image)
     mask = mk.load_mask(req.mask)
     mask, note = _mask_to(mask, original.size)
     notes = [note] if note else []
     mask = mk.blur(mask, req.mask_blur)
-    if area == "whole":
-        img = original
-        if (req.width or original.width, req.height or original.height) != original.size:
-            img = load_init_image(req.init_image, req.width, req.height)
-            mask = ImageOps.fit(mask, img.size, Image.Resampling.LANCZOS)   # as load_init_image sizes the picture
-        mask01 = mk.binary_mask(mask)
-        mk.require_nonempty(mask01)
-        return InpaintSpec(image_to_array(img), mask01, img.width, img.height, nine, req.strength, notes=notes)
     w, h = req.width or default_width, req.height or default_height
     mk.require_nonempty(mk.binary_mask(mask))
     box = mk.crop_region(mask, w, h, req.padding)
@@ -163,9 +167,9 @@ def prepare(model: LoadedModel, req, default_width: int, default_height: int) ->
 
 
 def _mask_to(mask: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, str | None]:
-    """The mask at the image's size. load_init_image rounds an image down to a multiple of 8
-    by a centred crop; a mask of the image's own (unrounded) size gets the same crop, anything
-    else is resized (and the caller says so)."""
+    """"Only masked": the mask at the picture's size. load_init_image rounds an image down to a
+    multiple of 8 by a centred crop; a mask of the image's own (unrounded) size gets the same
+    crop, anything else is resized (and the caller says so)."""
     (mw, mh), (w, h) = mask.size, size
     if 0 <= mw - w < 8 and 0 <= mh - h < 8:
         left, top = (mw - w) // 2, (mh - h) // 2

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from ..config import MAX_PROMPT_CHARS, SCHEDULES, GenerationRequest, UpscaleRequest
+from ..config import MAX_PROMPT_CHARS, RESIZE_MODES, SCHEDULES, GenerationRequest, UpscaleRequest
 from ..errors import ImageInputError, InvalidArgument, ResourceLimitError
 from ..manifest import UPSCALER_FAMILY
 
@@ -51,6 +51,7 @@ class GenerateBody(BaseModel):
     seed: int | None = None              # none: random (the job reports it)
     n_samples: int = 1
     init_image: str | None = None        # base64 (or a data: URL) of a PNG/JPEG/WebP/...: img2img
+    resize: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]  # crop | fit | stretch: cpuflow/resize.py
     strength: float | None = None        # none: 0.8 for img2img, 1.0 with a mask (as diffusers)
     mask: str | None = None              # base64 PNG (or any image), white = repaint: inpainting, with init_image
     mask_blur: int = 0
@@ -156,19 +157,22 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
         init_bytes = decode_base64(body.init_image, limits.max_init_bytes)
     width, height = body.width, body.height
     if init_bytes is not None:
-        from ..image import load_init_image
+        from ..image import load_init_image, read_init_image
+        from ..resize import working_size
         for name, v in (("width", width), ("height", height)):
             if v is not None and (isinstance(v, bool) or v <= 0 or v % 8):
                 raise InvalidArgument(f"{name} must be a positive multiple of 8, got {v}")
         # bytes and a neutral name: no path is ever opened, none reaches an error message
         masked = body.mask is not None and body.inpaint_area == "masked"
-        img = load_init_image(init_bytes, None if masked else width, None if masked else height, name="(uploaded)")
         if masked:   # the picture keeps its size; the model works at width x height
+            img = load_init_image(init_bytes, name="(uploaded)")
             if img.width * img.height > limits.max_pixels:
                 raise ResourceLimitError(f"the init image's {img.width}x{img.height} pixels are over this "
                                          f"server's limit of {limits.max_pixels} pixels per image")
-        else:
-            width, height = img.size
+        else:   # the size the pipeline would choose (cpuflow/resize.py), made explicit for the job's params
+            photo = read_init_image(init_bytes, name="(uploaded)").size
+            width, height = working_size(photo, width, height, native=(info["width"], info["height"]),
+                                         multiple=info["size_multiple"])
     mask_bytes = None
     if body.mask is not None:
         if init_bytes is None:
@@ -184,7 +188,7 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
                             sampler=body.sampler, schedule=body.schedule, guidance=body.guidance,
                             guidance_rescale=body.guidance_rescale, width=width, height=height, seed=body.seed,
                             n_samples=body.n_samples,
-                            eta=body.eta, init_image=init_bytes,
+                            eta=body.eta, init_image=init_bytes, resize=body.resize,
                             strength=body.strength if body.strength is not None else
                             1.0 if mask_bytes is not None else 0.8,
                             rng=body.rng, decoder=body.decoder, mask=mask_bytes, mask_blur=body.mask_blur,
@@ -206,6 +210,8 @@ def build_request(body: GenerateBody, info: dict, limits: Limits,
               "img2img": init_bytes is not None, "strength": req.strength, "eta": req.eta, "rng": req.rng,
               "decoder": req.decoder, "clip_skip": req.clip_skip, "embeddings": list(body.embeddings),
               "watermark": req.watermark, "deep_cache": req.deep_cache}
+    if init_bytes is not None:
+        params["resize"] = req.resize
     if mask_bytes is not None:
         params.update(inpaint=True, mask_blur=req.mask_blur, inpaint_area=req.inpaint_area, padding=req.padding)
     return req, params
