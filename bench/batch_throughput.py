@@ -60,7 +60,7 @@ def driver_cost(tmp: Path, size: int, n: int = 20) -> dict:
     from PIL import Image
 
     from cpuflow.batch.journal import OutputDir
-    from cpuflow.batch.jobs import Job
+    from cpuflow.batch.jobs import BatchJob
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))   # noise: worst case for PNG
     out = tmp / f"driver-{size}"
@@ -68,7 +68,7 @@ def driver_cost(tmp: Path, size: int, n: int = 20) -> dict:
     with OutputDir.open(out, {"model_hash": "x"}) as od:
         t0 = time.perf_counter()
         for i in range(n):
-            job = Job(id=f"{i:020x}" + "0" * 44, source="bench", params={"seed": i}, request=None)
+            job = BatchJob(id=f"{i:020x}" + "0" * 44, source="bench", params={"seed": i}, request=None)
             od.write_done(job, img, {"prompt": "p", "seed": i}, seconds=0.0, worker="w")
         dt = (time.perf_counter() - t0) / n
     import io

@@ -29,6 +29,7 @@ import numpy as np
 
 from cpuflow.bench.worker import UNET_TIMESTEP, Progress, measure, memory_status, unet_batch
 from cpuflow.errors import ExportError
+from cpuflow.manifest import load_manifest
 
 # Parameters compared with the exported files: names as in the diffusers /
 # transformers modules. Chosen because the ONNX exporter stores them unchanged
@@ -49,7 +50,7 @@ def _torch_module_of(loaded: Any, component: str):
 
 
 def build_pipeline(spec: dict) -> tuple[Any, Any]:
-    """(StableDiffusionPipeline, export.sources.LoadedModel) from spec's source,
+    """(StableDiffusionPipeline, export.sources.LoadedSource) from spec's source,
     float32, eval mode, no safety checker, progress bar off."""
     import diffusers
     from transformers import CLIPTokenizer
@@ -215,7 +216,10 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
     upscaler = getattr(loaded, "family", None) == "x4-upscaler"
     # the x4 upscaler's UNet also takes the noised low-res image (3 channels) and the noise level
     image = torch.rand((1, 3, *lat_shape[2:]), generator=gen) * 2 - 1 if upscaler else None
-    labels = torch.tensor([int(spec.get("noise_level", 20))] * unet_batch(spec)) if upscaler else None
+    # the UNet's batch as the runtime decides it (uses_cfg: the export's manifest says whether it
+    # takes the guidance as an embedding)
+    b = unet_batch(load_manifest(Path(spec["model"]), verify=False), guidance)
+    labels = torch.tensor([int(spec.get("noise_level", 20))] * b) if upscaler else None
 
     with torch.inference_mode():
         if stage == "load":
@@ -226,7 +230,6 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
                                  truncation=True, return_tensors="pt").input_ids
             out.update(measure(lambda: pipe.text_encoder(ids)[0], spec["warmup"], spec["repeat"], progress))
         elif stage == "unet":
-            b = unet_batch(spec)
             hidden = int(pipe.text_encoder.config.hidden_size)
             ehs = torch.randn((b, pipe.tokenizer.model_max_length, hidden), generator=gen)
             x = torch.randn(lat_shape, generator=gen)
@@ -261,14 +264,7 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
             out.update(measure(lambda: pipe.vae.decode(z / sf, return_dict=False)[0], spec["warmup"],
                                spec["repeat"], progress))
         elif stage == "e2e":
-            timers = {"text_encoder": _ForwardTimer(pipe.text_encoder), "unet": _ForwardTimer(pipe.unet),
-                      "vae_decoder": _ForwardTimer(pipe.vae.decoder)}
-            breakdown: list[dict] = []
-
-            def one_image():
-                for tm in timers.values():
-                    tm.take()
-                g = torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0)))
+            def one_image(g):
                 extra = {}
                 if getattr(loaded, "unet_kind", "txt2img") == "inpaint":   # as cpuflow runs txt2img on it:
                     from PIL import Image                                   # an all-white mask (pipelines/inpaint.py)
@@ -276,45 +272,21 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
                              "mask_image": Image.new("L", (w, h), 255), "strength": 1.0}
                 pipe(prompt=spec["prompt"], num_inference_steps=int(spec["steps"]), guidance_scale=guidance,
                      width=w, height=h, generator=g, output_type="pil", **extra)
-                row = {}
-                for name, tm in timers.items():
-                    s, c = tm.take()
-                    row[name] = round(s, 6)
-                    if name == "unet" and c:
-                        row["unet_per_call"] = round(s / c, 6)
-                return row
 
-            out.update(measure(one_image, spec["warmup"], spec["repeat"], progress, on_result=breakdown.append))
-            out["breakdown"] = breakdown
-            out["sampler"] = type(pipe.scheduler).__name__
+            out.update(_measure_whole_calls(pipe, spec, progress, one_image))
         elif stage == "upscale":   # as cpuflow's worker: a smooth random picture of a quarter of width x height
             from PIL import Image
             rng = np.random.default_rng(int(spec.get("gen_seed", 0)))
             small = Image.fromarray(rng.integers(0, 256, (max(1, h // vae_scale // 8), max(1, w // vae_scale // 8), 3),
                                                  dtype=np.uint8)).resize((w // vae_scale, h // vae_scale),
                                                                          Image.Resampling.BICUBIC)
-            timers = {"text_encoder": _ForwardTimer(pipe.text_encoder), "unet": _ForwardTimer(pipe.unet),
-                      "vae_decoder": _ForwardTimer(pipe.vae.decoder)}
-            breakdown = []
 
-            def one_upscale():
-                for tm in timers.values():
-                    tm.take()
-                g = torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0)))
+            def one_upscale(g):
                 pipe(prompt=spec["prompt"], image=small, num_inference_steps=int(spec["steps"]),
                      guidance_scale=guidance, noise_level=int(spec.get("noise_level", 20)), generator=g,
                      output_type="pil")
-                row = {}
-                for name, tm in timers.items():
-                    s, c = tm.take()
-                    row[name] = round(s, 6)
-                    if name == "unet" and c:
-                        row["unet_per_call"] = round(s / c, 6)
-                return row
 
-            out.update(measure(one_upscale, spec["warmup"], spec["repeat"], progress, on_result=breakdown.append))
-            out["breakdown"] = breakdown
-            out["sampler"] = type(pipe.scheduler).__name__
+            out.update(_measure_whole_calls(pipe, spec, progress, one_upscale))
         else:
             raise ValueError(f"unknown stage {stage!r}")
 
@@ -325,3 +297,30 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
     if spec.get("check_weights") and spec.get("model"):
         out["weights_check"] = check_same_weights(loaded, spec["model"])
     return out
+
+
+def _measure_whole_calls(pipe, spec: dict, progress: Progress, call) -> dict[str, Any]:
+    """Time ``call(generator)``, one whole diffusers pipeline call (an image, an upscale),
+    with a fresh generator of spec's seed each time, and the per-component breakdown of each
+    counted call (text encoder, UNet and its time per call, VAE decoder), as cpuflow's worker
+    reports it for its e2e and upscale stages."""
+    import torch
+
+    timers = {"text_encoder": _ForwardTimer(pipe.text_encoder), "unet": _ForwardTimer(pipe.unet),
+              "vae_decoder": _ForwardTimer(pipe.vae.decoder)}
+    breakdown: list[dict] = []
+
+    def one():
+        for tm in timers.values():
+            tm.take()
+        call(torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0))))
+        row = {}
+        for name, tm in timers.items():
+            s, c = tm.take()
+            row[name] = round(s, 6)
+            if name == "unet" and c:
+                row["unet_per_call"] = round(s / c, 6)
+        return row
+
+    out = measure(one, spec["warmup"], spec["repeat"], progress, on_result=breakdown.append)
+    return dict(out, breakdown=breakdown, sampler=type(pipe.scheduler).__name__)

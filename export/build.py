@@ -419,7 +419,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  calibration_steps: int = CALIBRATION_STEPS,
                  default_steps: int | None = None, default_guidance: float | None = None,
                  default_clip_skip: int | None = None, deep_cache: bool = False) -> Path:
-    """Export ``loaded`` (an ``export.sources.LoadedModel``) into ``out_dir``.
+    """Export ``loaded`` (an ``export.sources.LoadedSource``) into ``out_dir``.
 
     formats: any of "onnx", "openvino". weights: "fp32" or "fp16" (fp16 storage
     only; compute stays float32). force: keep components that fail the parity
@@ -448,9 +448,6 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     if exporter not in ("torchscript", "dynamo"):
         raise InvalidArgument(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
     modes = quant.check_modes(quantize)
-    if getattr(loaded, "family", None) == "sdxl" and any(m in quant.NEEDS_CALIBRATION for m in modes):
-        raise InvalidArgument("--quantize int8 / hybrid (calibrated) is not supported for SDXL yet; "
-                              "use --quantize int8-weights")
     if getattr(loaded, "family", None) == "x4-upscaler" and getattr(loaded, "taesd", None) is not None:
         raise InvalidArgument("--taesd does not fit the x4 upscaler: its VAE has a latent space of its own "
                               "(downscale 4, scaling factor 0.08333); export it without --taesd")

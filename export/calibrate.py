@@ -5,7 +5,9 @@ every noise level of a sampling run, the timestep, and text embeddings of real
 prompts (the unconditional one included), batched [uncond, cond] for
 classifier-free guidance exactly as the runtime does. So we do not synthesise
 them: we load the staged float32 export with the cpuflow runtime and run the
-model's own sampling loop (its default sampler, ``steps`` steps, guidance 7.5,
+model's own sampling loop through the runtime's own request run (pipelines/run.py
+``Run``: the same plan, conditioning, SDXL pooled embeds and time ids, and step
+loop as a generation; its default sampler, ``steps`` steps, guidance 7.5,
 its default image size; the x4 upscaler: its upscale loop on a smooth seeded
 low-res picture at noise level 20) on a list of prompts, capturing the ``unet`` feeds of
 every call. The VAE never runs: only the latents' trajectory matters.
@@ -111,43 +113,27 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
             seed: int = 0, guidance: float = GUIDANCE, threads: int | None = None, precision: str = "auto",
             progress: Callable[[str], None] | None = None) -> CalibrationSet:
     """Run the sampling loop of the exported model at ``model_dir`` on each prompt
-    and return the UNet feeds of every call, plus a short held-out run."""
-    from cpuflow import samplers
-    from cpuflow.config import LoadConfig
-    from cpuflow.pipelines.model import StageTimer
-    from cpuflow.pipelines import upscale as up
-    from cpuflow.pipelines.stages import encode_prompt, guided_model_fn
-    from cpuflow.rng import make_generator
+    and return the UNet feeds of every call, plus a short held-out run.
 
+    Each prompt is one request through the runtime's own :class:`~cpuflow.pipelines.run.Run`
+    (prompt k with seed ``seed + k``, an empty negative prompt): its plan, its
+    conditioning (SDXL: both text encoders, the pooled embeds, the time ids and the
+    zeros of an empty negative) and its step loop (pipelines/txt2img.py
+    ``sample_txt2img``; the x4 upscaler: pipelines/upscale.py ``sample_upscaled``),
+    so what is captured is what a generation feeds the UNet."""
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise InvalidArgument(f"calibration steps must be between 1 and 1000, got {steps!r}")
+    from cpuflow.config import LoadConfig
+
     t0 = time.perf_counter()
     model = _capturing_model(LoadConfig(model=Path(model_dir), backend=backend, precision=precision,
                                         threads=threads, variant="fp32", use_cache=False))
     try:
-        m = model.manifest
-        width, height = m.default_width, m.default_height
-        sampler = model.default_sampler()
-        plan = samplers.make_plan(sampler, model.scheduler_config(), steps)
-        dims = model.latent_dims(width, height, 1)
-        shape = (1, m.latent_channels, dims["latent_height"], dims["latent_width"])
-        timer = StageTimer()
-        uncond = encode_prompt(model, "", timer).embeddings
-        upscaler = up.is_upscaler(model)
+        runs = []
 
         def run_prompt(text: str, k: int) -> list[dict[str, np.ndarray]]:
-            cond = encode_prompt(model, text, timer).embeddings
-            gen = make_generator("torch", seed + k)
-            if upscaler:  # the x4 upscaler's loop: a low-res picture noised at the default level (upscale.py)
-                pixels = _low_res_picture(dims["latent_height"], dims["latent_width"], seed + k)
-                low_res = up.low_res_noise(m.raw["upscaler"]["low_res_scheduler"], pixels, gen.randn(pixels.shape),
-                                           up.DEFAULT_NOISE_LEVEL)
-                fn = up.upscale_model_fn(model, cond, uncond, guidance, low_res, up.DEFAULT_NOISE_LEVEL, None, timer)
-            else:
-                fn = guided_model_fn(model, cond, uncond, guidance, dims, timer)
-            x = samplers.initial_latents(plan, gen.randn(shape))
             start = len(model.captured)
-            samplers.sample(plan, fn, x, generator=gen, eta=0.0)
+            runs.append(sample_prompt(model, text, seed=seed + k, steps=steps, guidance=guidance))
             return model.captured[start:]
 
         for k, text in enumerate(prompts):
@@ -160,20 +146,20 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         n = len(held)
         picks = sorted({0, n // 2, n - 1})[:HELD_OUT_POINTS] if n else []
         held_out = [held[i] for i in picks]
-        from cpuflow.prompt_encoding import text_length_dims
-        used_precision = model.session("unet", dict(dims, batch=2, **text_length_dims(model, 77))).info.precision
+        used_precision = model.session_infos()["unet"][0].precision   # the session that ran them
+        run = runs[0]
     finally:
         model.close()
     info = {
         "prompts": len(prompts),
         "prompts_sha256": prompts_hash(prompts),
         "steps": steps,
-        "sampler": sampler,
+        "sampler": run.params["sampler"],
         "guidance": guidance,
-        "width": width,
-        "height": height,
+        "width": run.width,
+        "height": run.height,
         "samples": len(samples),
-        "batch": 2,
+        "batch": 2 if run.do_cfg else 1,
         "seed": seed,
         "backend": backend,
         "precision": str(used_precision),
@@ -181,6 +167,30 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "seconds": round(time.perf_counter() - t0, 2),
     }
     return CalibrationSet(samples, held_out, info)
+
+
+def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float):
+    """One calibration request on ``model`` (a cpuflow LoadedModel): ``text`` with an empty
+    negative prompt at the model's default sampler and size, sampled (never decoded) the
+    way the runtime samples it; the x4 upscaler: its upscale loop on a smooth seeded
+    low-res picture (the latents' size) at noise level 20. Returns the finished Run."""
+    from cpuflow.config import GenerationRequest
+    from cpuflow.pipelines import upscale as up
+    from cpuflow.pipelines.run import Run
+    from cpuflow.pipelines.txt2img import sample_txt2img
+
+    req = GenerationRequest(prompt=text, negative_prompt="", steps=steps, guidance=guidance, seed=seed,
+                            rng="torch", watermark=False)
+    upscaler = up.is_upscaler(model)
+    run = Run(model, req, "upscale" if upscaler else "txt2img", keep_images=False)
+    run.make_plan()
+    for job in run.jobs():
+        if upscaler:
+            _, _, h, w = run.latent_shape()
+            up.sample_upscaled(run, job, _low_res_picture(h, w, seed), up.DEFAULT_NOISE_LEVEL, None)
+        else:
+            sample_txt2img(run, job)
+    return run
 
 
 def _low_res_picture(height: int, width: int, seed: int) -> np.ndarray:

@@ -135,7 +135,7 @@ class VaeEncoderWrapper(torch.nn.Module):
 @dataclass
 class ComponentSpec:
     name: str
-    source_attr: str                     # LoadedModel attribute holding the torch module
+    source_attr: str                     # LoadedSource attribute holding the torch module
     wrap: Callable[[torch.nn.Module], torch.nn.Module]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

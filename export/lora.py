@@ -105,7 +105,7 @@ def _count_lora_layers(*modules: Any) -> int:
 def merge_loras(loaded: Any, loras: Iterable[str | LoraRequest],
                 progress: Callable[[str], None] | None = None) -> list[dict]:
     """Fuse each LoRA (in order, at its scale) into ``loaded.unet`` and
-    ``loaded.text_encoder`` (export.sources.LoadedModel), in place. Records
+    ``loaded.text_encoder`` (export.sources.LoadedSource), in place. Records
     them in ``loaded.source["loras"]`` (and returns the records)."""
     reqs = preflight_loras(loras)
     if not reqs:

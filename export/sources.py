@@ -74,7 +74,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$
 
 
 @dataclass
-class LoadedModel:
+class LoadedSource:
     text_encoder: Any            # transformers.CLIPTextModel, eval mode, float32
     unet: Any                    # diffusers.UNet2DConditionModel
     vae: Any                     # diffusers.AutoencoderKL
@@ -422,7 +422,7 @@ def _read_component(folder: Path, component: str, allow_pickle: bool, progress: 
 
 
 def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, prediction_type: str | None,
-                 tokenizer, arch: str | None, progress: ProgressFn | None) -> LoadedModel:
+                 tokenizer, arch: str | None, progress: ProgressFn | None) -> LoadedSource:
     _need_torch()
     index = _read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
@@ -510,14 +510,14 @@ def _load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, pred
                  "prediction_type_decided_by": pt_why, "default_size": default_size,
                  "default_size_decided_by": f"unet sample_size x VAE downscale {vae_scale}",
                  "tokenizer": tok_why, "unet_kind": unet_kind, "unet_kind_decided_by": kind_why, "notes": []}
-    return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
+    return LoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family,
                        pt, default_size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
                        unet_kind=unet_kind, depth_estimator=depth_estimator, depth_preprocess=depth_preprocess)
 
 
 # ------------------------------------------------------------------ single files
 def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | None, tokenizer,
-                      arch: str | None, progress: ProgressFn | None) -> LoadedModel:
+                      arch: str | None, progress: ProgressFn | None) -> LoadedSource:
     _need_torch()
     wf = safe_load.load_state_dict(path, allow_pickle=allow_pickle, progress=progress)
     sd = safe_load.unwrap_state_dict(wf.state_dict)
@@ -567,7 +567,7 @@ def _load_single_file(path: Path, *, allow_pickle: bool, prediction_type: str | 
     unet_kind, kind_why = detect.unet_kind(info.unet_config["in_channels"], info.vae_config["latent_channels"],
                                            str(path))
     detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
-    return LoadedModel(text_encoder, unet, vae, tok_dir, scheduler_config, info.family, info.prediction_type,
+    return LoadedSource(text_encoder, unet, vae, tok_dir, scheduler_config, info.family, info.prediction_type,
                        info.default_size, name, {"kind": "single_file", "name": path.name, "sha256": sha}, False,
                        detection, unet_kind=unet_kind)
 
@@ -620,9 +620,8 @@ def looks_like_hub_id(source: str) -> bool:
 
 # ------------------------------------------------------------------ random weights
 def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, progress: ProgressFn | None
-                 ) -> LoadedModel:
+                 ) -> LoadedSource:
     _need_torch()
-    import torch
 
     if arch == "sdxl":
         from . import sources_sdxl
@@ -638,31 +637,50 @@ def _load_random(arch: str, seed: int, prediction_type: str | None, tokenizer, p
         cfgs[comp] = dict(changes) if comp == "scheduler" else {**cfgs[comp], **changes}
     tok_dir, tok_why = _resolve_tokenizer(tokenizer, None, family, vendored, cfgs["text_encoder"]["vocab_size"],
                                           progress)
+    models = build_random_modules(arch, seed, cfgs, ("unet", "vae", "text_encoder"), _build, progress)
+    scheduler_config = dict(cfgs["scheduler"], prediction_type=pt)
+    record, detection = random_source_record(arch, seed, cfgs, family=family, prediction_type=pt,
+                                             overridden=bool(prediction_type), size=size, tokenizer=tok_why)
+    unet_kind, _ = detect.unet_kind(cfgs["unet"]["in_channels"], cfgs["vae"]["latent_channels"], f"arch {arch}")
+    return LoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
+                        size, f"random-{arch}", record, True, detection, unet_kind=unet_kind)
+
+
+def build_random_modules(arch: str, seed: int, cfgs: dict, components: tuple[str, ...], build,
+                         progress: ProgressFn | None) -> dict[str, Any]:
+    """``build(component, config, empty=False)`` for each of ``components`` in eval mode,
+    component i seeded ``seed * 1000 + i`` (the same weights for the same seed on every
+    run, without touching the caller's torch RNG). Every --random-weights arch builds here."""
+    import torch
+
     models = {}
     with torch.random.fork_rng(devices=[]):
-        for i, comp in enumerate(("unet", "vae", "text_encoder")):
+        for i, comp in enumerate(components):
             _say(progress, f"building {comp} ({arch}) with random weights, seed {seed}")
             torch.manual_seed(int(seed) * 1000 + i)
-            m = _build(comp, cfgs[comp], empty=False)
-            models[comp] = m.eval()
-    scheduler_config = dict(cfgs["scheduler"], prediction_type=pt)
+            models[comp] = build(comp, cfgs[comp], empty=False).eval()
+    return models
+
+
+def random_source_record(arch: str, seed: int, cfgs: dict, *, family: str, prediction_type: str, overridden: bool,
+                         size: int, **tokenizers: str) -> tuple[dict, dict]:
+    """(source record, detection) of a --random-weights model: its identity is the hash of
+    the arch, the seed and the configs; ``tokenizers``: where each tokenizer came from
+    (``tokenizer``, and SDXL's ``tokenizer_2``)."""
     ident = hashlib.sha256(json.dumps({"arch": arch, "seed": int(seed), "configs": cfgs},
                                       sort_keys=True).encode()).hexdigest()
-    detection = {"family": family, "family_decided_by": f"arch {arch}", "prediction_type": pt,
-                 "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
+    detection = {"family": family, "family_decided_by": f"arch {arch}", "prediction_type": prediction_type,
+                 "prediction_type_decided_by": "override (prediction_type argument)" if overridden
                  else f"arch {arch}", "default_size": size, "default_size_decided_by": f"arch {arch}",
-                 "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
-    unet_kind, _ = detect.unet_kind(cfgs["unet"]["in_channels"], cfgs["vae"]["latent_channels"], f"arch {arch}")
-    return LoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, family, pt,
-                       size, f"random-{arch}", {"kind": "random", "name": arch, "sha256": ident}, True, detection,
-                       unet_kind=unet_kind)
+                 **tokenizers, "seed": int(seed), "notes": ["random weights: images are noise"]}
+    return {"kind": "random", "name": arch, "sha256": ident}, detection
 
 
 # ------------------------------------------------------------------ entry point
 def load_source(source: str | Path | None, *, allow_pickle: bool = False, prediction_type: str | None = None,
                 tokenizer: str | Path | None = None, arch: str | None = None, random_weights: bool = False,
-                seed: int = 0, progress: ProgressFn | None = None) -> LoadedModel:
-    """Load an export source (see the module docstring) into a :class:`LoadedModel`.
+                seed: int = 0, progress: ProgressFn | None = None) -> LoadedSource:
+    """Load an export source (see the module docstring) into a :class:`LoadedSource`.
 
     ``prediction_type`` overrides what the source says or detection decides;
     ``tokenizer`` is a folder with ``vocab.json`` + ``merges.txt`` (needed for

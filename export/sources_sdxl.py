@@ -15,7 +15,6 @@ strictly, like the SD loaders. The refiner (no ``text_encoder``) is not supporte
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,8 @@ DEFAULT_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 @dataclass
-class SDXLLoadedModel(src.LoadedModel):
-    """A :class:`~export.sources.LoadedModel` plus SDXL's second text encoder and tokenizer."""
+class SDXLLoadedSource(src.LoadedSource):
+    """A :class:`~export.sources.LoadedSource` plus SDXL's second text encoder and tokenizer."""
     text_encoder_2: Any = None                   # transformers.CLIPTextModelWithProjection
     tokenizer_2_dir: Path | None = None
     pipeline_config: dict = field(default_factory=dict)   # force_zeros_for_empty_prompt, requires_aesthetics_score
@@ -154,7 +153,7 @@ def _tokenizer_2(tokenizer_2, own: Path | None, fallback: Path, vocab_size: int,
 
 
 def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, prediction_type: str | None,
-                tokenizer, arch: str | None, progress) -> SDXLLoadedModel:
+                tokenizer, arch: str | None, progress) -> SDXLLoadedSource:
     src._need_torch()
     index = src._read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", ""))
@@ -221,38 +220,29 @@ def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, predi
     unet_kind, kind_why = detect.unet_kind(int(cfgs["unet"].get("in_channels", 4)),
                                            int(cfgs["vae"].get("latent_channels", 4)), str(folder))
     detection["unet_kind"], detection["unet_kind_decided_by"] = unet_kind, kind_why
-    return SDXLLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, FAMILY,
+    return SDXLLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir, scheduler_config, FAMILY,
                            pt, size, name, {"kind": kind, "name": name, "sha256": sha}, False, detection,
                            unet_kind=unet_kind, text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=tok2_dir,
                            pipeline_config=_pipeline_config(index))
 
 
-def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> SDXLLoadedModel:
+def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> SDXLLoadedSource:
     """The full SDXL base architecture (vendored configs) with seeded random weights."""
     src._need_torch()
-    import torch
 
     cfgs = load_vendored()
     pt = detect.normalize_prediction_type(prediction_type) if prediction_type else "epsilon"
     tok_dir, tok_why = src._resolve_tokenizer(tokenizer, None, "sd1", "sd15", cfgs["text_encoder"]["vocab_size"],
                                               progress)
     tok2_dir, tok2_why = _tokenizer_2(None, None, tok_dir, cfgs["text_encoder_2"]["vocab_size"], progress)
-    models = {}
-    with torch.random.fork_rng(devices=[]):
-        for i, comp in enumerate(("unet", "vae", "text_encoder", "text_encoder_2")):
-            src._say(progress, f"building {comp} (sdxl) with random weights, seed {seed}")
-            torch.manual_seed(int(seed) * 1000 + i)
-            models[comp] = _text_model(comp, cfgs[comp], empty=False).eval()
+    models = src.build_random_modules(ARCH, seed, cfgs, ("unet", "vae", "text_encoder", "text_encoder_2"),
+                                      _text_model, progress)
     size, _ = _default_size(cfgs["unet"], cfgs["vae"])
-    ident = hashlib.sha256(json.dumps({"arch": ARCH, "seed": int(seed), "configs": cfgs},
-                                      sort_keys=True).encode()).hexdigest()
-    detection = {"family": FAMILY, "family_decided_by": f"arch {ARCH}", "prediction_type": pt,
-                 "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
-                 else f"arch {ARCH}", "default_size": size, "default_size_decided_by": f"arch {ARCH}",
-                 "tokenizer": tok_why, "tokenizer_2": tok2_why, "seed": int(seed),
-                 "notes": ["random weights: images are noise"]}
-    return SDXLLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir,
+    record, detection = src.random_source_record(ARCH, seed, cfgs, family=FAMILY, prediction_type=pt,
+                                                 overridden=bool(prediction_type), size=size, tokenizer=tok_why,
+                                                 tokenizer_2=tok2_why)
+    return SDXLLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir,
                            dict(cfgs["scheduler"], prediction_type=pt), FAMILY, pt, size, f"random-{ARCH}",
-                           {"kind": "random", "name": ARCH, "sha256": ident}, True, detection,
+                           record, True, detection,
                            text_encoder_2=models["text_encoder_2"], tokenizer_2_dir=tok2_dir,
                            pipeline_config=_pipeline_config(cfgs["model_index"]))

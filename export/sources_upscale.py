@@ -17,7 +17,6 @@ Weights are read with :mod:`.safe_load` and loaded strictly, like the SD loaders
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +41,8 @@ DEFAULT_GUIDANCE = 9.0             # likewise
 
 
 @dataclass
-class UpscaleLoadedModel(src.LoadedModel):
-    """A :class:`~export.sources.LoadedModel` plus the low-res noise schedule."""
+class UpscaleLoadedSource(src.LoadedSource):
+    """A :class:`~export.sources.LoadedSource` plus the low-res noise schedule."""
     low_res_scheduler_config: dict = field(default_factory=dict)
     max_noise_level: int = DEFAULT_MAX_NOISE_LEVEL
 
@@ -127,7 +126,7 @@ def _default_size(unet_cfg: dict, vae_cfg: dict) -> int:
 
 
 def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, prediction_type: str | None,
-                tokenizer, arch: str | None, progress) -> UpscaleLoadedModel:
+                tokenizer, arch: str | None, progress) -> UpscaleLoadedSource:
     src._need_torch()
     index = src._read_json(folder / "model_index.json", "diffusers folder")
     cls = str(index.get("_class_name", "")) or "lists low_res_scheduler"
@@ -174,37 +173,27 @@ def load_folder(folder: Path, *, kind: str, name: str, allow_pickle: bool, predi
     detection = {"family": FAMILY, "family_decided_by": f"model_index.json {cls}", "prediction_type": pt,
                  "prediction_type_decided_by": pt_why, "default_size": size,
                  "default_size_decided_by": "unet sample_size x VAE downscale", "tokenizer": tok_why, "notes": notes}
-    return UpscaleLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir,
+    return UpscaleLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir,
                               dict(scheds["scheduler"], prediction_type=pt), FAMILY, pt, size, name,
                               {"kind": kind, "name": name, "sha256": sha}, False, detection,
                               low_res_scheduler_config=scheds["low_res_scheduler"],
                               max_noise_level=int(index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL)))
 
 
-def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> UpscaleLoadedModel:
+def load_random(seed: int, prediction_type: str | None, tokenizer, progress) -> UpscaleLoadedSource:
     """The full x4 upscaler architecture (vendored configs) with seeded random weights."""
     src._need_torch()
-    import torch
 
     cfgs = load_vendored()
     pt, _ = _prediction(prediction_type, cfgs["scheduler"])
     tok_dir, tok_why = src._resolve_tokenizer(tokenizer, None, "sd2", "sd21-base", cfgs["text_encoder"]["vocab_size"],
                                               progress)
-    models = {}
-    with torch.random.fork_rng(devices=[]):
-        for i, comp in enumerate(("unet", "vae", "text_encoder")):
-            src._say(progress, f"building {comp} ({ARCH}) with random weights, seed {seed}")
-            torch.manual_seed(int(seed) * 1000 + i)
-            models[comp] = src._build(comp, cfgs[comp], empty=False).eval()
+    models = src.build_random_modules(ARCH, seed, cfgs, ("unet", "vae", "text_encoder"), src._build, progress)
     size = _default_size(cfgs["unet"], cfgs["vae"])
-    ident = hashlib.sha256(json.dumps({"arch": ARCH, "seed": int(seed), "configs": cfgs},
-                                      sort_keys=True).encode()).hexdigest()
-    detection = {"family": FAMILY, "family_decided_by": f"arch {ARCH}", "prediction_type": pt,
-                 "prediction_type_decided_by": "override (prediction_type argument)" if prediction_type
-                 else f"arch {ARCH}", "default_size": size, "default_size_decided_by": f"arch {ARCH}",
-                 "tokenizer": tok_why, "seed": int(seed), "notes": ["random weights: images are noise"]}
-    return UpscaleLoadedModel(models["text_encoder"], models["unet"], models["vae"], tok_dir,
+    record, detection = src.random_source_record(ARCH, seed, cfgs, family=FAMILY, prediction_type=pt,
+                                                 overridden=bool(prediction_type), size=size, tokenizer=tok_why)
+    return UpscaleLoadedSource(models["text_encoder"], models["unet"], models["vae"], tok_dir,
                               dict(cfgs["scheduler"], prediction_type=pt), FAMILY, pt, size, f"random-{ARCH}",
-                              {"kind": "random", "name": ARCH, "sha256": ident}, True, detection,
+                              record, True, detection,
                               low_res_scheduler_config=cfgs["low_res_scheduler"],
                               max_noise_level=int(cfgs["model_index"]["max_noise_level"]))

@@ -234,7 +234,7 @@ def load_taesd(source: str | Path, *, random_weights: bool = False, seed: int = 
 
 def attach_taesd(loaded: Any, taesd: Any, info: dict) -> Any:
     """Attach a tiny autoencoder (from :func:`load_taesd`) to ``loaded`` (an
-    export.sources.LoadedModel), after checking that it fits the model's
+    export.sources.LoadedSource), after checking that it fits the model's
     latents (channels and downscale)."""
     vae_cfg = loaded.vae.config
     c, down = int(vae_cfg.latent_channels), 2 ** (len(vae_cfg.block_out_channels) - 1)

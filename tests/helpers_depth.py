@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from helpers_tiny import _perturb, assert_same_weights, save_tiny_diffusers_folder
+from helpers_seeded import seeded_modules
+from helpers_tiny import assert_same_weights, save_tiny_diffusers_folder
 
 DEPTH_SIZE = 32
 DPT = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=DEPTH_SIZE,
@@ -37,15 +36,8 @@ def save_tiny_depth_folder(path, seed: int = 0) -> Path:
     cfg = json.loads((out / "unet" / "config.json").read_text())
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     cfg["in_channels"] = 5
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 60)
-        unet = UNet2DConditionModel(**cfg)
-        torch.manual_seed(seed + 61)
-        dpt = DPTForDepthEstimation(DPTConfig(**DPT))
-    gen = torch.Generator().manual_seed(50_000 + seed)
-    for m in (unet, dpt):
-        _perturb(m, gen)
-        m.eval()
+    unet, dpt = seeded_modules([(seed + 60, lambda: UNet2DConditionModel(**cfg)),
+                                (seed + 61, lambda: DPTForDepthEstimation(DPTConfig(**DPT)))], 50_000 + seed)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     dpt.save_pretrained(out / "depth_estimator", safe_serialization=True)
     assert_same_weights(dpt, DPTForDepthEstimation.from_pretrained(out / "depth_estimator"), "saved DPT")

@@ -27,9 +27,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from helpers_tiny import BOS, EOS, TINY_MAX_LENGTH, _perturb, tiny_configs, tiny_vocab_and_merges, write_tiny_tokenizer
+from helpers_seeded import seeded_modules
+from helpers_tiny import BOS, EOS, TINY_MAX_LENGTH, tiny_configs, tiny_vocab_and_merges, write_tiny_tokenizer
 
 TIME_EMBED_DIM = 8
 N_TIME_IDS = 6
@@ -80,19 +79,10 @@ def save_tiny_sdxl_folder(path: str | os.PathLike, seed: int = 0, *, force_zeros
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_sdxl_configs(requires_aesthetics_score)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**cfg["unet"])
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(seed + 2)
-        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-        torch.manual_seed(seed + 3)
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
-    gen = torch.Generator().manual_seed(30_000 + seed)
-    for m in (unet, vae, te, te2):
-        _perturb(m, gen)
-        m.eval()
+    unet, vae, te, te2 = seeded_modules(
+        [(seed, lambda: UNet2DConditionModel(**cfg["unet"])), (seed + 1, lambda: AutoencoderKL(**cfg["vae"])),
+         (seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))),
+         (seed + 3, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])))], 30_000 + seed)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     te.save_pretrained(out / "text_encoder", safe_serialization=True)

@@ -7,7 +7,7 @@ Built in-process with diffusers / transformers, no downloads, well under a secon
   CrossAttnDownBlock2D, the first of them cross-attention only (``only_cross_attention``, as
   the real upscaler's lower levels), linear projections, cross-attention 192 wide;
 * AutoencoderKL with 3 levels (downscale 4, as the real one) and its scaling factor 0.08333;
-* the SD 2-style tiny text encoder and tokenizer of tests/helpers_tiny.py;
+* the SD 2-style tiny text encoder and tokenizer of tests/helpers_tiny.py (its ``tiny_sd_components``);
 * DDIMScheduler (v-prediction) and the DDPMScheduler ``low_res_scheduler`` with the real
   upscaler's configs (export/configs/x4-upscaler), ``max_noise_level`` 350.
 
@@ -25,9 +25,8 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from helpers_tiny import _perturb, tiny_configs, write_tiny_tokenizer
+from helpers_seeded import seeded_modules
+from helpers_tiny import tiny_configs, tiny_sd_components
 
 CONFIGS = Path(__file__).resolve().parents[1] / "export" / "configs" / "x4-upscaler"
 MAX_NOISE_LEVEL = 350
@@ -62,26 +61,17 @@ def save_tiny_upscale_folder(path: str | os.PathLike, seed: int = 0) -> Path:
     """A complete StableDiffusionUpscalePipeline folder with tiny random weights (same seed -> same weights)."""
     import diffusers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_upscale_configs()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**cfg["unet"])
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**cfg["vae"])
-        torch.manual_seed(seed + 2)
-        te = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    gen = torch.Generator().manual_seed(40_000 + seed)
-    for m in (unet, vae, te):
-        _perturb(m, gen)
-        m.eval()
+    # the text encoder and tokenizer: tests/helpers_tiny.py's SD 2-style ones, built there
+    te = tiny_sd_components("sd2", seed, tokenizer_dir=out / "tokenizer").text_encoder
+    unet, vae = seeded_modules([(seed, lambda: UNet2DConditionModel(**cfg["unet"])),
+                                (seed + 1, lambda: AutoencoderKL(**cfg["vae"]))], 40_000 + seed)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     te.save_pretrained(out / "text_encoder", safe_serialization=True)
-    write_tiny_tokenizer(out / "tokenizer", "sd2")
     for name in ("scheduler", "low_res_scheduler"):
         (out / name).mkdir(exist_ok=True)
         (out / name / "scheduler_config.json").write_text(json.dumps(cfg[name], indent=2) + "\n")

@@ -144,10 +144,10 @@ def test_ray_missing_is_one_line(tmp_path, monkeypatch):
 def test_journal_retry_after_failure_and_a_second_driver_is_refused(tmp_path):
     from PIL import Image
 
-    from cpuflow.batch.jobs import Job
+    from cpuflow.batch.jobs import BatchJob
     from cpuflow.batch.journal import OutputDir
     from cpuflow.errors import CpuflowError
-    job = Job(id="ab" * 32, source="jobs.jsonl:1", params={"seed": 1}, request=None)
+    job = BatchJob(id="ab" * 32, source="jobs.jsonl:1", params={"seed": 1}, request=None)
     with OutputDir.open(tmp_path, {"model_hash": "h"}) as od:
         with pytest.raises(CpuflowError, match="another cpuflow batch is writing"):
             OutputDir.open(tmp_path, {"model_hash": "h"})

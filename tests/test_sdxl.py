@@ -232,12 +232,59 @@ def test_random_weights_arch_sdxl(monkeypatch, tmp_path):
     assert list(component_specs(m, 77)) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
 
 
-def test_calibrated_quantization_is_refused_for_sdxl(sdxl, tmp_path):
+def test_calibration_samples_what_a_generation_feeds_the_unet(sdxl):
+    """export/calibrate.py samples through the runtime's own Run (txt2img's step loop):
+    its UNet feeds are those of a txt2img of the same prompt, seed, steps and guidance,
+    SDXL's pooled text_embeds and time ids included (the empty negative: zeros)."""
+    from cpuflow.config import GenerationRequest, LoadConfig
+    from cpuflow.pipelines.generate import generate
+    from export.calibrate import _capturing_model, capture
+    _, out, _ = sdxl
+    cal = capture(out, [PROMPT], steps=2, backend="onnxruntime", precision="f32", seed=4)
+    held = cal.held_out
+    assert len(cal) == 2 and cal.info["batch"] == 2 and len(held) >= 2
+    model = _capturing_model(LoadConfig(model=out, backend="onnxruntime", precision="f32", use_cache=False))
+    try:
+        generate(model, GenerationRequest(prompt=PROMPT, steps=2, guidance=7.5, seed=4, watermark=False))
+    finally:
+        model.close()
+    assert len(model.captured) == len(cal)
+    for got, want in zip(cal.samples, model.captured):
+        assert sorted(got) == ["encoder_hidden_states", "sample", "text_embeds", "time_ids", "timestep"]
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    s = cal.samples[0]
+    assert s["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2
+    assert not s["text_embeds"][0].any() and s["text_embeds"][1].any()     # [uncond (zeros), cond]
+
+
+# One format a run: the export of every component, the calibration and both quantizations
+# take about 30 s on a quiet 2-core machine; the OpenVINO one (NNCF) is slower: slow tier.
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("openvino", marks=pytest.mark.slow)])
+def test_calibrated_int8_and_hybrid_export_and_run(sdxl, tmp_path, fmt):
+    """--quantize int8 / hybrid on SDXL (once refused): calibrated on the SDXL UNet's real
+    inputs (2 prompts x 1 step: 2 samples), gated on a held-out run, and the runtime
+    generates with each variant."""
+    from cpuflow.manifest import load_manifest
     from export.build import export_model
     from export.sources import load_source
     src, _, _ = sdxl
-    with pytest.raises(InvalidArgument, match="not supported for SDXL yet"):
-        export_model(load_source(str(src)), tmp_path / "q", quantize=("int8",), progress=lambda *a, **k: None)
+    out = export_model(load_source(str(src)), tmp_path / "q", formats=(fmt,), quantize=("int8", "hybrid"),
+                       calibration_size=2, calibration_steps=1, progress=lambda *a, **k: None)
+    m = load_manifest(out, verify="sha256")
+    assert m.validated
+    unet = m.components["unet"]
+    backend = {"onnx": "onnxruntime", "openvino": "openvino"}[fmt]
+    for mode in ("int8", "hybrid"):
+        par, cal = unet.variants[mode].parity[fmt], unet.variants[mode].quantization[fmt]["calibration"]
+        assert par["passed"] and par["gate"] == "held_out" and par["held_out"]["points"] == 1, mode
+        assert cal["prompts"] == 2 and cal["steps"] == 1 and cal["samples"] == 2, mode
+        assert par["inputs"]["text_embeds"] and par["inputs"]["time_ids"]
+        with Pipeline.load(out, backend=backend, variant=mode, precision="f32", threads=1, use_cache=False) as cf:
+            res = cf.txt2img(PROMPT, watermark=False, steps=2, seed=3)
+        assert res.records[0]["variant"]["unet"] == mode
+        img = np.asarray(res.images[0], dtype=np.float32)
+        assert img.shape == (SIZE, SIZE, 3) and np.isfinite(img).all()
 
 
 def test_img2img_aesthetic_score_time_ids_match_diffusers(tmp_path_factory, backend="onnxruntime"):

@@ -31,7 +31,7 @@ def test_cycling_shapes_stays_under_the_cap(tiny_export, backend):
     cfg = dict(model=folder, backend=backend, precision="f32", threads=1, use_cache=False)
     probe = LoadedModel(LoadConfig(**cfg))
     _unet_call(probe, SIZES[-1])             # the largest shape: what one session costs here
-    per = probe._sessions.total_bytes
+    per = probe.session_cache.total_bytes
     probe.close()
     cap = int(2.5 * per)
     model = LoadedModel(LoadConfig(**cfg, max_session_bytes=cap))
@@ -39,11 +39,11 @@ def test_cycling_shapes_stays_under_the_cap(tiny_export, backend):
     for size in SIZES:
         _unet_call(model, size)
         held = list(model.loaded_sessions())
-        assert model._sessions.total_bytes <= cap or len(held) == 1
+        assert model.session_cache.total_bytes <= cap or len(held) == 1
         rss.append(rss_bytes())
     held = [d["width"] for name, d, _ in model.loaded_sessions()]
     assert 1 <= len(held) <= len(SIZES) // 2 and held[-1] == SIZES[-1]   # the newest is kept, the oldest went
-    assert SIZES[0] not in held and model._sessions.evictions >= len(SIZES) - len(held)
+    assert SIZES[0] not in held and model.session_cache.evictions >= len(SIZES) - len(held)
     if rss[0] is not None:
         grown = rss[-1] - rss[2]
         assert grown < 2 * per, f"RSS grew {grown / 2**20:.0f} MiB over 9 more shapes (one session: {per / 2**20:.0f} MiB)"

@@ -30,7 +30,7 @@ MAX_JOBS = 10_000_000
 
 
 @dataclass(frozen=True)
-class Job:
+class BatchJob:
     id: str                                 # sha256 of the resolved parameters (hex)
     source: str                             # where it came from: "jobs.jsonl:12", "prompts.txt:3"
     params: dict[str, Any]                  # resolved, JSON-safe: what the id hashes
@@ -111,13 +111,13 @@ def read_prompts(path: Path, params: dict) -> Iterator[tuple[str, Any]]:
 
 
 def make_jobs(bodies: Iterable[tuple[str, Any]], info: dict, *, seeds: list[int] | None = None,
-              base_dir: Path | None = None) -> list[Job]:
+              base_dir: Path | None = None) -> list[BatchJob]:
     """Validate and expand job bodies. ``info``: :func:`cpuflow.server.request.describe`
     of the loaded model (its defaults and abilities). ``seeds``: every body without
     its own seed is made once per seed."""
     body_cls = _body_class()
     limits = batch_limits()
-    jobs: list[Job] = []
+    jobs: list[BatchJob] = []
     for source, obj in bodies:
         try:
             for job in _jobs_of(source, obj, info, seeds, base_dir, body_cls, limits):
@@ -131,7 +131,7 @@ def make_jobs(bodies: Iterable[tuple[str, Any]], info: dict, *, seeds: list[int]
     return jobs
 
 
-def _jobs_of(source, obj, info, seeds, base_dir, body_cls, limits) -> Iterator[Job]:
+def _jobs_of(source, obj, info, seeds, base_dir, body_cls, limits) -> Iterator[BatchJob]:
     from pydantic import ValidationError
 
     from ..server.request import build_request, validation_problems
@@ -196,12 +196,12 @@ def job_id(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
 
 
-def _job(source: str, req: GenerationRequest, info: dict) -> Job:
+def _job(source: str, req: GenerationRequest, info: dict) -> BatchJob:
     params = resolved_params(req, info)
-    return Job(id=job_id(params), source=source, params=params, request=req)
+    return BatchJob(id=job_id(params), source=source, params=params, request=req)
 
 
-def _failed_job(source: str, raw: Any, error: str) -> Job:
+def _failed_job(source: str, raw: Any, error: str) -> BatchJob:
     # A bad job's identity is its content: the same bad line is the same failed job on a rerun.
     text = json.dumps(raw, sort_keys=True, ensure_ascii=True, default=str)
-    return Job(id=job_id({"bad_input": text}), source=source, params={"input": raw}, request=None, error=error)
+    return BatchJob(id=job_id({"bad_input": text}), source=source, params={"input": raw}, request=None, error=error)

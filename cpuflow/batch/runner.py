@@ -134,7 +134,7 @@ def run(jobs: str | os.PathLike | Iterable[dict] | None = None, *, out: str | os
         bodies = ((f"job {i + 1}", obj) for i, obj in enumerate(jobs))
         base_dir = Path.cwd()
     all_jobs = jobs_mod.make_jobs(bodies, info, seeds=seed_list, base_dir=base_dir)
-    unique: dict[str, jobs_mod.Job] = {}
+    unique: dict[str, jobs_mod.BatchJob] = {}
     for job in all_jobs:
         unique.setdefault(job.id, job)
     summary = Summary(out=Path(out), total=len(unique), done_before=0, duplicates=len(all_jobs) - len(unique))

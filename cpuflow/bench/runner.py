@@ -288,7 +288,7 @@ def machine_info(threads: int | None) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- workers
 @dataclass
-class Job:
+class Measurement:
     column: str                 # config id or "torch"
     stage_key: str              # text | unet | vae | e2e | load_first | load_second | load
     spec: dict
@@ -298,7 +298,7 @@ class Job:
     after: Callable[[], None] | None = None
 
 
-def _run_worker(job: Job, work: Path, n: int, bar, timeout: float | None) -> dict:
+def _run_worker(job: Measurement, work: Path, n: int, bar, timeout: float | None) -> dict:
     spec_path = work / f"job-{n:03d}.json"
     out_path = work / f"job-{n:03d}.out.json"
     log_path = work / f"job-{n:03d}.log"
@@ -403,18 +403,12 @@ def _base_spec(settings: BenchSettings, width: int, height: int, model_dir: Path
     return {"model": str(model_dir), "width": width, "height": height, "steps": settings.steps,
             "guidance": float(settings.guidance), "threads": settings.threads, "prompt": settings.prompt,
             "gen_seed": settings.gen_seed, "warmup": settings.warmup, "repeat": settings.repeat,
-            "decoder": settings.decoder, "guidance_embedding": _takes_guidance_embedding(model_dir)}
-
-
-def _takes_guidance_embedding(model_dir: Path) -> bool:
-    from ..guidance_embedding import embedding_dim
-    from ..manifest import load_manifest
-    return embedding_dim(load_manifest(model_dir, verify=False)) is not None
+            "decoder": settings.decoder}
 
 
 def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work: Path,
-          reference: dict | None) -> list[Job]:
-    jobs: list[Job] = []
+          reference: dict | None) -> list[Measurement]:
+    jobs: list[Measurement] = []
     n_starts = settings.warmup + settings.repeat
     caches = {c.id: work / "cache" / c.id.replace("/", "-") / "shared" for c in configs}
     for stage in settings.stages:
@@ -424,30 +418,31 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
             if not settings.compile_cache:  # every process compiles from the model files
                 spec["cache_dir"] = None
                 if stage == "load":
-                    jobs.extend(Job(c.id, "load_first", spec, 1, counted=i >= settings.warmup)
+                    jobs.extend(Measurement(c.id, "load_first", spec, 1, counted=i >= settings.warmup)
                                 for i in range(n_starts))
                 else:
-                    jobs.append(Job(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
+                    jobs.append(Measurement(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
             elif stage == "load":
                 for i in range(n_starts):
                     # every first start gets an empty cache folder; the last one leaves the shared cache filled
                     d = caches[c.id] if i == n_starts - 1 else caches[c.id].parent / f"first-{i}"
-                    jobs.append(Job(c.id, "load_first", dict(spec, cache_dir=str(d)), 1, counted=i >= settings.warmup,
-                                    before=lambda d=d: shutil.rmtree(d, ignore_errors=True),
-                                    after=None if d == caches[c.id] else lambda d=d: shutil.rmtree(d, True)))
+                    jobs.append(Measurement(c.id, "load_first", dict(spec, cache_dir=str(d)), 1,
+                                            counted=i >= settings.warmup,
+                                            before=lambda d=d: shutil.rmtree(d, ignore_errors=True),
+                                            after=None if d == caches[c.id] else lambda d=d: shutil.rmtree(d, True)))
                 for i in range(n_starts):
-                    jobs.append(Job(c.id, "load_second", spec, 1, counted=i >= settings.warmup))
+                    jobs.append(Measurement(c.id, "load_second", spec, 1, counted=i >= settings.warmup))
             else:
-                jobs.append(Job(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
+                jobs.append(Measurement(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
         if reference is not None and stage != "taesd" and not (stage == "e2e" and settings.decoder == "taesd"):
             # (none for the tiny autoencoder: the torch reference has the full VAE only)
             # every reference process checks its weights against the export (after measuring)
             spec = dict(base, **reference, kind="torch", stage=stage, check_weights=True)
             if stage == "load":
                 for i in range(n_starts):
-                    jobs.append(Job("torch", "load", spec, 1, counted=i >= settings.warmup))
+                    jobs.append(Measurement("torch", "load", spec, 1, counted=i >= settings.warmup))
             else:
-                jobs.append(Job("torch", stage, spec, 1 + settings.warmup + settings.repeat))
+                jobs.append(Measurement("torch", stage, spec, 1 + settings.warmup + settings.repeat))
     return jobs
 
 
@@ -574,8 +569,7 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
                      "compile_cache": settings.compile_cache,
                      "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
-                     "unet_batch": unet_batch({"guidance": settings.guidance,
-                                                "guidance_embedding": _takes_guidance_embedding(Path(model_dir))}),
+                     "unet_batch": unet_batch(m, settings.guidance),
                      "reference": reference},
         "configs": columns,
         "ratios": speedups(columns),

@@ -111,14 +111,17 @@ def session_dims(model, spec: dict) -> dict[str, dict[str, int]]:
     w, h = int(spec["width"]), int(spec["height"])
     lat = model.latent_dims(w, h, 1)
     return {"text_encoder": {"batch": 1}, "text_encoder_2": {"batch": 1},   # the second: SDXL
-            "unet": dict(lat, batch=unet_batch(spec), **text_length_dims(model, 77)),  # one prompt chunk
+            "unet": dict(lat, batch=unet_batch(model.manifest, spec["guidance"]),
+                         **text_length_dims(model, 77)),  # one prompt chunk
             "vae_decoder": dict(lat), "taesd_decoder": dict(lat), "depth_estimator": {"batch": 1}}
 
 
-def unet_batch(spec: dict) -> int:
-    """Classifier-free guidance runs the UNet on [uncond, cond]: batch 2 (1 without guidance,
-    and 1 for a UNet that takes the guidance as an embedding: LCM, spec["guidance_embedding"])."""
-    return 2 if float(spec["guidance"]) > 1.0 and not spec.get("guidance_embedding") else 1
+def unet_batch(manifest, guidance: float) -> int:
+    """The UNet's batch at ``guidance``: 2 ([uncond, cond]) where the runtime runs a negative
+    branch, else 1. Decided by the runtime's own :func:`cpuflow.pipelines.run.uses_cfg`
+    (the bench runner, this worker and the torch reference all ask here)."""
+    from ..pipelines.run import uses_cfg
+    return 2 if uses_cfg(manifest, float(guidance)) else 1
 
 
 STAGE_COMPONENTS = {"text": ("text_encoder",), "unet": ("unet",), "vae": ("vae_decoder",), "taesd": ("taesd_decoder",),
@@ -162,7 +165,7 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     from ..config import GenerationRequest, LoadConfig
     from ..pipelines.generate import generate
     from ..pipelines.model import LoadedModel, StageTimer
-    from ..pipelines.stages import decode_latents, encode_prompt, guided_model_fn
+    from ..pipelines.stages import decode_latents, encode_prompt
 
     stage = spec["stage"]
     cache_dir = spec.get("cache_dir")
@@ -196,12 +199,9 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
     elif stage == "text":
         prompt = spec["prompt"]   # SDXL: both text encoders, one call each
         out.update(measure(lambda: encode_prompt(model, prompt, timer), spec["warmup"], spec["repeat"], progress))
-    elif stage == "unet" and model.manifest.family == "sdxl":
-        out.update(measure(_sdxl_unet_call(model, spec, rng, timer), spec["warmup"], spec["repeat"], progress))
-        out["unet_batch"] = unet_batch(spec)
-    elif stage == "unet" and model.manifest.family == "x4-upscaler":
-        out.update(measure(_upscale_unet_call(model, spec, rng, timer), spec["warmup"], spec["repeat"], progress))
-        out["unet_batch"] = unet_batch(spec)
+    elif stage == "unet":
+        out.update(measure(_unet_call(model, spec, rng), spec["warmup"], spec["repeat"], progress))
+        out["unet_batch"] = unet_batch(model.manifest, spec["guidance"])
     elif stage == "upscale":
         from PIL import Image
 
@@ -220,18 +220,6 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
                                {k: round(float(v), 6) for k, v in r.timings.items() if k in keep})))
         out["breakdown"] = breakdown
         out["sampler"] = model.default_sampler()
-    elif stage == "unet":
-        unet = model.manifest.components["unet"]
-        hidden = text_shape(unet)
-        cond = rng.standard_normal(hidden, dtype=np.float32)
-        uncond = rng.standard_normal(hidden, dtype=np.float32) if unet_batch(spec) == 2 else None
-        lat = model.latent_dims(w, h, 1)
-        # the UNet's own input channels: 9 for an inpainting UNet, 5 for a depth one
-        x = rng.standard_normal((1, int(unet.input("sample").shape[1]), lat["latent_height"], lat["latent_width"]),
-                                dtype=np.float32)
-        fn = guided_model_fn(model, cond, uncond, float(spec["guidance"]), lat, timer)
-        out.update(measure(lambda: fn(x, UNET_TIMESTEP), spec["warmup"], spec["repeat"], progress))
-        out["unet_batch"] = unet_batch(spec)
     elif stage == "vae":
         lat = model.latent_dims(w, h, 1)
         z = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
@@ -272,45 +260,43 @@ def text_shape(unet) -> tuple[int, ...]:
     return spec.resolve({"batch": 1, **({spec.shape[1]: 77} if isinstance(spec.shape[1], str) else {})})
 
 
-def _upscale_unet_call(model, spec: dict, rng, timer):
-    """One x4 upscaler UNet call as cpuflow.pipelines.upscale makes it: random embeddings, the
-    latents beside a random low-res image (its size: the latents'), noise level 20, batch 2."""
+def _unet_call(model, spec: dict, rng):
+    """One guided UNet call as a generation makes it: the runtime's own request run
+    (pipelines/run.py ``Run.guided``: SDXL's pooled text_embeds and time ids, an LCM UNet's
+    guidance embedding, batch 2 only where ``uses_cfg`` says so) over random prompt
+    encodings of one 77-token chunk; the x4 upscaler: its ``upscale_model_fn`` over a random
+    low-res image (the latents' size) at spec's noise level (20). The latents: the UNet's own
+    input channels (9 for an inpainting UNet, 5 for a depth one; the upscaler's image is
+    concatenated by its model function)."""
     import numpy as np
 
-    from ..pipelines.upscale import upscale_model_fn
-
-    hidden = text_shape(model.manifest.components["unet"])
-    cond = rng.standard_normal(hidden, dtype=np.float32)
-    uncond = rng.standard_normal(hidden, dtype=np.float32) if unet_batch(spec) == 2 else None
-    lat = model.latent_dims(int(spec["width"]), int(spec["height"]), 1)
-    hw = (lat["latent_height"], lat["latent_width"])
-    x = rng.standard_normal((1, model.manifest.latent_channels, *hw), dtype=np.float32)
-    image = rng.uniform(-1, 1, (1, int(model.manifest.raw["upscaler"]["image_channels"]), *hw)).astype(np.float32)
-    fn = upscale_model_fn(model, cond, uncond, float(spec["guidance"]), image, int(spec.get("noise_level", 20)),
-                          None, timer)
-    return lambda: fn(x, UNET_TIMESTEP)
-
-
-def _sdxl_unet_call(model, spec: dict, rng, timer):
-    """One SDXL UNet call as the pipeline makes it (cpuflow.pipelines.sdxl.guided_model_fn:
-    random embeddings and pooled text_embeds, the real time ids), batch 2 with guidance."""
-    import numpy as np
-
-    from ..pipelines.sdxl import guided_model_fn as sdxl_guided
+    from ..config import GenerationRequest
+    from ..pipelines.run import Conditioning, Run
+    from ..pipelines.upscale import is_upscaler, upscale_model_fn
     from ..prompt_encoding import EncodedPrompt
 
     unet = model.manifest.components["unet"]
-    w, h = int(spec["width"]), int(spec["height"])
+    pooled = unet.input("text_embeds") if "text_embeds" in [i.name for i in unet.inputs] else None
+    req = GenerationRequest(prompt=spec["prompt"], steps=int(spec["steps"]), guidance=float(spec["guidance"]),
+                            width=int(spec["width"]), height=int(spec["height"]), watermark=False)
+    run = Run(model, req, "upscale" if is_upscaler(model) else "txt2img")
 
     def prompt():
         return EncodedPrompt(rng.standard_normal(text_shape(unet), dtype=np.float32),
-                            rng.standard_normal(unet.input("text_embeds").resolve({"batch": 1}), dtype=np.float32))
+                             None if pooled is None else rng.standard_normal(pooled.resolve({"batch": 1}),
+                                                                             dtype=np.float32))
     cond = prompt()
-    uncond = prompt() if unet_batch(spec) == 2 else None
-    lat = model.latent_dims(w, h, 1)
-    x = rng.standard_normal((1, model.manifest.latent_channels, lat["latent_height"], lat["latent_width"]),
-                            dtype=np.float32)
-    fn = sdxl_guided(model, cond, uncond, float(spec["guidance"]), lat, timer, w, h)
+    uncond = prompt() if run.do_cfg else None
+    _, _, lh, lw = run.latent_shape()
+    channels = model.manifest.latent_channels if is_upscaler(model) else int(unet.input("sample").shape[1])
+    x = rng.standard_normal((1, channels, lh, lw), dtype=np.float32)
+    if is_upscaler(model):
+        image = rng.uniform(-1, 1, (1, int(model.manifest.raw["upscaler"]["image_channels"]), lh, lw))
+        fn = upscale_model_fn(model, cond.embeddings, None if uncond is None else uncond.embeddings,
+                              run.params["guidance"], image.astype(np.float32), int(spec.get("noise_level", 20)),
+                              None, run.timer)
+    else:
+        fn = run.guided(Conditioning(spec["prompt"], "", cond, uncond))
     return lambda: fn(x, UNET_TIMESTEP)
 
 

@@ -133,6 +133,12 @@ class LoadedModel:
                 self.load_warnings.append(sess.info.warning)
         return sess
 
+    @property
+    def session_cache(self) -> SessionCache:
+        """The held sessions' cache, read-only use: its ``total_bytes``, ``cap_bytes``
+        and ``evictions`` say what the byte cap does (callers never reach into it)."""
+        return self._sessions
+
     def loaded_sessions(self) -> Iterator[tuple[str, dict[str, int], Session]]:
         """(component, static dims, session) of every session held now, least recently used first."""
         for (component, dims), sess in list(self._sessions.items()):

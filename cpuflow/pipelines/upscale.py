@@ -30,7 +30,7 @@ from ..image import array_to_images, image_to_array, load_init_image
 from ..manifest import UPSCALER_FAMILY
 from ..schedules import NoiseSchedule
 from .model import LoadedModel, StageTimer
-from .run import GenerationResult, ImageFn, ProgressFn, Run
+from .run import GenerationResult, ImageFn, ImageJob, ProgressFn, Run
 from .stages import _ramp, _tile_starts, decode_tiled, guided_model_fn
 
 DEFAULT_NOISE_LEVEL = 20      # StableDiffusionUpscalePipeline.__call__'s default
@@ -151,21 +151,30 @@ def upscale(model: LoadedModel, req: UpscaleRequest, progress: ProgressFn | None
     pixels = image_to_array(img)
     run = Run(model, req.generation, "upscale", progress, on_image)
     run.set_size(w * int(up["factor"]), h * int(up["factor"]))   # the latents have the input's size
-    plan = run.make_plan()
+    run.make_plan()
     tile, tile_why = choose_tile(req.tile, h, w)
     run.record_extra.update(noise_level=noise_level, input_width=w, input_height=h, tile=tile or 0,
                             tile_choice=tile_why)
     for job in run.jobs():
-        # diffusers draws the image's noise first, then the latents (same generator)
-        low_res = low_res_noise(up["low_res_scheduler"], pixels, job.noise(pixels.shape), noise_level)
-        x = samplers.initial_latents(plan, job.noise(run.latent_shape()))
-        c = job.conditioning
-        job.model_fn = upscale_model_fn(model, c.cond.embeddings, None if c.uncond is None else c.uncond.embeddings,
-                                        run.params["guidance"], low_res, noise_level, tile, run.timer)
-        x = run.sample(job, x)
+        x = sample_upscaled(run, job, pixels, noise_level, tile)
         if tile is None:
             run.finish_image(job, x)
         else:
             decoded = decode_tiled(model, x, run.timer, tile=tile, overlap=min(VAE_OVERLAP, tile // 4))
             run.emit(array_to_images(decoded)[0], run.record(job))
     return run.result()
+
+
+def sample_upscaled(run: Run, job: ImageJob, pixels: np.ndarray, noise_level: int, tile: int | None) -> np.ndarray:
+    """One image's final latents, not decoded: ``pixels`` (1, 3, h, w) in [-1, 1] noised by
+    the low-res scheduler at ``noise_level``, then the initial latents (the input's size),
+    denoised by the guided UNet over both. diffusers draws the image's noise first, then
+    the latents, from the same generator. The calibration of int8 / hybrid
+    (export/calibrate.py) samples through here too."""
+    up = run.model.manifest.raw["upscaler"]
+    low_res = low_res_noise(up["low_res_scheduler"], pixels, job.noise(pixels.shape), noise_level)
+    x = samplers.initial_latents(run.plan, job.noise(run.latent_shape()))
+    c = job.conditioning
+    job.model_fn = upscale_model_fn(run.model, c.cond.embeddings, None if c.uncond is None else c.uncond.embeddings,
+                                    run.params["guidance"], low_res, noise_level, tile, run.timer)
+    return run.sample(job, x)
