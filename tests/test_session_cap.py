@@ -46,7 +46,11 @@ def test_cycling_shapes_stays_under_the_cap(tiny_export, backend):
     assert SIZES[0] not in held and model.session_cache.evictions >= len(SIZES) - len(held)
     if rss[0] is not None:
         grown = rss[-1] - rss[2]
-        assert grown < 2 * per, f"RSS grew {grown / 2**20:.0f} MiB over 9 more shapes (one session: {per / 2**20:.0f} MiB)"
+        # 16 MiB of allocator noise allowed: a tiny model's session is only a few MiB (a run here saw
+        # 11 MiB of growth with 3.5 MiB sessions); without eviction 9 more sessions would grow by 9x
+        noise = 16 * 2**20
+        assert grown < 2 * per + noise, \
+            f"RSS grew {grown / 2**20:.0f} MiB over 9 more shapes (one session: {per / 2**20:.0f} MiB)"
     model.close()
 
 
