@@ -21,6 +21,11 @@ if str(TESTS) not in sys.path:
 
 # Tests never touch the user's cache or the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# OpenVINO's converter and NNCF send usage telemetry unless told they run in CI (their
+# `disable_in_ci`): each event forks a child process from a thread to post it, which
+# has no business in a test run (no network here) and, forked from a process full of
+# threads, can deadlock in the resolver.
+os.environ["CI"] = "true"
 
 
 def pytest_addoption(parser):

@@ -160,3 +160,50 @@ def test_journal_retry_after_failure_and_a_second_driver_is_refused(tmp_path):
     results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in results] == ["failed", "done"]
     assert read_png_metadata(od.image_path(job.id))["batch_job"] == job.id
+
+
+class _StubRay:
+    """Just enough of the ray module for RayPool to start: init() installs a SIGTERM handler as
+    ray.init does, and the actors cannot be made (the pool then closes itself)."""
+
+    def __init__(self):
+        self.up = False
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kwargs):
+        self.up = True
+        signal.signal(signal.SIGTERM, lambda *a: None)
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def remote(self, **kwargs):
+        class _NoActors:
+            @staticmethod
+            def remote():
+                raise RuntimeError("no actors in this test")
+        return lambda cls: _NoActors
+
+    def kill(self, actor, no_restart=True):
+        pass
+
+    def shutdown(self):
+        self.up = False
+
+
+def test_ray_pool_puts_the_callers_signal_handlers_back(monkeypatch):
+    """ray.init leaves its SIGTERM handler installed after ray.shutdown. A process that ran a batch
+    on Ray and forked later could no longer terminate() its children (a Python handler cannot run
+    while the child is blocked in C): a test session hung at exit that way. The pool that started
+    Ray restores the caller's handlers when it closes."""
+    from cpuflow.batch import ray_pool
+    from cpuflow.pipelines.model import shipped_model_dir
+    stub = _StubRay()
+    monkeypatch.setattr(ray_pool, "import_ray", lambda address=None: stub)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(RuntimeError, match="no actors"):
+        ray_pool.RayPool("auto", {}, shipped_model_dir(), workers=1, cpus_per_worker=1)
+    assert not stub.up
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -25,6 +25,9 @@ def local_ray(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("CPUFLOW_CACHE_DIR",)}
     # the workers inherit this at start: their node cache is the test's, never the user's
     os.environ["CPUFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("ray-node-cache"))
+    # ray.init installs its own SIGTERM handler in this (the test session's) process and leaves it
+    # after ray.shutdown: put the session's back, or later forked children cannot be terminated
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
                  configure_logging=False)
@@ -35,6 +38,8 @@ def local_ray(tmp_path_factory):
         yield os.environ["CPUFLOW_CACHE_DIR"]
     finally:
         ray.shutdown()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

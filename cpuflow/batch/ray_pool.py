@@ -73,6 +73,35 @@ class _Worker:
         return run_job(self.pipe, job_id, request)
 
 
+# ray.init installs Python SIGTERM / SIGINT handlers in the driver and leaves them after
+# ray.shutdown. A caller's process (cpuflow.batch.run from Python, a test session) then
+# keeps them: a process it forks later inherits a SIGTERM handler that cannot run while the
+# child is blocked in C, so terminate() no longer stops that child and joining it hangs.
+# So the handlers the caller had are put back when the pool that started Ray closes.
+_SIGNALS = ("SIGTERM", "SIGINT")
+
+
+def _signal_handlers() -> dict:
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {name: signal.getsignal(getattr(signal, name)) for name in _SIGNALS if hasattr(signal, name)}
+
+
+def _restore_signal_handlers(saved: dict) -> None:
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name, handler in saved.items():
+        if handler is not None:
+            try:
+                signal.signal(getattr(signal, name), handler)
+            except (ValueError, OSError, TypeError):
+                pass
+
+
 class RayPool:
     def __init__(self, address: str, load_options: dict, model_dir, *, workers: int | None,
                  cpus_per_worker: int, model_transfer_mode: str = "auto", model_uri: str | None = None,
@@ -81,6 +110,7 @@ class RayPool:
         self.ray = ray
         self.on_event = on_event or (lambda ev: None)
         self.started_ray = False
+        self._signals = _signal_handlers()
         if not ray.is_initialized():
             try:
                 ray.init(address=address, log_to_driver=False, include_dashboard=False)
@@ -218,3 +248,4 @@ class RayPool:
         if self.started_ray:
             self.ray.shutdown()
             self.started_ray = False
+            _restore_signal_handlers(self._signals)
