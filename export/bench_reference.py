@@ -274,12 +274,9 @@ def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
                      width=w, height=h, generator=g, output_type="pil", **extra)
 
             out.update(_measure_whole_calls(pipe, spec, progress, one_image))
-        elif stage == "upscale":   # as cpuflow's worker: a smooth random picture of a quarter of width x height
-            from PIL import Image
-            rng = np.random.default_rng(int(spec.get("gen_seed", 0)))
-            small = Image.fromarray(rng.integers(0, 256, (max(1, h // vae_scale // 8), max(1, w // vae_scale // 8), 3),
-                                                 dtype=np.uint8)).resize((w // vae_scale, h // vae_scale),
-                                                                         Image.Resampling.BICUBIC)
+        elif stage == "upscale":   # the same input picture as cpuflow's worker
+            from cpuflow.bench.worker import upscale_test_image
+            small = upscale_test_image(w, h, vae_scale, int(spec.get("gen_seed", 0)))
 
             def one_upscale(g):
                 pipe(prompt=spec["prompt"], image=small, num_inference_steps=int(spec["steps"]),

@@ -57,6 +57,23 @@ def _no_caller_settings(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def _export_tiny(tmp_path_factory, name: str, save, formats=("onnx", "openvino"), events=None):
+    """Save a tiny random diffusers folder with ``save(folder)`` and export it (both formats by
+    default): SimpleNamespace(src, model). The session fixtures below are one call each."""
+    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
+    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
+    from types import SimpleNamespace
+
+    from export.build import export_model
+    from export.sources import load_source
+
+    base = tmp_path_factory.mktemp(name)
+    src = save(base / "src")
+    out = export_model(load_source(str(src)), base / "model", formats=formats,
+                       progress=events.append if events is not None else (lambda *a, **k: None))
+    return SimpleNamespace(src=Path(src), model=Path(out))
+
+
 _TINY_EXPORTS: dict = {}
 
 
@@ -67,22 +84,16 @@ def tiny_export(tmp_path_factory):
     One tiny random model per kind ("sd1", "sd2", "sd2-v") for the whole session,
     saved as a diffusers folder and exported to both formats. Random weights:
     these prove plumbing and parity, not image quality."""
-    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
-    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
-    from types import SimpleNamespace
-
     def make(kind: str = "sd1"):
         if kind not in _TINY_EXPORTS:
-            from export.build import export_model
-            from export.sources import load_source
-            from helpers_tiny import save_tiny_diffusers_folder
+            def save(folder):
+                from helpers_tiny import save_tiny_diffusers_folder
+                return save_tiny_diffusers_folder(folder, kind, seed=0)
 
-            base = tmp_path_factory.mktemp(f"tiny-{kind}")
-            src = save_tiny_diffusers_folder(base / "src", kind, seed=0)
             events: list = []   # the export's progress events (tests/test_export_convert.py reads them)
-            out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                               progress=events.append)
-            _TINY_EXPORTS[kind] = SimpleNamespace(src=Path(src), model=Path(out), events=events)
+            t = _export_tiny(tmp_path_factory, f"tiny-{kind}", save, events=events)
+            t.events = events
+            _TINY_EXPORTS[kind] = t
         return _TINY_EXPORTS[kind]
 
     return make
@@ -92,19 +103,10 @@ def tiny_export(tmp_path_factory):
 def tiny_sdxl_export(tmp_path_factory):
     """SimpleNamespace(src=tiny random SDXL diffusers folder, model=its export in both formats),
     once per session (tests/test_sdxl.py and tests/test_export_direct_openvino.py share it)."""
-    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
-    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
-    from types import SimpleNamespace
-
-    from export.build import export_model
-    from export.sources import load_source
-    from helpers_sdxl import save_tiny_sdxl_folder
-
-    base = tmp_path_factory.mktemp("tiny-sdxl")
-    src = save_tiny_sdxl_folder(base / "src", seed=0)
-    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                       progress=lambda *a, **k: None)
-    return SimpleNamespace(src=Path(src), model=Path(out))
+    def save(folder):
+        from helpers_sdxl import save_tiny_sdxl_folder
+        return save_tiny_sdxl_folder(folder, seed=0)
+    return _export_tiny(tmp_path_factory, "tiny-sdxl", save)
 
 
 @pytest.fixture(scope="session")
@@ -137,22 +139,13 @@ _INPAINT_EXPORTS: dict = {}
 def tiny_inpaint_export(tmp_path_factory):
     """tiny_inpaint_export(kind) -> SimpleNamespace(src, model): a tiny random model whose UNet takes
     9 channels (inpainting), kind "sd1" or "sdxl", exported to both formats once per session."""
-    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
-    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
-    from types import SimpleNamespace
-
     def make(kind: str = "sd1"):
         if kind not in _INPAINT_EXPORTS:
-            from export.build import export_model
-            from export.sources import load_source
-            from helpers_inpaint import save_tiny_inpaint_folder, save_tiny_sdxl_inpaint_folder
-
-            base = tmp_path_factory.mktemp(f"tiny-inpaint-{kind}")
-            src = (save_tiny_sdxl_inpaint_folder(base / "src") if kind == "sdxl"
-                   else save_tiny_inpaint_folder(base / "src", kind))
-            out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                               progress=lambda *a, **k: None)
-            _INPAINT_EXPORTS[kind] = SimpleNamespace(src=Path(src), model=Path(out))
+            def save(folder):
+                from helpers_inpaint import save_tiny_inpaint_folder, save_tiny_sdxl_inpaint_folder
+                return (save_tiny_sdxl_inpaint_folder(folder) if kind == "sdxl"
+                        else save_tiny_inpaint_folder(folder, kind))
+            _INPAINT_EXPORTS[kind] = _export_tiny(tmp_path_factory, f"tiny-inpaint-{kind}", save)
         return _INPAINT_EXPORTS[kind]
 
     return make
@@ -162,35 +155,17 @@ def tiny_inpaint_export(tmp_path_factory):
 def tiny_depth_export(tmp_path_factory):
     """SimpleNamespace(src, model): a tiny random depth-to-image model (5-channel UNet + tiny DPT
     depth estimator, tests/helpers_depth.py) exported to both formats, once per session."""
-    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
-    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
-    from types import SimpleNamespace
-
-    from export.build import export_model
-    from export.sources import load_source
-    from helpers_depth import save_tiny_depth_folder
-
-    base = tmp_path_factory.mktemp("tiny-depth")
-    src = save_tiny_depth_folder(base / "src")
-    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                       progress=lambda *a, **k: None)
-    return SimpleNamespace(src=Path(src), model=Path(out))
+    def save(folder):
+        from helpers_depth import save_tiny_depth_folder
+        return save_tiny_depth_folder(folder)
+    return _export_tiny(tmp_path_factory, "tiny-depth", save)
 
 
 @pytest.fixture(scope="session")
 def tiny_upscale_export(tmp_path_factory):
     """SimpleNamespace(src=tiny random x4 upscaler diffusers folder, model=its export in both formats),
     once per session (tests/test_upscale*.py share it)."""
-    pytest.importorskip("torch", reason="exporting a tiny model needs the export extra")
-    pytest.importorskip("diffusers", reason="exporting a tiny model needs the export extra")
-    from types import SimpleNamespace
-
-    from export.build import export_model
-    from export.sources import load_source
-    from helpers_upscale import save_tiny_upscale_folder
-
-    base = tmp_path_factory.mktemp("tiny-upscale")
-    src = save_tiny_upscale_folder(base / "src", seed=0)
-    out = export_model(load_source(str(src)), base / "model", formats=("onnx", "openvino"),
-                       progress=lambda *a, **k: None)
-    return SimpleNamespace(src=Path(src), model=Path(out))
+    def save(folder):
+        from helpers_upscale import save_tiny_upscale_folder
+        return save_tiny_upscale_folder(folder, seed=0)
+    return _export_tiny(tmp_path_factory, "tiny-upscale", save)

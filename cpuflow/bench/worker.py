@@ -74,6 +74,16 @@ class Progress:
         self.stream.flush()
 
 
+def upscale_test_image(width: int, height: int, factor: int, seed: int):
+    """The upscale stage's input, the same for cpuflow and the torch reference
+    (export/bench_reference.py): a smooth random picture of width x height / factor."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, height // factor // 8), max(1, width // factor // 8), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width // factor, height // factor), Image.Resampling.BICUBIC)
+
+
 def measure(fn: Callable[[], Any], warmup: int, repeat: int, progress: Progress,
             on_result: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Call ``fn`` ``warmup`` times uncounted, then ``repeat`` times counted;
@@ -203,13 +213,10 @@ def run_cpuflow(spec: dict, progress: Progress) -> dict[str, Any]:
         out.update(measure(_unet_call(model, spec, rng), spec["warmup"], spec["repeat"], progress))
         out["unet_batch"] = unet_batch(model.manifest, spec["guidance"])
     elif stage == "upscale":
-        from PIL import Image
-
         from ..config import UpscaleRequest
         from ..pipelines.upscale import upscale
         factor = int(model.manifest.raw["upscaler"]["factor"])
-        small = Image.fromarray(rng.integers(0, 256, (max(1, h // factor // 8), max(1, w // factor // 8), 3),
-                                             dtype=np.uint8)).resize((w // factor, h // factor), Image.Resampling.BICUBIC)
+        small = upscale_test_image(w, h, factor, int(spec.get("gen_seed", 0)))
         req = UpscaleRequest(image=small, prompt=spec["prompt"], steps=int(spec["steps"]),
                              guidance=float(spec["guidance"]), seed=int(spec.get("gen_seed", 0)),
                              noise_level=int(spec.get("noise_level", 20)), tile=spec.get("tile"))
