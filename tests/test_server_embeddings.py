@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,8 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not
 
 from cpuflow.errors import InvalidArgument  # noqa: E402
 from cpuflow.server.app import create_app  # noqa: E402
+from test_prompts_server import _safetensors  # noqa: E402  (a safetensors writer without the package)
 from test_server import BASE, FakePipeline, make_client, submit, wait  # noqa: E402
-
-
-def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    header, blobs, off = {}, [], 0
-    for k, v in tensors.items():
-        b = np.ascontiguousarray(v, "<f4").tobytes()
-        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
-        blobs.append(b)
-        off += len(b)
-    h = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 @pytest.fixture
