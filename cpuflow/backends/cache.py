@@ -16,6 +16,7 @@ used subfolders, and only folders that carry our marker file.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -91,10 +92,12 @@ def cache_key_hash(cache_key: str, *, static_dims: Mapping[str, int] | None, pre
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_identity() -> dict[str, object]:
     """What of the CPU a compiled or optimised model depends on (the kernels and
     blocked layouts a runtime picks differ with AMX / AVX-512 / bf16): part of
-    every cache key, so a cache folder copied to another machine is not reused."""
+    every cache key, so a cache folder copied to another machine is not reused. Read
+    once per process: every session load asks for it."""
     try:
         from ..cpu import cpu_features
         f = cpu_features(use_openvino=False)
