@@ -42,6 +42,7 @@ from cpuflow.tokenizer import ClipTokenizer, write_tokenizer_json
 from . import deep_cache as dcache
 from . import quantize as quant
 from . import validate
+from .calibrate import DEFAULT_SAMPLES as CALIBRATION_SAMPLES
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
@@ -417,6 +418,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  calibration_prompts: str | os.PathLike | list[str] | None = None,
                  calibration_size: int = CALIBRATION_SIZE,
                  calibration_steps: int = CALIBRATION_STEPS,
+                 calibration_samples: int | None = CALIBRATION_SAMPLES,
+                 calibration_resolution: str | int | None = "auto",
                  default_steps: int | None = None, default_guidance: float | None = None,
                  default_clip_skip: int | None = None, deep_cache: bool = False) -> Path:
     """Export ``loaded`` (an ``export.sources.LoadedSource``) into ``out_dir``.
@@ -431,7 +434,10 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     each adds a variant beside fp32. int8 and hybrid calibrate on the UNet
     inputs of ``calibration_size`` prompts (the first ones of
     ``calibration_prompts``: a file, a list, or None for the shipped list) run
-    for ``calibration_steps`` steps each (export/calibrate.py).
+    for ``calibration_steps`` steps each, at ``calibration_resolution`` ("auto":
+    half the model's size, at least 256 px; "model"; or pixels), keeping
+    ``calibration_samples`` of those UNet inputs (None: all) for the statistics
+    passes (export/calibrate.py).
     default_steps / default_guidance: the manifest's generation ``defaults``
     (else decided by export/fewstep_defaults.py: Turbo, LCM, or none);
     default_clip_skip: ``defaults.clip_skip`` (A1111's meaning; the runtime's default is 1).
@@ -461,6 +467,12 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
         prompts = select_prompts([str(p) for p in all_prompts], calibration_size)
         if not isinstance(calibration_steps, int) or not 1 <= calibration_steps <= 1000:
             raise InvalidArgument(f"calibration steps must be between 1 and 1000, got {calibration_steps!r}")
+        if calibration_samples is not None and (not isinstance(calibration_samples, int)
+                                                or calibration_samples < 1):
+            raise InvalidArgument(f"calibration samples must be at least 1, got {calibration_samples!r}")
+        from .calibrate import parse_resolution
+        calibration_resolution = parse_resolution("auto" if calibration_resolution is None
+                                                  else calibration_resolution)
     for attr in ("text_encoder", "unet", "vae"):
         if getattr(loaded, attr, None) is None:
             raise InvalidArgument(f"the loaded model has no {attr} (already exported and released?)")
@@ -490,6 +502,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
             _build(loaded, staging, formats=formats, weights=weights, force=force,
                    steps=steps, exporter=exporter, release_modules=release_modules, seed=seed,
                    modes=modes, prompts=prompts, calibration_steps=calibration_steps,
+                   calibration_samples=calibration_samples, calibration_resolution=calibration_resolution,
                    default_steps=default_steps, default_guidance=default_guidance,
                    default_clip_skip=default_clip_skip, deep_cache=deep_cache)
             _crash_point("staged")
@@ -503,7 +516,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
 def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str, force: bool,
            steps: _Steps, exporter: str, release_modules: bool, seed: int,
            modes: tuple[str, ...] = (), prompts: list[str] | None = None,
-           calibration_steps: int = CALIBRATION_STEPS, default_steps: int | None = None,
+           calibration_steps: int = CALIBRATION_STEPS, calibration_samples: int | None = CALIBRATION_SAMPLES,
+           calibration_resolution: str | int = "auto", default_steps: int | None = None,
            default_guidance: float | None = None, default_clip_skip: int | None = None,
            deep_cache: bool = False) -> None:
     te_cfg = loaded.text_encoder.config
@@ -648,6 +662,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
     if modes:
         all_passed = _add_quantized(staging, manifest, modes=modes, formats=formats, checks=checks,
                                     prompts=prompts, calibration_steps=calibration_steps, seed=seed,
+                                    calibration_samples=calibration_samples,
+                                    calibration_resolution=calibration_resolution,
                                     force=force, steps=steps) and all_passed
         manifest["validated"] = bool(all_passed)
     with steps.step(None, "manifest"):
@@ -658,21 +674,24 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
 
 def _add_quantized(staging: Path, manifest: dict, *, modes: tuple[str, ...], formats: tuple[str, ...],
                    checks: Mapping[str, Any], prompts: list[str] | None, calibration_steps: int, seed: int,
-                   force: bool, steps: _Steps) -> bool:
+                   force: bool, steps: _Steps, calibration_samples: int | None = CALIBRATION_SAMPLES,
+                   calibration_resolution: str | int = "auto") -> bool:
     """Quantized variants, added after the fp32 files are complete and checked.
 
     Order (the manifest stays the last write of the folder):
     1. an interim fp32-only manifest is written into the staging folder, so the
        cpuflow runtime can load the staged export (the torch modules are gone);
     2. calibration: the model's own sampling loop on the prompts, capturing the
-       UNet inputs (export/calibrate.py), when int8 or hybrid is asked for;
+       UNet inputs (export/calibrate.py), when int8 or hybrid is asked for, in a
+       child process (the runtime's compiled sessions are GBs for the SD 1.5
+       UNet: that memory goes back to the system before the quantizers run);
     3. each quantized file is written from the fp32 files and checked
        (export/quantize.py); the variants go into ``manifest``'s components;
     4. the caller writes the final manifest (fp32 file records reused, the new
        files hashed), replacing the interim one, and only then moves the
        staging folder into place.
     Returns whether every quantized file passed its (loose) gate."""
-    from .calibrate import capture
+    from .calibrate import capture_in_child
 
     fp32_files = dict(manifest["files"])
     write_manifest(staging, manifest)
@@ -680,12 +699,14 @@ def _add_quantized(staging: Path, manifest: dict, *, modes: tuple[str, ...], for
     if prompts is not None:
         backend = "openvino" if "openvino" in formats else "onnxruntime"
         with steps.step("unet", "calibration"):
-            calibration = capture(staging, prompts, steps=calibration_steps, backend=backend, seed=seed,
-                                  progress=lambda msg: steps.info(f"[unet] {msg}", "unet"))
-        steps.info(f"[unet] calibration: {calibration.info['samples']} UNet inputs from "
-                   f"{calibration.info['prompts']} prompts x {calibration_steps} steps "
-                   f"({calibration.info['sampler']}, {calibration.info['width']}x{calibration.info['height']}, "
-                   f"{backend} {calibration.info['precision']}) in {calibration.info['seconds']:.1f} s", "unet")
+            calibration = capture_in_child(staging, prompts, steps=calibration_steps, backend=backend, seed=seed,
+                                           samples=calibration_samples, resolution=calibration_resolution)
+        ci = calibration.info
+        steps.info(f"[unet] calibration: {ci['samples']} UNet inputs kept ({ci['selection']}) from "
+                   f"{ci['prompts']} prompts x {calibration_steps} steps "
+                   f"({ci['sampler']}, {ci['width']}x{ci['height']}, held-out run "
+                   f"{ci['held_out_width']}x{ci['held_out_height']}, {backend} {ci['precision']}) "
+                   f"in {ci['seconds']:.1f} s", "unet")
     outcome = quant.add_variants(staging, manifest["components"], modes=modes, formats=formats,
                                  calibration=calibration, checks=checks, force=force,
                                  step=steps.step, info=lambda msg, comp=None: steps.info(msg, comp))

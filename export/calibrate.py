@@ -25,7 +25,25 @@ precision used is recorded.
 Memory: one sample is (2, 4, h/8, w/8) latents + 2 timesteps; the text
 embeddings are shared by all steps of one prompt (the same array object), so
 16 prompts x 10 steps at 512x512 hold about 21 MB of latents + 16 x 0.47 MB
-of embeddings.
+of embeddings: small next to the model, so samples are held, not streamed.
+
+Cost (issue #15 item 1). Every sample a quantizer keeps is a full float32 UNet
+call in each statistics pass (ORT's ranges; NNCF's ranges, SmoothQuant and bias
+correction), so the export's time is nearly proportional to the samples kept
+times the UNet's cost at the calibration size. Three knobs cut it:
+
+* resolution: the trajectories are sampled at ``calibration_resolution``
+  (default: half the model's default size, at least 256 px: 256x256 for a
+  512x512 model, where attention costs 1/16 and the convolutions 1/4); the
+  activation ranges of the convolutions and linear layers barely depend on the
+  image size. The held-out check still runs at the model's own size, so the
+  recorded PSNR is what a generation at the default size gets;
+* selection: of the ``prompts x calls`` inputs captured, ``samples`` are kept,
+  stratified over the noise levels (sample i of n takes the call at fraction
+  (i + 0.5) / n of the trajectory) and cycling through the prompts, so a few
+  samples still span every noise level and several prompts;
+* early stop: a prompt's run stops after the last call selected from it (the
+  rest of its trajectory would be thrown away).
 """
 from __future__ import annotations
 
@@ -42,6 +60,8 @@ from cpuflow.errors import InvalidArgument
 PROMPTS_FILE = Path(__file__).resolve().parent / "calibration" / "prompts.txt"
 DEFAULT_SIZE = 16      # prompts
 DEFAULT_STEPS = 10     # sampler steps per prompt (about one UNet call each)
+DEFAULT_SAMPLES = 16   # UNet inputs kept for the statistics passes (selected over noise levels and prompts)
+RESOLUTION_CHOICES = ("auto", "model")
 GUIDANCE = 7.5
 # One prompt outside the shipped list: its trajectory is the held-out set on
 # which each quantized UNet is compared with the fp32 one ("real inputs" PSNR).
@@ -57,6 +77,69 @@ class CalibrationSet:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+
+def resolution_for(model_size: int, resolution: str | int | None, multiple: int = 8) -> int:
+    """Side in pixels of the calibration images: ``"auto"`` (or None) = half the
+    model's default size but at least 256 (never above the model's size): 256 for
+    SD 1.5, 384 for SD 2.x-768, 512 for SDXL; ``"model"`` = the model's size; an
+    int = that, which must be a multiple of ``multiple`` (the VAE's downscale)."""
+    if resolution in (None, "auto"):
+        px = max(model_size // 2, min(model_size, 256))
+        return max(multiple, px // multiple * multiple)
+    if resolution == "model":
+        return int(model_size)
+    px = parse_resolution(resolution)
+    if px % multiple:
+        raise InvalidArgument(f"calibration resolution {px} is not a multiple of {multiple} (the model's "
+                              "latent downscale)", hint=f"pass a multiple of {multiple}, e.g. 256")
+    return px
+
+
+def parse_resolution(value: str | int) -> str | int:
+    """``--calibration-resolution``'s value: "auto", "model" or a side in pixels (32-4096)."""
+    if isinstance(value, str) and value.strip().lower() in RESOLUTION_CHOICES:
+        return value.strip().lower()
+    try:
+        px = int(str(value).strip().lower().removesuffix("px"))
+    except ValueError:
+        raise InvalidArgument(f"calibration resolution must be auto, model or a size in pixels, got {value!r}",
+                              hint="e.g. --calibration-resolution 256") from None
+    if not 32 <= px <= 4096:
+        raise InvalidArgument(f"calibration resolution must be between 32 and 4096 pixels, got {px}")
+    return px
+
+
+def parse_samples(value: str | int | None) -> int | None:
+    """``--calibration-samples``'s value: "all" (None) or a count >= 1."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return None
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise InvalidArgument(f"calibration samples must be a count or all, got {value!r}",
+                              hint="e.g. --calibration-samples 16") from None
+    if n < 1:
+        raise InvalidArgument(f"calibration samples must be at least 1, got {n}")
+    return n
+
+
+def select_calls(n_prompts: int, calls: int, samples: int | None) -> list[tuple[int, int]]:
+    """Which (prompt, call) inputs to keep: all of them when ``samples`` is None or
+    covers every call; else sample i of n is call floor((i + 0.5) / n * calls) of
+    prompt i mod n_prompts (stratified over the noise levels, cycling the prompts).
+    Sorted by prompt, then call."""
+    total = n_prompts * calls
+    if samples is None or samples >= total:
+        return [(p, c) for p in range(n_prompts) for c in range(calls)]
+    picks = set()
+    for i in range(samples):
+        c = min(calls - 1, int((i + 0.5) / samples * calls))
+        p = i % n_prompts
+        while (p, c) in picks:  # only when samples > prompts x distinct calls: take a neighbour
+            p = (p + 1) % n_prompts
+        picks.add((p, c))
+    return sorted(picks)
 
 
 def read_prompts(path: str | Path | None = None) -> list[str]:
@@ -88,17 +171,25 @@ def prompts_hash(prompts: list[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()[:16]
 
 
+class _Enough(Exception):
+    """Raised by the capturing model once a prompt's last selected call is recorded."""
+
+
 def _capturing_model(config):
-    """A LoadedModel whose ``unet`` calls are recorded (feeds only)."""
+    """A LoadedModel whose ``unet`` calls are recorded (feeds only); with
+    ``stop_after`` set, the call after that many UNet calls raises _Enough."""
     from cpuflow.pipelines.model import LoadedModel
 
     class CapturingModel(LoadedModel):
         def __init__(self, cfg):
             super().__init__(cfg)
             self.captured: list[dict[str, np.ndarray]] = []
+            self.stop_after: int | None = None
 
         def run(self, component, dims, feeds):
             if component == "unet":
+                if self.stop_after is not None and len(self.captured) >= self.stop_after:
+                    raise _Enough()
                 # the latents are a fresh array per call; copy anyway so a later
                 # in-place update by a sampler cannot change what was captured.
                 # The embeddings stay shared (same object for every step).
@@ -111,43 +202,75 @@ def _capturing_model(config):
 
 def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, backend: str = "openvino",
             seed: int = 0, guidance: float = GUIDANCE, threads: int | None = None, precision: str = "auto",
-            progress: Callable[[str], None] | None = None) -> CalibrationSet:
+            progress: Callable[[str], None] | None = None, samples: int | None = None,
+            resolution: str | int | None = "model") -> CalibrationSet:
     """Run the sampling loop of the exported model at ``model_dir`` on each prompt
-    and return the UNet feeds of every call, plus a short held-out run.
+    and return the UNet feeds of its calls (all of them, or ``samples`` of them
+    chosen by :func:`select_calls`), plus a short held-out run.
 
     Each prompt is one request through the runtime's own :class:`~cpuflow.pipelines.run.Run`
     (prompt k with seed ``seed + k``, an empty negative prompt): its plan, its
     conditioning (SDXL: both text encoders, the pooled embeds, the time ids and the
     zeros of an empty negative) and its step loop (pipelines/txt2img.py
     ``sample_txt2img``; the x4 upscaler: pipelines/upscale.py ``sample_upscaled``),
-    so what is captured is what a generation feeds the UNet."""
+    so what is captured is what a generation feeds the UNet. The calibration
+    prompts run at ``resolution`` (:func:`resolution_for`; "model": the model's
+    default size), the held-out prompt always at the model's default size.
+    ``progress`` gets one line per prompt, with the time left."""
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise InvalidArgument(f"calibration steps must be between 1 and 1000, got {steps!r}")
+    if samples is not None and (not isinstance(samples, int) or samples < 1):
+        raise InvalidArgument(f"calibration samples must be at least 1, got {samples!r}")
     from cpuflow.config import LoadConfig
+
+    from .eta import Eta
 
     t0 = time.perf_counter()
     model = _capturing_model(LoadConfig(model=Path(model_dir), backend=backend, precision=precision,
                                         threads=threads, variant="fp32", use_cache=False))
     try:
+        m = model.manifest
+        upscaler_model = m.family == "x4-upscaler"
+        model_size = int(min(m.default_width, m.default_height))
+        # the x4 upscaler's default size is its output; its UNet runs on the low-res latents: kept as is
+        px = model_size if upscaler_model else resolution_for(model_size, resolution, model.size_multiple)
+        size = None if px == model_size else px
         runs = []
+        kept: list[dict[str, np.ndarray]] = []
+        picks: list[tuple[int, int]] | None = None
+        calls = 0
+        unet_calls = 0
 
-        def run_prompt(text: str, k: int) -> list[dict[str, np.ndarray]]:
-            start = len(model.captured)
-            runs.append(sample_prompt(model, text, seed=seed + k, steps=steps, guidance=guidance))
-            return model.captured[start:]
+        def run_prompt(text: str, k: int, stop_after: int | None = None, px: int | None = None):
+            model.captured = []
+            model.stop_after = stop_after
+            try:
+                runs.append(sample_prompt(model, text, seed=seed + k, steps=steps, guidance=guidance, size=px))
+            except _Enough:
+                pass
+            finally:
+                model.stop_after = None
+            out, model.captured = model.captured, []
+            return out
 
-        for k, text in enumerate(prompts):
-            run_prompt(text, k)
-            if progress:
-                progress(f"calibration prompt {k + 1}/{len(prompts)}: {len(model.captured)} UNet inputs")
-        samples = model.captured
-        model.captured = []
+        with Eta("[unet] calibration capture", len(prompts), unit="prompt", emit=progress) as eta:
+            for k, text in enumerate(prompts):
+                # the first prompt runs its whole trajectory: it tells how many UNet calls one makes
+                last = None if picks is None else max((c for p, c in picks if p == k), default=-1) + 1
+                got = run_prompt(text, k, stop_after=last, px=size) if last != 0 else []
+                unet_calls += len(got)
+                if picks is None:
+                    calls = len(got)
+                    picks = select_calls(len(prompts), calls, samples)
+                kept += [got[c] for p, c in picks if p == k and c < len(got)]
+                eta.update(note=f"{len(kept)} UNet inputs kept")
         held = run_prompt(HELD_OUT_PROMPT, len(prompts))
         n = len(held)
-        picks = sorted({0, n // 2, n - 1})[:HELD_OUT_POINTS] if n else []
-        held_out = [held[i] for i in picks]
+        held_picks = sorted({0, n // 2, n - 1})[:HELD_OUT_POINTS] if n else []
+        held_out = [held[i] for i in held_picks]
         used_precision = model.session_infos()["unet"][0].precision   # the session that ran them
         run = runs[0]
+        held_run = runs[-1]
     finally:
         model.close()
     info = {
@@ -158,7 +281,14 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "guidance": guidance,
         "width": run.width,
         "height": run.height,
-        "samples": len(samples),
+        "resolution": "model" if size is None else "reduced",
+        "held_out_width": held_run.width,
+        "held_out_height": held_run.height,
+        "samples": len(kept),
+        "captured_calls_per_prompt": calls,
+        "unet_calls": unet_calls,   # calibration prompts' UNet calls run (early stop included)
+        "selection": ("all calls" if samples is None or len(kept) == len(prompts) * calls else
+                      "stratified over the noise levels, cycling the prompts"),
         "batch": 2 if run.do_cfg else 1,
         "seed": seed,
         "backend": backend,
@@ -166,21 +296,52 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "held_out_prompt": HELD_OUT_PROMPT,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return CalibrationSet(samples, held_out, info)
+    return CalibrationSet(kept, held_out, info)
 
 
-def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float):
+CHILD_BYTES = 1 << 30  # a UNet this big (files) is calibrated in a child process
+
+
+def capture_in_child(model_dir: Path, prompts: list[str], **kwargs) -> CalibrationSet:
+    """:func:`capture`, in a spawned child process when the staged UNet's files
+    reach CHILD_BYTES (the full SD 1.5 UNet: its compiled sessions and the heap they
+    leave behind, GBs, go back to the system when the child ends instead of staying
+    under the quantizers that run next); in this process for small models, where a
+    child would cost more (a second interpreter importing the runtime) than it saves.
+    The child reports its progress on stderr. Records the options asked for."""
+    from .ort_calibration import in_child
+
+    unet = Path(model_dir) / "unet"
+    size = sum(p.stat().st_size for p in unet.iterdir() if p.is_file()) if unet.is_dir() else 0
+    kwargs.setdefault("samples", DEFAULT_SAMPLES)
+    kwargs.setdefault("resolution", "auto")
+    if size >= CHILD_BYTES:
+        kwargs.pop("progress", None)
+        cal = in_child(_capture_kw, Path(model_dir), list(prompts), kwargs)
+    else:
+        cal = capture(Path(model_dir), list(prompts), **kwargs)
+    cal.info["asked"] = {"prompts": len(prompts), "steps": kwargs.get("steps", DEFAULT_STEPS),
+                         "samples": kwargs["samples"], "resolution": kwargs["resolution"]}
+    cal.info["process"] = "child" if size >= CHILD_BYTES else "export"
+    return cal
+
+
+def _capture_kw(model_dir: Path, prompts: list[str], kwargs: dict) -> CalibrationSet:
+    return capture(model_dir, prompts, **kwargs)
+
+
+def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float, size: int | None = None):
     """One calibration request on ``model`` (a cpuflow LoadedModel): ``text`` with an empty
-    negative prompt at the model's default sampler and size, sampled (never decoded) the
-    way the runtime samples it; the x4 upscaler: its upscale loop on a smooth seeded
-    low-res picture (the latents' size) at noise level 20. Returns the finished Run."""
+    negative prompt at the model's default sampler and size (or ``size`` x ``size``), sampled
+    (never decoded) the way the runtime samples it; the x4 upscaler: its upscale loop on a
+    smooth seeded low-res picture (the latents' size) at noise level 20. Returns the finished Run."""
     from cpuflow.config import GenerationRequest
     from cpuflow.pipelines import upscale as up
     from cpuflow.pipelines.run import Run
     from cpuflow.pipelines.txt2img import sample_txt2img
 
     req = GenerationRequest(prompt=text, negative_prompt="", steps=steps, guidance=guidance, seed=seed,
-                            rng="torch", watermark=False)
+                            rng="torch", watermark=False, width=size, height=size)
     upscaler = up.is_upscaler(model)
     run = Run(model, req, "upscale" if upscaler else "txt2img", keep_images=False)
     run.make_plan()

@@ -11,6 +11,7 @@ import click
 
 from cpuflow.errors import InvalidArgument
 
+from .calibrate import DEFAULT_SAMPLES as CALIBRATION_SAMPLES
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .quantize import MODES as QUANTIZE_MODES
@@ -56,6 +57,9 @@ Examples:
   # calibrate on your own prompts (one a line), 32 of them, 12 steps each
   cpuflow export sd15.safetensors exported/sd15 --quantize hybrid --calibration-prompts my.txt \\
       --calibration-size 32 --calibration-steps 12
+  # slower, more thorough int8 calibration: at the model's own size, every captured UNet input
+  cpuflow export sd15.safetensors exported/sd15 --quantize int8 --calibration-resolution model \\
+      --calibration-samples all
 
 \b
 The export is checked against torch before anything is kept: every component
@@ -71,8 +75,13 @@ atomically; a folder that is not a cpuflow export is never replaced.
   hybrid        optimum-intel's recipe: UNet convolutions (and, in OpenVINO, attention)
                 int8 with activations, linear layers int8 weights only
 int8 and hybrid calibrate on the UNet inputs of real runs: the model's own sampler
-on --calibration-size prompts for --calibration-steps steps. The PSNR of every
-variant against torch fp32 is printed and stored in cpuflow.json.
+on --calibration-size prompts for --calibration-steps steps, at
+--calibration-resolution; --calibration-samples of those inputs, spread over the
+noise levels and prompts, feed the quantizers' statistics passes. Each kept input
+costs a float32 UNet call in every pass, so these options set the export's time.
+The PSNR of every variant against torch fp32 (and, for the UNet, against the fp32
+export on a held-out prompt at the model's own size) is printed and stored in
+cpuflow.json, with the calibration used.
 """
 
 FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx", "openvino")}
@@ -116,6 +125,16 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="How many prompts (the first ones of the list) calibrate int8 / hybrid.")
 @click.option("--calibration-steps", type=click.IntRange(1, 1000), default=CALIBRATION_STEPS, show_default=True,
               help="Sampler steps per calibration prompt (one UNet input captured per call).")
+@click.option("--calibration-samples", "calibration_samples", default=str(CALIBRATION_SAMPLES), show_default=True,
+              metavar="N|all",
+              help="How many of the captured UNet inputs the quantizers measure (each is a float32 UNet call "
+                   "per statistics pass: the main cost of int8 / hybrid). Chosen spread over the noise levels, "
+                   "cycling the prompts; prompts stop sampling after their last chosen call. all: every call.")
+@click.option("--calibration-resolution", "calibration_resolution", default="auto", show_default=True,
+              metavar="auto|model|PX",
+              help="Image side the calibration runs sample at. auto: half the model's default size, at least "
+                   "256 (256 for SD 1.5: ~4x cheaper UNet calls, ranges measured within the gate; the held-out "
+                   "check still runs at the model's size); model: the model's size; or pixels, e.g. 384.")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
               help="Merge a LoRA .safetensors file (diffusers/peft or kohya format) into the UNet and text "
                    "encoder before export, at SCALE (default 1.0). Repeatable; recorded in cpuflow.json.")
@@ -141,7 +160,8 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
                    "weights once more (about +1x the UNet on disk per format) and are never quantized.")
 def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, tokenizer_dir,
                    random_weights, arch, seed, quantize, calibration_prompts, calibration_size,
-                   calibration_steps, loras, taesd, default_steps, default_guidance, default_clip_skip, deep_cache):
+                   calibration_steps, calibration_samples, calibration_resolution, loras, taesd, default_steps,
+                   default_guidance, default_clip_skip, deep_cache):
     """Convert a Stable Diffusion model (SOURCE: a diffusers folder, a single
     .safetensors file, or a Hugging Face hub id; SD 1.x, 2.x, or SDXL base as a
     diffusers folder / hub id) into an exported model folder OUT_DIR that
@@ -153,7 +173,9 @@ def export_command(paths, fmt, weights, force, allow_pickle, prediction_type, to
              allow_pickle=allow_pickle, prediction_type=prediction_type, tokenizer_dir=tokenizer_dir,
              random_weights=random_weights, arch=arch, seed=seed, taesd=taesd,
              quantize=dict(quantize=quantize, calibration_prompts=calibration_prompts,
-                           calibration_size=calibration_size, calibration_steps=calibration_steps),
+                           calibration_size=calibration_size, calibration_steps=calibration_steps,
+                           calibration_samples=calibration_samples,
+                           calibration_resolution=calibration_resolution),
              loras=loras, default_steps=default_steps, default_guidance=default_guidance,
              default_clip_skip=default_clip_skip, deep_cache=deep_cache)
 
@@ -193,12 +215,18 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     from .sources import load_source
 
     quantize = dict(quantize or {})
+    from .calibrate import parse_resolution, parse_samples
+    if "calibration_samples" in quantize:  # "all" or N; a bad value fails before the (slow) load
+        quantize["calibration_samples"] = parse_samples(quantize["calibration_samples"])
+    if "calibration_resolution" in quantize:
+        quantize["calibration_resolution"] = parse_resolution(quantize["calibration_resolution"] or "auto")
     if quantize.get("quantize"):  # a bad prompt file or size fails before the (slow) load
         if weights != "fp32":
             raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
         if any(m in ("int8", "hybrid") for m in quantize["quantize"]):
             from .calibrate import read_prompts, select_prompts
             select_prompts(read_prompts(quantize.get("calibration_prompts")), quantize["calibration_size"])
+
     elif quantize.get("calibration_prompts") is not None:
         raise InvalidArgument("--calibration-prompts needs --quantize int8 or --quantize hybrid")
     out_dir = preflight(out_dir)  # a bad OUT_DIR fails before the (slow) load

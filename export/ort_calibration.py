@@ -129,11 +129,13 @@ def _session(path: Path, threads: int):
 
 
 def calibrate_ranges(src: Path, samples: Iterable[Mapping[str, np.ndarray]], *, op_types: Iterable[str],
-                     exclude: Iterable[str] = (), threads: int | None = None) -> dict[str, tuple]:
+                     exclude: Iterable[str] = (), threads: int | None = None,
+                     label: str | None = None) -> dict[str, tuple]:
     """MinMax range of every tensor ``quantize_static`` needs, over ``samples``:
     tensor name -> (lowest, highest), float32 arrays of shape (1,) as ORT's
     calibrator returns them. Writes ``<src stem>.calib-<id>.onnx`` (graph only,
-    referencing ``src``'s weights file) beside ``src`` for the time it runs."""
+    referencing ``src``'s weights file) beside ``src`` for the time it runs.
+    With ``label``, reports each sample with the time left on stderr (export/eta.py)."""
     import onnx
 
     src = Path(src)
@@ -150,6 +152,11 @@ def calibrate_ranges(src: Path, samples: Iterable[Mapping[str, np.ndarray]], *, 
     try:
         sess = _session(aug, threads or min(2, os.cpu_count() or 1))
         names = [n for p in pairs for n in p]
+        samples = list(samples)
+        eta = None
+        if label:
+            from .eta import Eta
+            eta = Eta(label, len(samples), unit="UNet input")
         for feeds in samples:
             outs = dict(zip(names, sess.run(names, dict(feeds))))
             for t, (lo, hi) in zip(tensors, pairs):
@@ -157,6 +164,10 @@ def calibrate_ranges(src: Path, samples: Iterable[Mapping[str, np.ndarray]], *, 
                 lows.setdefault(t, []).append(np.asarray(outs[lo], dtype=np.float32).reshape(1))
                 highs.setdefault(t, []).append(np.asarray(outs[hi], dtype=np.float32).reshape(1))
             del outs
+            if eta is not None:
+                eta.update()
+        if eta is not None:
+            eta.close()
         del sess
     finally:
         aug.unlink(missing_ok=True)

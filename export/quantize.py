@@ -559,7 +559,8 @@ def ort_calibrate(src: Path, samples: list, work: Path, cache: Path) -> None:
     import onnx
 
     exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
-    ranges = ort_calibration.calibrate_ranges(src, samples, op_types=ORT_STATIC_OPS, exclude=exclude)
+    ranges = ort_calibration.calibrate_ranges(src, samples, op_types=ORT_STATIC_OPS, exclude=exclude,
+                                              label=f"[{src.parent.name}] onnx activation ranges")
     ort_calibration.save_cache(ranges, cache)
 
 
@@ -583,11 +584,18 @@ def run_many(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarray]]) -
     leaves behind is not returned to the system (measured: the export stayed
     at 6.8 GB after validating the UNet's int8-weights file in-process, under
     the ORT calibration that came next, issue #4)."""
+    return in_child_if_big(path, _run_many_here, fmt, Path(path), [dict(f) for f in feeds_list])
+
+
+def in_child_if_big(path: Path, fn, *args):
+    """``fn(*args)`` in a spawned child process when the model file at ``path``
+    (with its .bin / _data weights) reaches CHILD_RUN_BYTES, else here: a child
+    costs an interpreter start and imports, worth it only for GBs of memory."""
     path = Path(path)
     data = [path, path.with_suffix(".bin"), path.with_name(path.name + "_data")]
     if sum(p.stat().st_size for p in data if p.exists()) >= CHILD_RUN_BYTES:
-        return ort_calibration.in_child(_run_many_here, fmt, path, [dict(f) for f in feeds_list])
-    return _run_many_here(fmt, path, feeds_list)
+        return ort_calibration.in_child(fn, *args)
+    return fn(*args)
 
 
 def _run_many_here(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -709,8 +717,8 @@ def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str
                     dst = staging / rels[0]
                     with step(comp, f"{fmt} quantize {STEMS[kind]}"):
                         t0 = time.perf_counter()
-                        if fmt == "openvino":
-                            recipe = ov_quantize(src, dst, kind, samples)
+                        if fmt == "openvino":  # NNCF on a big UNet holds GBs: in a child (issue #15)
+                            recipe = in_child_if_big(src, ov_quantize, src, dst, kind, samples)
                         else:
                             recipe = onnx_quantize(src, dst, kind, samples, scratch)
                         recipe["seconds"] = round(time.perf_counter() - t0, 2)
@@ -743,7 +751,8 @@ def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str
                     if kind in ("static", "hybrid"):
                         recipe["calibration"] = {k: calibration.info[k] for k in
                                                  ("samples", "prompts", "prompts_sha256", "steps", "sampler",
-                                                  "width", "height", "guidance", "seed") if k in calibration.info}
+                                                  "width", "height", "guidance", "seed", "selection",
+                                                  "held_out_width", "held_out_height") if k in calibration.info}
                     recipe["precision"] = PRECISION[kind]
                     done[kind] = (rels, entry, dict(recipe, size=size))
                     outcome.jobs += 1
