@@ -1,14 +1,16 @@
 """Wall time and peak RSS per export stage, for a command that prints cpuflow's stage lines.
 
-    python bench/stage_profile.py --log /tmp/x.log -- cpuflow export --random-weights --arch sd15 OUT ...
+    python bench/stage_profile.py --log /tmp/x.log --rss /tmp/x.rss -- cpuflow export ... OUT ...
+    python bench/stage_profile.py --from-files --log /tmp/x.log --rss /tmp/x.rss   # the table again
 
 Runs the command, samples the resident memory of its whole process tree (the command and
-every descendant: the spawned quantization / validation children included) from /proc once
-a second, and reads its stderr. The export prints ``[component] stage ...`` when a stage
-begins and ``[component] stage ... 12.3 s`` when it ends (export/build.py ``_Steps``); each
-stage gets the tree's peak RSS between the two lines. Prints one row per stage, the total
-wall time and the overall peak, and writes the timestamped log (and, with --rss, the
-one-second RSS series) for later reading. Linux only (reads /proc).
+every descendant: the spawned calibration / quantization / validation children included)
+from /proc once a second, and reads its stderr. The export prints ``[component] stage ...
+12.3 s`` when a stage ends (export/build.py ``_Steps``); each stage gets the tree's peak RSS
+over the 12.3 s before that line. Prints one row per stage, the total wall time and the
+overall peak, and writes the timestamped log and the one-second RSS series. Linux only.
+RSS counts pages shared by several processes once per process (as the OOM killer's view
+of a tree's memory roughly does), and memory-mapped weight files that are resident.
 """
 from __future__ import annotations
 
@@ -22,12 +24,11 @@ import threading
 import time
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-BEGIN = re.compile(r"^(\[[^\]]+\] .+?) \.\.\.$")
 END = re.compile(r"^(\[[^\]]+\] .+?) \.\.\. ([0-9.]+) s$")
 
 
 def tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and all its descendants (shared pages counted per process)."""
+    """Resident bytes of ``root`` and all its descendants."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -50,34 +51,65 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def stage_rows(ends, series, interval: float = 1.0) -> list[dict]:
+    """One row per ended stage ((name, seconds, time it ended)): its peak of the RSS
+    ``series`` ((seconds, bytes) samples) over its interval, widened by one sample."""
+    rows = []
+    for name, seconds, ended in ends:
+        lo, hi = ended - seconds - interval, ended + interval
+        inside = [r for t, r in series if lo <= t <= hi]
+        rows.append({"stage": name, "seconds": seconds, "ended_at_s": round(ended, 1),
+                     "peak_rss_gb": round(max(inside, default=0) / 1e9, 2)})
+    return rows
+
+
+def from_files(log: str, rss: str) -> list[dict]:
+    series = [(float(t), float(g) * 1e9) for t, g in (ln.split() for ln in open(rss) if ln.strip())]
+    ends = []
+    for ln in open(log):
+        t, _, text = ln.strip().partition(" ")
+        m = END.match(text.strip())
+        if m:
+            ends.append((m.group(1), float(m.group(2)), float(t)))
+    return stage_rows(ends, series)
+
+
+def table(rows, wall=None, peak=None, rc=None) -> str:
+    out = [f"{'stage':60s} {'wall s':>8s} {'peak RSS GB':>12s}"]
+    out += [f"{r['stage'][:60]:60s} {r['seconds']:8.1f} {r['peak_rss_gb']:12.2f}" for r in rows]
+    if wall is not None:
+        out.append(f"{'TOTAL (exit ' + str(rc) + ')':60s} {wall:8.1f} {peak / 1e9:12.2f}")
+    return "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--log", required=True, help="timestamped copy of the command's stderr + stdout")
-    ap.add_argument("--rss", default=None, help="one-second RSS series (seconds, GB), one a line")
+    ap.add_argument("--rss", required=True, help="one-second RSS series (seconds, GB), one a line")
     ap.add_argument("--json", default=None, help="the stage table as JSON")
     ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--from-files", action="store_true", help="only print the table of an earlier --log / --rss")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args()
+    if a.from_files:
+        print(table(from_files(a.log, a.rss)))
+        return 0
     cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    lock = threading.Lock()
-    state = {"peak": 0, "open": {}}
-    series = []
+    state = {"peak": 0}
+    series: list[tuple[float, int]] = []
 
     def sample() -> None:
         while proc.poll() is None:
             r = tree_rss(proc.pid)
-            with lock:
-                state["peak"] = max(state["peak"], r)
-                for st in state["open"].values():
-                    st["peak"] = max(st["peak"], r)
-            series.append((round(time.time() - t0, 1), round(r / 1e9, 3)))
+            state["peak"] = max(state["peak"], r)
+            series.append((time.time() - t0, r))
             time.sleep(a.interval)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    rows = []
+    ends = []
     with open(a.log, "w") as log:
         for line in proc.stdout:
             now = time.time() - t0
@@ -85,25 +117,16 @@ def main() -> int:
             log.write(f"{now:8.1f} {text}\n")
             log.flush()
             sys.stderr.write(line)
-            m_end, m_begin = END.match(text), BEGIN.match(text)
-            with lock:
-                if m_end:
-                    st = state["open"].pop(m_end.group(1), None)
-                    peak = st["peak"] if st else 0
-                    rows.append({"stage": m_end.group(1), "seconds": float(m_end.group(2)),
-                                 "peak_rss_gb": round(peak / 1e9, 2), "ended_at_s": round(now, 1)})
-                elif m_begin:
-                    state["open"][m_begin.group(1)] = {"peak": tree_rss(proc.pid)}
+            m = END.match(text)
+            if m:
+                ends.append((m.group(1), float(m.group(2)), now))
     rc = proc.wait()
     th.join(timeout=5)
     wall = time.time() - t0
-    if a.rss:
-        with open(a.rss, "w") as f:
-            f.writelines(f"{s} {g}\n" for s, g in series)
-    print(f"\n{'stage':60s} {'wall s':>8s} {'peak RSS GB':>12s}", file=sys.stderr)
-    for r in rows:
-        print(f"{r['stage'][:60]:60s} {r['seconds']:8.1f} {r['peak_rss_gb']:12.2f}", file=sys.stderr)
-    print(f"{'TOTAL (exit ' + str(rc) + ')':60s} {wall:8.1f} {state['peak'] / 1e9:12.2f}", file=sys.stderr)
+    with open(a.rss, "w") as f:
+        f.writelines(f"{t:.1f} {r / 1e9:.3f}\n" for t, r in series)
+    rows = stage_rows(ends, series, a.interval)
+    print("\n" + table(rows, wall, state["peak"], rc), file=sys.stderr)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cmd": cmd, "exit": rc, "wall_s": round(wall, 1),
