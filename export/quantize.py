@@ -69,9 +69,9 @@ the ORT activation ranges come from export/ort_calibration.py, not from
 onnxruntime's MinMaxCalibrater (same ranges, tested; it held the 3.4 GB UNet
 as a protobuf, wrote and loaded an augmented copy of the weights: killed at
 20.4 GB on its own, 2 samples; ours: 7.3 GB, weights memory-mapped). The
-calibration, ``quantize_static`` (4.3 GB) and the validation runs of files
-of 1 GB and more each run in a spawned child process, whose memory goes back
-to the system when it ends.
+calibration, ``quantize_static`` (4.3 GB), NNCF's quantization and the
+validation runs of files of 1 GB and more each run in a spawned child process,
+whose memory goes back to the system when it ends.
 
 Every produced file is run by the backend the runtime uses on the component's
 seeded parity inputs and compared with the torch fp32 reference: the figures go
