@@ -94,20 +94,33 @@ def write_openvino_tokenizer(tokenizer_dir: Path) -> list[Path]:
     return out
 
 
-def fix_for_genai(folder: str | Path) -> list[str]:
+def fix_for_genai(folder: str | Path, scheduler: str | None = None) -> list[str]:
     """Make an optimum-intel folder readable by GenAI's Text2ImagePipeline: write the
-    OpenVINO tokenizer when missing, drop non-finite scheduler values. Returns what changed."""
+    OpenVINO tokenizer when missing, drop non-finite scheduler values, and with
+    ``scheduler`` switch the scheduler class (GenAI has no DPM-Solver: compare
+    engines on one it has, e.g. EulerDiscreteScheduler; the betas stay). Returns what changed."""
+    from cpuflow.bench.peers import GENAI_SCHEDULERS
+
+    if scheduler is not None and scheduler not in GENAI_SCHEDULERS:
+        raise InvalidArgument(f"GenAI has no {scheduler}; it has {', '.join(GENAI_SCHEDULERS)}")
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise InvalidArgument(f"{folder} is not an optimum-intel folder (no model_index.json)")
+    sched = folder / SCHEDULER_CONFIG
+    # Python's json reads -Infinity / NaN as floats
+    cfg = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else None
+    target = scheduler or (cfg or {}).get("_class_name")
+    if cfg is not None and target not in GENAI_SCHEDULERS:   # refused before anything is changed
+        raise InvalidArgument(f"GenAI has no {target}: pass --scheduler with one of {', '.join(GENAI_SCHEDULERS)}")
     done = []
     if not (folder / "tokenizer" / TOKENIZER_XML).is_file():
         write_openvino_tokenizer(folder / "tokenizer")
         done.append(f"wrote tokenizer/{TOKENIZER_XML} and {DETOKENIZER_XML}")
-    sched = folder / SCHEDULER_CONFIG
-    if sched.is_file():
-        # Python's json reads -Infinity / NaN as floats
-        dropped = write_scheduler_config(json.loads(sched.read_text(encoding="utf-8")), folder)
+    if cfg is not None:
+        if cfg.get("_class_name") != target:
+            done.append(f"scheduler {cfg.get('_class_name')} -> {target}")
+            cfg["_class_name"] = target
+        dropped = write_scheduler_config(cfg, folder)
         if dropped:
             done.append(f"dropped non-finite {', '.join(dropped)} from {SCHEDULER_CONFIG}")
     return done
@@ -224,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fix-genai", metavar="FOLDER",
                     help="add openvino_tokenizer.xml and drop -Infinity from the scheduler config of an existing "
                          "optimum-intel folder, so that OpenVINO GenAI reads it")
+    ap.add_argument("--scheduler", help="with --fix-genai: switch to this scheduler class (GenAI has no DPM-Solver)")
     a = ap.parse_args(argv)
     with exit_on_error("interrupted"):
         if a.fix_genai:
-            changed = fix_for_genai(a.fix_genai)
+            changed = fix_for_genai(a.fix_genai, a.scheduler)
             print("\n".join(changed) or f"{a.fix_genai}: nothing to change")
             return 0
         if not a.out or bool(a.source) == bool(a.random_weights):

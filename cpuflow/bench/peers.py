@@ -46,6 +46,10 @@ INSTALL = {"genai": "pip install 'cpuflow[peers]' (openvino-genai and openvino-t
            "optimum-intel": "optimum-intel 2.2 needs transformers < 5.6, huggingface-hub < 1.22 and a diffusers "
                             "older than this project's: install it in a virtual environment of its own and pass its "
                             "interpreter with --peer-python (bench/README.md, 'Peers')"}
+# the diffusers scheduler classes GenAI 2026.4 implements (openvino_genai.Scheduler.Type); it refuses
+# DPMSolverMultistepScheduler ("Unsupported value for 'scheduler'")
+GENAI_SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
+                    "LMSDiscreteScheduler", "PNDMScheduler", "FlowMatchEulerDiscreteScheduler")
 PRECISION_HINT = {"bf16": "bf16", "f32": "f32"}   # auto: OpenVINO's default (bf16 on AMX / AVX512-BF16 CPUs)
 
 
@@ -130,10 +134,18 @@ def check_folder(engine: str, folder: str | os.PathLike | None) -> Path:
         if any(bad in text for bad in ("Infinity", "NaN")):
             problems.append("scheduler_config.json holds -Infinity/NaN (DPM-Solver's lambda_min_clipped), which "
                             "GenAI's JSON reader rejects")
+        fix = FIX_GENAI.format(folder=p)
+        try:
+            cls = str(json.loads(text).get("_class_name", ""))
+        except ValueError:
+            cls = ""
+        if cls not in GENAI_SCHEDULERS:
+            problems.append(f"GenAI has no {cls or 'scheduler named in scheduler_config.json'} (it has "
+                            f"{', '.join(GENAI_SCHEDULERS)})")
+            fix += " --scheduler EulerDiscreteScheduler"
         if problems:
             raise InvalidArgument(f"OpenVINO GenAI cannot read {p}: {'; '.join(problems)}",
-                                  hint=f"run `{FIX_GENAI.format(folder=p)}` (needs the export extra and "
-                                       "openvino-tokenizers)")
+                                  hint=f"run `{fix}` (needs the export extra and openvino-tokenizers)")
     return p.resolve()
 
 

@@ -508,6 +508,17 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
     from ..manifest import load_manifest
     from ..pipelines.model import SAMPLER_OF_SCHEDULER
 
+    peers = list(peers)   # checked first: a missing package or bad folder stops the run before anything
+    if reference in PEERS:
+        raise InvalidArgument(f"--reference {reference} is a peer: pass it as peers=[PeerRef(...)]")
+    for p in peers:
+        check_peer(p)
+    if peers and not {"e2e", "load"} & set(settings.stages):
+        raise InvalidArgument("the peer references measure the stages e2e and load only: add one of them to "
+                              "--stages")
+    if len({p.id for p in peers}) != len(peers):
+        raise InvalidArgument("two peer columns with the same engine, folder name and precision: " +
+                              ", ".join(p.id for p in peers))
     model_dir = Path(model_dir).resolve()
     m = load_manifest(model_dir, verify="size")
     settings.stages = stages_for_model(m, settings.stages, log)
@@ -520,17 +531,6 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         if log:
             log(f"note: {NO_TORCH_REFERENCE[m.family]}")
         reference = None
-    peers = list(peers)
-    if reference in PEERS:
-        raise InvalidArgument(f"--reference {reference} is a peer: pass it as peers=[PeerRef(...)]")
-    for p in peers:
-        check_peer(p)
-    if peers and not {"e2e", "load"} & set(settings.stages):
-        raise InvalidArgument("the peer references measure the stages e2e and load only: add one of them to "
-                              "--stages")
-    if len({p.id for p in peers}) != len(peers):
-        raise InvalidArgument("two peer columns with the same engine, folder name and precision: " +
-                              ", ".join(p.id for p in peers))
     if reference is not None:
         if reference != "torch":
             raise InvalidArgument(f"reference must be torch, got {reference!r}")
