@@ -24,6 +24,14 @@ Examples:
       --stages unet,vae --repeat 2
   # against torch on the weights the folder was exported from:
   cpuflow bench exported/sd15 --reference torch --reference-source runwayml/stable-diffusion-v1-5
+  # the peers, side by side in interleaved rounds (best image of each, peak RSS, cpuflow / fastest peer):
+  # OpenVINO GenAI and diffusers on the same weights as an optimum-intel folder
+  # (python -m cpuflow_export.optimum_layout OUT --random-weights --arch sd15 writes one)
+  cpuflow bench exported/sd15-random --stages e2e --rounds 2 --repeat 1 --steps 10 \\
+      --reference genai --reference torch --reference-source genai=sd15-optimum
+  # optimum-intel too, from a virtual environment of its own (its pins conflict with this project's)
+  cpuflow bench exported/sd15-random --stages e2e --rounds 2 --reference genai --reference optimum-intel \\
+      --reference-source sd15-optimum --peer-python /opt/optimum-venv/bin/python
   # the tiny autoencoder (a folder exported with --taesd): its decode, and whole images decoded by it
   cpuflow bench exported/sd15 --stages vae,taesd,e2e --decoder taesd
   # SDXL at its default 1024x1024 with guidance (UNet at batch 2); e2e with 2 steps
