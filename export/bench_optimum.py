@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from cpuflow.bench.peers import PEER_STAGES, ov_properties, resolved_precision
+from cpuflow.bench.peers import PEER_STAGES, check_same_unet, ov_properties, resolved_precision
 from cpuflow.bench.worker import measure, memory_status
 from cpuflow.errors import InvalidArgument
 
@@ -90,7 +90,9 @@ def run_optimum(spec: dict, progress) -> dict[str, Any]:
     else:
         raise InvalidArgument(f"a peer reference measures the stages {', '.join(PEER_STAGES)}, not {stage!r}")
     from importlib.metadata import version
-    out["peak_rss_bytes"] = memory_status()["hwm"]
+    out["peak_rss_bytes"] = memory_status()["hwm"]   # before the weights check reads anything
+    if spec.get("check_weights") and spec.get("model"):
+        out["weights_check"] = check_same_unet(spec["model"], spec["source"])
     out["sessions"] = {"pipeline": {"backend": f"optimum-intel {version('optimum-intel')}", "device": "CPU",
                                     "precision": resolved_precision(spec), "variant": "optimum IR",
                                     "compile_s": None, "cached": False, "threads": spec.get("threads")}}

@@ -139,6 +139,24 @@ def test_layout_computes_what_torch_and_the_cpuflow_export_compute(tiny, optimum
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+def test_a_peer_folder_with_other_weights_is_refused(tiny, optimum_folder, tmp_path):
+    """The peer workers compare the UNet's first convolution with the cpuflow model's: equal for
+    the folder written from the same source, refused for one whose conv_in differs."""
+    import torch
+
+    from cpuflow.errors import ModelError
+    from export.optimum_layout import write_optimum_folder
+    from export.sources import load_source
+
+    assert peers.check_same_unet(tiny.model, optimum_folder) == {"unet.conv_in": True}
+    other = load_source(str(tiny.src))
+    with torch.no_grad():
+        other.unet.conv_in.weight.add_(1e-3)
+    f = write_optimum_folder(other, tmp_path / "other", tokenizer=False)
+    with pytest.raises(ModelError, match="another UNet"):
+        peers.check_same_unet(tiny.model, f)
+
+
 @needs_tokenizers
 @needs_genai
 def test_fix_for_genai_repairs_what_genai_cannot_read(optimum_folder, tmp_path):
@@ -292,6 +310,7 @@ def test_genai_in_one_interleaved_run_with_cpuflow(tiny, optimum_folder, tmp_pat
         "openvino-genai")
     assert len(st["breakdown"]) == 2 and all(b["unet_per_call"] > 0 for b in st["breakdown"])
     assert len(cf["stages"]["e2e"]["times_s"]) == 2
+    assert st["weights_check"] == {"unet.conv_in": True}
     cmp_ = res["peer_comparison"]
     assert cmp_["fastest_peer"] == peer["id"]
     assert cmp_["cpuflow"][cf["id"]]["ratio"] == pytest.approx(cf["stages"]["e2e"]["min_s"] / st["min_s"], rel=1e-3)

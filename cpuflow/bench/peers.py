@@ -175,6 +175,55 @@ def parse_sources(references: tuple[str, ...], sources: tuple[str, ...]) -> dict
     return out
 
 
+# ---------------------------------------------------------------- same weights
+def _conv_in_weight(xml: Path):
+    """The UNet's first convolution weight [C, latent channels, 3, 3] as stored in an IR:
+    (dtype name, float32 array), or None when no plain float constant of that shape exists
+    (weights compressed to int8 are stored with their scales: not comparable bit for bit)."""
+    import numpy as np
+    import openvino as ov
+
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        shape = tuple(int(d) for d in op.get_output_shape(0))
+        if len(shape) == 4 and shape[1] in (4, 9) and shape[2:] == (3, 3):
+            et = op.get_output_element_type(0).get_type_name()
+            if et not in ("f32", "f16", "bf16"):
+                return None
+            return et, np.asarray(op.get_data()).astype(np.float32)
+    return None
+
+
+def check_same_unet(model_dir: str | os.PathLike, folder: str | os.PathLike) -> dict[str, Any]:
+    """Compare the UNet's first convolution of a peer folder with the cpuflow model's fp32
+    OpenVINO UNet (exactly; after rounding to fp16 when the peer stores fp16), so a peer column
+    is never a different model. Raises ModelError on a mismatch; returns what was compared
+    ({"unet.conv_in": True} or {"unet.conv_in": None, "why": ...} when it cannot be compared)."""
+    import numpy as np
+
+    from ..errors import ModelError
+    from ..manifest import load_manifest
+
+    m = load_manifest(model_dir, verify=False)
+    var = m.components["unet"].variants.get("fp32")
+    if var is None or "openvino" not in var.files:
+        return {"unet.conv_in": None, "why": "the cpuflow model has no fp32 OpenVINO UNet"}
+    ours = _conv_in_weight(m.path(var.model_file("openvino")))
+    theirs = _conv_in_weight(Path(folder) / "unet" / "openvino_model.xml")
+    if ours is None or theirs is None:
+        return {"unet.conv_in": None, "why": "weights stored compressed (int8): not comparable exactly"}
+    a, b = ours[1], theirs[1]
+    if theirs[0] == "f16" and ours[0] != "f16":
+        a = a.astype(np.float16).astype(np.float32)
+    if a.shape != b.shape or not np.array_equal(a, b):
+        raise ModelError(f"the peer folder {folder} holds another UNet than {model_dir} (conv_in differs): "
+                         "the comparison would not be on the same weights",
+                         hint="export both from the same source (python -m cpuflow_export.optimum_layout "
+                              "... --random-weights --arch ARCH --seed SEED, as the cpuflow export)")
+    return {"unet.conv_in": True}
+
+
 # ---------------------------------------------------------------- the GenAI worker
 def ov_properties(spec: dict) -> dict[str, Any]:
     props: dict[str, Any] = {}
@@ -240,7 +289,9 @@ def run_genai(spec: dict, progress) -> dict[str, Any]:
             encoding="utf-8")).get("_class_name")
     else:
         raise InvalidArgument(f"a peer reference measures the stages {', '.join(PEER_STAGES)}, not {stage!r}")
-    out["peak_rss_bytes"] = memory_status()["hwm"]
+    out["peak_rss_bytes"] = memory_status()["hwm"]   # before the weights check reads anything
+    if spec.get("check_weights") and spec.get("model"):
+        out["weights_check"] = check_same_unet(spec["model"], spec["source"])
     out["sessions"] = {"pipeline": {"backend": "openvino-genai " + ov_genai.__version__.split("-")[0],
                                     "device": "CPU", "precision": resolved_precision(spec), "variant": "optimum IR",
                                     "compile_s": None, "cached": False, "threads": spec.get("threads")}}

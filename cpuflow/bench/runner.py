@@ -456,7 +456,8 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
                     jobs.append(Measurement("torch", stage, spec, units))
             if stage in PEER_STAGES and not (stage == "e2e" and settings.decoder == "taesd"):
                 for p in peers:
-                    spec = dict(base, kind=p.engine, stage=stage, source=str(p.source), precision=p.precision)
+                    spec = dict(base, kind=p.engine, stage=stage, source=str(p.source), precision=p.precision,
+                                check_weights=True)
                     if stage == "load":   # each start a fresh process: build + compile from the IR
                         jobs.extend(Measurement(p.id, "load", spec, 1, counted=i >= settings.warmup,
                                                 python=p.python) for i in range(n_starts))
