@@ -454,7 +454,7 @@ def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work:
                                 for i in range(n_starts))
                 else:
                     jobs.append(Measurement("torch", stage, spec, units))
-            if stage in PEER_STAGES and not (stage == "e2e" and settings.decoder == "taesd"):
+            if stage in PEER_STAGES:   # with --decoder taesd too: a peer has only its full VAE (noted)
                 for p in peers:
                     spec = dict(base, kind=p.engine, stage=stage, source=str(p.source), precision=p.precision,
                                 check_weights=True)
@@ -544,6 +544,12 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
     why = cache_does_not_fit(m, list(configs), work) if settings.compile_cache else None
     if why:
         settings.compile_cache = False
+        notes.append(why)
+        if log:
+            log(f"note: {why}")
+    if peers and settings.decoder == "taesd" and "e2e" in settings.stages:
+        why = ("--decoder taesd: the cpuflow images are decoded by the tiny autoencoder, the peers' by their full "
+               "VAE decoder (neither GenAI nor optimum-intel runs TAESD in its SD pipeline)")
         notes.append(why)
         if log:
             log(f"note: {why}")
