@@ -54,7 +54,11 @@ def run_optimum(spec: dict, progress) -> dict[str, Any]:
     before = memory_status()
     t0 = time.perf_counter()
     pipe = OVStableDiffusionPipeline.from_pretrained(str(spec["source"]), compile=False, ov_config=ov_properties(spec))
-    pipe.reshape(batch_size=1, height=h, width=w, num_images_per_prompt=1)
+    # optimum-intel's reshape gives the UNet batch 2 unconditionally (OVDiffusionPipeline._reshape_unet:
+    # "the factor of 2 comes from the guidance scale > 1"): without guidance it must stay dynamic
+    static = g > 1
+    if static:
+        pipe.reshape(batch_size=1, height=h, width=w, num_images_per_prompt=1)
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - t0
@@ -94,6 +98,7 @@ def run_optimum(spec: dict, progress) -> dict[str, Any]:
     if spec.get("check_weights") and spec.get("model"):
         out["weights_check"] = check_same_unet(spec["model"], spec["source"])
     out["sessions"] = {"pipeline": {"backend": f"optimum-intel {version('optimum-intel')}", "device": "CPU",
-                                    "precision": resolved_precision(spec), "variant": "optimum IR",
+                                    "precision": resolved_precision(spec),
+                                    "variant": "optimum IR, " + ("static" if static else "dynamic") + " shapes",
                                     "compile_s": None, "cached": False, "threads": spec.get("threads")}}
     return out
