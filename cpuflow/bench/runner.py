@@ -16,7 +16,10 @@ every start of the load stage -- and gathers their JSON into one result dict
 
 Stages run in that order with the configurations interleaved inside each
 stage, so slow drift of the machine (thermal, other load) spreads over all
-configurations instead of penalising the last one.
+configurations instead of penalising the last one; ``rounds`` > 1 repeats every
+stage but load round by round (cpuflow, torch, peers, cpuflow, ...). The peers
+(OpenVINO GenAI, optimum-intel: :mod:`.peers`) are columns of kind ``peer`` with
+the e2e and load stages only.
 """
 from __future__ import annotations
 
