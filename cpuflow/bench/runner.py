@@ -246,7 +246,8 @@ def package_versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     out: dict[str, str | None] = {"cpuflow": __version__}
-    for name in ("openvino", "onnxruntime", "numpy", "torch", "diffusers", "transformers", "nncf"):
+    for name in ("openvino", "onnxruntime", "numpy", "torch", "diffusers", "transformers", "nncf", "openvino-genai",
+                 "openvino-tokenizers"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
