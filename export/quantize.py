@@ -90,6 +90,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -116,6 +117,57 @@ ORT_HYBRID_OPS = ("Conv",)                       # hybrid: + weight-only MatMul 
 WEIGHT_ONLY_OPS = ("MatMul", "Gemm", "Gather")   # ORT weight-only (Conv: see the module docstring)
 MIN_WEIGHT_ELEMENTS = 256                        # smaller float initializers stay float (biases, scalars)
 HYBRID_WC_IGNORED_TYPES = ("Convolution",)
+
+
+# The int8 recipe's float scopes: parts of a diffusers UNet (SD 1.x / 2.x / SDXL module
+# names, as the exported graphs' node names carry them) whose Convolution / MatMul /
+# Gemm stay float, weights and activations (module docstring, "int8 that keeps quality").
+INT8_FLOAT_SCOPES = {
+    "conv_in": "conv_in",                         # the UNet's input: the latents
+    "conv_out": "conv_out",                       # the UNet's output: the noise prediction itself
+    "conv_shortcut": "conv_shortcut",             # 1x1 skips; in up blocks they read concat(h, skip)
+    "proj_in / proj_out": "proj_in|proj_out",     # into / out of each transformer's residual stream
+    "feed-forward (ff)": "ff",                    # GEGLU: its product's outliers feed net.2
+}
+_UP_BLOCK = re.compile(r"[/.]up_blocks[/.](\d+)[/.]")
+
+
+def _scope_regex(part: str) -> str:
+    """A node-name regex for module path component(s) ``part``: ONNX node names
+    (``/unet/conv_in/Conv``), OpenVINO names from ONNX (``/unet/conv_in/Conv/WithoutBiases``)
+    and from torch (``__module.unet.conv_in/aten::_convolution/Convolution``)."""
+    return rf".*[/.](?:{part})[/.].*"
+
+
+def int8_float_scopes(names: Iterable[str]) -> dict[str, str]:
+    """Scope label -> node-name regex of what the int8 recipe keeps float in a graph
+    whose node names are ``names``: :data:`INT8_FLOAT_SCOPES` and the last up block
+    (the highest-resolution one, right before conv_out: up_blocks.3 in SD 1.x / 2.x,
+    up_blocks.2 in SDXL), found by its index in the names."""
+    scopes = {label: _scope_regex(part) for label, part in INT8_FLOAT_SCOPES.items()}
+    ups = [int(m.group(1)) for n in names for m in [_UP_BLOCK.search(n)] if m]
+    if ups:
+        scopes[f"up_blocks.{max(ups)} (last up block)"] = _scope_regex(rf"up_blocks[/.]{max(ups)}")
+    return scopes
+
+
+def scope_matches(names: Iterable[str], scopes: Mapping[str, str]) -> dict[str, list[str]]:
+    """Scope label -> the ``names`` it matches (each name under its first scope)."""
+    compiled = [(label, re.compile(rx)) for label, rx in scopes.items()]
+    out: dict[str, list[str]] = {label: [] for label in scopes}
+    for name in names:
+        label = next((lb for lb, rx in compiled if rx.fullmatch(name)), None)
+        if label is not None:
+            out[label].append(name)
+    return out
+
+
+def _float_scope_record(scopes: Mapping[str, str], kept: Mapping[str, list[str]], ops: str) -> dict:
+    """What the manifest records of the float scopes: each scope's regex and how many
+    ``ops`` it kept float (0 everywhere: the graph's node names carry no module paths)."""
+    return {"what": f"{ops} kept float (weights and activations), by rule; see export/quantize.py",
+            "patterns": dict(scopes), "nodes": {label: len(v) for label, v in kept.items()},
+            "total": sum(len(v) for v in kept.values())}
 
 
 def kind_for(mode: str, component: str, fmt: str) -> str | None:
@@ -236,6 +288,7 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
     import openvino as ov
     nncf = _nncf()
     from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     recipe: dict[str, Any] = dict(_ov_tools())
     core = ov.Core()
@@ -247,15 +300,25 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
                 recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",
                               activations="float", layers="MatMul, Convolution, Embedding")
             elif kind == "static":
-                out = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                                    subset_size=len(samples))
-                sq = AdvancedSmoothQuantParameters()
+                # the int8 recipe (module docstring, "int8 that keeps quality"): float scopes
+                # by rule, global min / max activation ranges, SmoothQuant off
+                scopes = int8_float_scopes(op.get_friendly_name() for op in model.get_ops())
+                kept = scope_matches((op.get_friendly_name() for op in model.get_ops()
+                                      if op.get_type_name() in ("Convolution", "MatMul")), scopes)
+                out = nncf.quantize(
+                    model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                    subset_size=len(samples), fast_bias_correction=True,
+                    ignored_scope=nncf.IgnoredScope(patterns=list(scopes.values()), validate=False),
+                    advanced_parameters=nncf.AdvancedQuantizationParameters(
+                        activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                        smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)))
                 recipe.update(method="nncf.quantize", model_type="transformer", preset="mixed (default)",
                               weights="int8 symmetric per output channel",
-                              activations="int8 asymmetric per tensor (mixed preset), MatMul / Convolution inputs",
-                              fast_bias_correction=True, smooth_quant={"matmul": sq.matmul,
-                                                                       "convolution": sq.convolution},
-                              subset_size=len(samples), ignored_scope=None)
+                              activations="int8 asymmetric per tensor (mixed preset), MatMul / Convolution inputs; "
+                                          "range: min / max over every calibration sample (MINMAX)",
+                              fast_bias_correction=True, smooth_quant={"matmul": -1, "convolution": -1},
+                              subset_size=len(samples),
+                              ignored_scope=_float_scope_record(scopes, kept, "Convolution / MatMul"))
             elif kind == "hybrid":
                 weighted = ov_weighted_ops(model)
                 compressed = nncf.compress_weights(
@@ -500,7 +563,14 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
                 if kind == "hybrid":
                     ops = ORT_HYBRID_OPS
                 else:
-                    exclude = onnx_weightless_matmuls(onnx.load(str(src), load_external_data=False))
+                    graph = onnx.load(str(src), load_external_data=False)
+                    exclude = onnx_weightless_matmuls(graph)
+                    weightless = len(exclude)
+                    # the int8 recipe's float scopes (module docstring): same rule as OpenVINO's
+                    scopes = int8_float_scopes(n.name for n in graph.graph.node)
+                    kept = scope_matches((n.name for n in graph.graph.node if n.op_type in ops), scopes)
+                    exclude += [n for names in kept.values() for n in names if n not in exclude]
+                    del graph
                 ranges = scratch / "ort-unet-ranges.json"
                 # each in a child process: its memory (GBs for the SD 1.5 UNet) is
                 # returned when it ends, not kept in the export's heap (issue #4)
@@ -513,10 +583,12 @@ def onnx_quantize(src: Path, dst: Path, kind: str, samples: list | None, scratch
                     calibrate_method="MinMax", reduce_range=False, calibration_samples=len(samples),
                     pre_process="not run (measured: same QDQ nodes and PSNR on a tiny SD UNet; it would hold "
                                 "two extra copies of the model in memory)")
-                if exclude:
-                    recipe["excluded_nodes"] = {"count": len(exclude),
+                if kind == "static":
+                    recipe["excluded_nodes"] = {"count": len(exclude), "weightless_matmuls": weightless,
                                                 "what": "MatMuls without a weight (attention scores and "
-                                                        "probabilities x values): float, faster in ORT"}
+                                                        "probabilities x values): float, faster in ORT; "
+                                                        "and the nodes of the float scopes"}
+                    recipe["float_scopes"] = _float_scope_record(scopes, kept, "Conv / MatMul / Gemm")
                 if kind == "hybrid":
                     recipe["deviation"] = ("optimum-intel's hybrid also quantizes the attention MatMuls' "
                                            "activations; in ORT that is slower than float, so they stay float")
