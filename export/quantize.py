@@ -27,7 +27,7 @@ hybrid         unet: optimum-intel's hybrid recipe (below);  unet: static QDQ of
 int8 that keeps quality (issue 15; measurements in bench/README.md, "int8 that
 keeps quality"). Quantizing every Conv / MatMul of the UNet (NNCF's defaults) cost
 the shipped model 7 to 29 points of its judge accuracy at its default guidance 5
-(ONNX Runtime: 0 to 12.5), int8-weights 0 to 3. Guidance multiplies the error of
+(ONNX Runtime: 0 to 12.5), int8-weights at most 1.4. Guidance multiplies the error of
 (cond - uncond) by 5, so the int8 UNet must be close to int8-weights' fidelity.
 What the int8 recipe does, each part decided by measurement on the shipped model
 (PSNR of the UNet's output, plain and CFG-combined at guidance 5, against fp32 on
@@ -213,7 +213,8 @@ def scope_matches(names: Iterable[str], scopes: Mapping[str, str]) -> dict[str, 
 
 def _float_scope_record(scopes: Mapping[str, str], kept: Mapping[str, list[str]], ops: str) -> dict:
     """What the manifest records of the float scopes: each scope's regex and how many
-    ``ops`` it kept float (0 everywhere: the graph's node names carry no module paths)."""
+    ``ops`` it kept float (a total of 0: the graph's node names carry no module paths,
+    so nothing was kept float and the recipe fell back to quantizing every layer)."""
     return {"what": f"{ops} kept float (weights and activations), by rule; see export/quantize.py",
             "patterns": dict(scopes), "nodes": {label: len(v) for label, v in kept.items()},
             "total": sum(len(v) for v in kept.values())}
