@@ -30,38 +30,39 @@ the shipped model 7 to 29 points of its judge accuracy at its default guidance 5
 (ONNX Runtime: 0 to 12.5), int8-weights at most 1.4. Guidance multiplies the error of
 (cond - uncond) by 5, so the int8 UNet must be close to int8-weights' fidelity.
 What the int8 recipe does, each part decided by measurement on the shipped model
-(PSNR of the UNet's output, plain and CFG-combined at guidance 5, against fp32 on
-held-out in-domain sampling runs; then the judge):
+(bench/int8_scope_study.py: PSNR of the UNet's output, plain and CFG-combined at
+guidance 5, against fp32 on held-out in-domain sampling runs, then the judge; its
+log: bench/results/int8-scope-study*.jsonl). NNCF's defaults: 37.4 dB mean
+(32.3 guided); the recipe: 68.0 dB (55.4 guided), above int8-weights (56.1 / 47.1):
 
 * **float scopes** (``int8_float_scopes``): the Conv / MatMul / Gemm of conv_in,
   conv_out, every conv_shortcut, every transformer's proj_in / proj_out and
   feed-forward (ff), and the whole last up block stay float, weights and
-  activations (NNCF ``ignored_scope`` patterns; ORT ``nodes_to_exclude``). Chosen
-  by a sensitivity pass (quantize all but one scope, measure): conv_in alone
-  +3.4 dB; conv_in + conv_out + conv_shortcut together +10 dB (the scopes
-  interact: the error is spread, no single layer dominates); + proj_in / proj_out
-  +3 dB; then the last up block and the feed-forward were the most sensitive
-  of the rest (+6 dB and +3 dB on the guided output). Why these, in the field's
-  terms: the first and last layers see / make the latents and the noise
-  prediction itself; the skip convs read ``concat(h, skip)``, two tensors of very
-  different ranges under one per-tensor scale (Q-Diffusion, Li et al. 2023, splits
-  that quantizer for this reason); the feed-forward's GEGLU product and the
-  transformer residual stream carry outlier channels (the LLM.int8 / SmoothQuant
-  observation); the last up block feeds conv_out with no later layer to average
-  its error out. Scopes are matched on diffusers module paths in the node names,
-  so the rule is the same for SD 1.x / 2.x / SDXL (the last up block is found by
-  its index). The rule costs speed: on the SD 1.5 UNet these scopes hold 44 % of
-  the multiply-adds (SD 2.1 at 768: 46 %; meta-tensor count); the
-  next cheaper rule tried (only ff.net.2, 34 %) lost one more prompt on shape
-  (-2.7 points) on both backends at almost the same PSNR.
+  activations (NNCF ``ignored_scope`` patterns; ORT ``nodes_to_exclude``). Found
+  by a greedy sensitivity pass (keep one more scope float, keep the best; the
+  error is spread: no single scope fixes it, and scopes interact). Putting each
+  one back to int8 (mean / guided dB lost): conv_in 16.3 / 5.7, conv_out
+  16.6 / 11.0, the last up block 8.0 / 5.5, ff 2.2 / 3.8, proj_in / proj_out
+  3.4 / 3.4, conv_shortcut 1.1 / 1.6. Why these, in the field's terms: the
+  first and last layers see / make the latents and the noise prediction itself;
+  the skip convs read ``concat(h, skip)``, two tensors of very different ranges
+  under one per-tensor scale (Q-Diffusion, Li et al. 2023, splits that quantizer
+  for this reason); the feed-forward's GEGLU product and the transformer residual
+  stream carry outlier channels (the LLM.int8 / SmoothQuant observation); the
+  last up block feeds conv_out with no later layer to average its error out.
+  Scopes are matched on diffusers module paths in the node names, so the rule is
+  the same for SD 1.x / 2.x / SDXL (the last up block is found by its index). The
+  rule costs speed: on the SD 1.5 UNet these scopes hold 44 % of the
+  multiply-adds (SD 2.1 at 768: 46 %; meta-tensor count); the next cheaper rule
+  tried (only ff.net.2, 34 %) lost one more prompt on shape (-2.7 points) on both
+  backends at almost the same PSNR.
 * **activation ranges: min / max over all samples** (NNCF
   ``RangeEstimatorParametersSet.MINMAX``, as ORT's MinMax calibration): NNCF's
   default for activations averages each sample's min / max (MEAN_MINMAX), and a
   diffusion UNet's ranges change with the timestep, so the mean clips the steps
-  with the widest ranges (worst held-out point 30.5 -> 38.2 dB).
-* **SmoothQuant off**: with the float scopes, NNCF's default (MatMul alpha 0.95)
-  lowered the worst held-out point by 5.3-5.7 dB and the mean by 2.2-2.7 dB;
-  alpha 0.5, or on Convolutions only, moved them by less than 1 dB.
+  with the widest ranges (with the float scopes: -14.7 dB mean, -9.4 guided).
+* **SmoothQuant off**: NNCF's default for TRANSFORMER (MatMul alpha 0.95) cost
+  17.4 dB mean / 17.1 guided with the float scopes.
 * **calibration at the model's default guidance** (export/calibrate.py): the
   cond - uncond spread the UNet sees depends on it (the shipped model: 5, not 7.5).
 * Not used: ``nncf.quantize_with_accuracy_control`` (OpenVINO docs, "Quantizing
