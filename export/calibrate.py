@@ -7,8 +7,10 @@ classifier-free guidance exactly as the runtime does. So we do not synthesise
 them: we load the staged float32 export with the cpuflow runtime and run the
 model's own sampling loop through the runtime's own request run (pipelines/run.py
 ``Run``: the same plan, conditioning, SDXL pooled embeds and time ids, and step
-loop as a generation; its default sampler, ``steps`` steps, guidance 7.5,
-its default image size; the x4 upscaler: its upscale loop on a smooth seeded
+loop as a generation; its default sampler, ``steps`` steps, its default
+guidance (the manifest's ``defaults.guidance``, else the runtime's 7.5: the
+trajectory and the cond - uncond spread the int8 UNet will see; the shipped
+model runs at 5), its default image size; the x4 upscaler: its upscale loop on a smooth seeded
 low-res picture at noise level 20) on a list of prompts, capturing the ``unet`` feeds of
 every call. The VAE never runs: only the latents' trajectory matters.
 
@@ -42,7 +44,7 @@ from cpuflow.errors import InvalidArgument
 PROMPTS_FILE = Path(__file__).resolve().parent / "calibration" / "prompts.txt"
 DEFAULT_SIZE = 16      # prompts
 DEFAULT_STEPS = 10     # sampler steps per prompt (about one UNet call each)
-GUIDANCE = 7.5
+GUIDANCE = None        # the model's default guidance (pipelines/run.py resolves None)
 # One prompt outside the shipped list: its trajectory is the held-out set on
 # which each quantized UNet is compared with the fp32 one ("real inputs" PSNR).
 HELD_OUT_PROMPT = "a quiet harbor with fishing boats at dawn, soft mist, photograph"
@@ -110,7 +112,7 @@ def _capturing_model(config):
 
 
 def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, backend: str = "openvino",
-            seed: int = 0, guidance: float = GUIDANCE, threads: int | None = None, precision: str = "auto",
+            seed: int = 0, guidance: float | None = GUIDANCE, threads: int | None = None, precision: str = "auto",
             progress: Callable[[str], None] | None = None) -> CalibrationSet:
     """Run the sampling loop of the exported model at ``model_dir`` on each prompt
     and return the UNet feeds of every call, plus a short held-out run.
@@ -155,7 +157,7 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "prompts_sha256": prompts_hash(prompts),
         "steps": steps,
         "sampler": run.params["sampler"],
-        "guidance": guidance,
+        "guidance": run.params["guidance"],
         "width": run.width,
         "height": run.height,
         "samples": len(samples),
@@ -169,7 +171,7 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
     return CalibrationSet(samples, held_out, info)
 
 
-def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float):
+def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float | None):
     """One calibration request on ``model`` (a cpuflow LoadedModel): ``text`` with an empty
     negative prompt at the model's default sampler and size, sampled (never decoded) the
     way the runtime samples it; the x4 upscaler: its upscale loop on a smooth seeded
