@@ -7,8 +7,10 @@ classifier-free guidance exactly as the runtime does. So we do not synthesise
 them: we load the staged float32 export with the cpuflow runtime and run the
 model's own sampling loop through the runtime's own request run (pipelines/run.py
 ``Run``: the same plan, conditioning, SDXL pooled embeds and time ids, and step
-loop as a generation; its default sampler, ``steps`` steps, guidance 7.5,
-its default image size; the x4 upscaler: its upscale loop on a smooth seeded
+loop as a generation; its default sampler, ``steps`` steps, its default
+guidance (the manifest's ``defaults.guidance``, else the runtime's 7.5: the
+trajectory and the cond - uncond spread the int8 UNet will see; the shipped
+model runs at 5), its default image size; the x4 upscaler: its upscale loop on a smooth seeded
 low-res picture at noise level 20) on a list of prompts, capturing the ``unet`` feeds of
 every call. The VAE never runs: only the latents' trajectory matters.
 
@@ -65,7 +67,7 @@ DEFAULT_SIZE = 4       # prompts
 DEFAULT_STEPS = 10     # sampler steps per prompt (about one UNet call each)
 DEFAULT_SAMPLES = 16   # UNet inputs kept for the statistics passes (selected over noise levels and prompts)
 RESOLUTION_CHOICES = ("auto", "model")
-GUIDANCE = 7.5
+GUIDANCE = None        # the model's default guidance (pipelines/run.py resolves None)
 # One prompt outside the shipped list: its trajectory is the held-out set on
 # which each quantized UNet is compared with the fp32 one ("real inputs" PSNR).
 HELD_OUT_PROMPT = "a quiet harbor with fishing boats at dawn, soft mist, photograph"
@@ -204,7 +206,7 @@ def _capturing_model(config):
 
 
 def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, backend: str = "openvino",
-            seed: int = 0, guidance: float = GUIDANCE, threads: int | None = None, precision: str = "auto",
+            seed: int = 0, guidance: float | None = GUIDANCE, threads: int | None = None, precision: str = "auto",
             progress: Callable[[str], None] | None = None, samples: int | None = None,
             resolution: str | int | None = "model") -> CalibrationSet:
     """Run the sampling loop of the exported model at ``model_dir`` on each prompt
@@ -283,7 +285,7 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "prompts_sha256": prompts_hash(prompts),
         "steps": steps,
         "sampler": run.params["sampler"],
-        "guidance": guidance,
+        "guidance": run.params["guidance"],
         "width": run.width,
         "height": run.height,
         "resolution": "model" if size is None else "reduced",
@@ -335,7 +337,7 @@ def _capture_kw(model_dir: Path, prompts: list[str], kwargs: dict) -> Calibratio
     return capture(model_dir, prompts, **kwargs)
 
 
-def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float, size: int | None = None):
+def sample_prompt(model, text: str, *, seed: int, steps: int, guidance: float | None, size: int | None = None):
     """One calibration request on ``model`` (a cpuflow LoadedModel): ``text`` with an empty
     negative prompt at the model's default sampler and size (or ``size`` x ``size``), sampled
     (never decoded) the way the runtime samples it; the x4 upscaler: its upscale loop on a

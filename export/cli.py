@@ -71,7 +71,8 @@ atomically; a folder that is not a cpuflow export is never replaced.
 \b
 --quantize MODE (repeatable) adds a variant beside the fp32 files, never instead:
   int8-weights  weights stored as int8, compute in float (smaller files, speed near fp32)
-  int8          UNet weights and activations int8 (calibrated); text encoder int8
+  int8          UNet weights and activations int8 (calibrated; its most sensitive layers
+                stay float, see export/quantize.py); text encoder int8
   hybrid        optimum-intel's recipe: UNet convolutions (and, in OpenVINO, attention)
                 int8 with activations, linear layers int8 weights only
 int8 and hybrid calibrate on the UNet inputs of real runs: the model's own sampler

@@ -28,6 +28,15 @@ exporting CPU), so this script changes only what schema 2 changed:
 
 About a minute on a 2-core CPU. tests/test_default_model.py checks that the
 result gives the old folder's images bit for bit.
+
+``--requantize MODE`` (schema 2 folders) re-makes only the UNet's MODE variant
+(``int8``) with the current recipe (export/quantize.py) from the shipped fp32 UNet
+files themselves, which are not rewritten (byte for byte the same): calibration
+on the folder's own sampling loop at its default guidance (export/calibrate.py),
+the parity gate against the torch UNet rebuilt from the shipped ONNX, the new
+files' records and figures in the manifest, ``export.requantize`` saying what was done:
+
+    python scripts/reexport_default_model.py --work /tmp/requant --requantize int8
 """
 from __future__ import annotations
 
@@ -133,6 +142,10 @@ def compose(old_dir: Path, new_export: Path, out: Path, rebuilt_db: dict[str, fl
         "rebuilt_vs_shipped_psnr_db": {k: round(v, 1) for k, v in rebuilt_db.items()},
     }}
     write_manifest(staging, data)
+    _into_place(staging, out)
+
+
+def _into_place(staging: Path, out: Path) -> None:
     if out.exists():
         backup = out.with_name(out.name + ".reexport-old")
         shutil.rmtree(backup, ignore_errors=True)
@@ -143,16 +156,95 @@ def compose(old_dir: Path, new_export: Path, out: Path, rebuilt_db: dict[str, fl
         staging.rename(out)
 
 
+def requantize(shipped: Path, work: Path, out: Path, modes: tuple[str, ...]) -> None:
+    """Re-make the UNet's ``modes`` variants of ``shipped`` into ``out`` (module docstring)."""
+    from export import quantize as quant
+    from export.build import tool_versions
+    from export.calibrate import capture, read_prompts, select_prompts
+    from export.components import component_specs, run_torch, wrap_for_export
+    from export.rebuild_from_onnx import rebuild
+    from export.sources import load_source
+
+    old = json.loads((shipped / MANIFEST_NAME).read_text())
+    if old.get("schema_version") != SCHEMA_VERSION:
+        raise click.ClickException(f"{shipped} is schema {old.get('schema_version')}: re-export it first")
+    cal_old = (old["export"].get("quantize") or {}).get("calibration") or {}
+    seed = int(cal_old.get("seed", 0))
+    prompts = select_prompts(read_prompts(), int(cal_old.get("prompts", 16)))
+    # the torch reference of the parity check: the UNet rebuilt from the shipped ONNX
+    src = work / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    rebuilt_db = rebuild(shipped, src)
+    loaded = load_source(str(src))
+    spec = component_specs(loaded, old["tokenizer"]["max_length"])["unet"]
+    feeds = spec.sample_inputs(spec.check_dims, seed=seed + 1)   # as export/build.py's parity check
+    ref = run_torch(wrap_for_export(loaded, spec), spec, feeds)
+    del loaded
+    staging = out.with_name(out.name + ".reexport-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(shipped, staging)
+    data = json.loads((staging / MANIFEST_NAME).read_text())
+    cal = capture(staging, prompts, steps=int(cal_old.get("steps", 10)), backend="openvino", seed=seed,
+                  progress=print)
+    print(f"calibration: {cal.info['samples']} UNet inputs, guidance {cal.info['guidance']}")
+    components = data["components"]
+    before = {m: json.dumps(components["unet"]["variants"].get(m)) for m in modes}
+    outcome = quant.add_variants(staging, components, modes=modes, formats=tuple(data["export"]["formats"]),
+                                 calibration=cal, checks={"unet": quant.Check(feeds, ref)}, force=False,
+                                 step=lambda comp, stage: _Step(f"[{comp}] {stage}"),
+                                 info=lambda msg, comp=None: print(msg))
+    assert all(before[m] != json.dumps(components["unet"]["variants"][m]) for m in modes)
+    changed = sorted({p for m in modes for paths in components["unet"]["variants"][m]["files"].values()
+                      for p in paths})
+    for rel in changed:
+        data["files"][rel] = file_record(staging, rel)
+    data["validated"] = bool(data["validated"] and outcome.all_passed)
+    data["export"]["quantize"]["calibration"] = dict(cal.info)
+    data["export"]["requantize"] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "modes": list(modes), "components": ["unet"], "tools": tool_versions(),
+        "how": "scripts/reexport_default_model.py --requantize: the unet's variants re-made with the current "
+               "recipe (export/quantize.py) from the shipped fp32 unet files (unchanged), calibrated at the "
+               "model's default guidance; parity reference: the torch unet rebuilt from the shipped ONNX",
+        "files": changed, "rebuilt_vs_shipped_psnr_db": round(rebuilt_db["unet"], 1),
+    }
+    write_manifest(staging, data)
+    _into_place(staging, out)
+
+
+class _Step:
+    """A step context for quant.add_variants: prints the stage and its time."""
+    def __init__(self, label: str):
+        self.label = label
+
+    def __enter__(self):
+        import time
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+        print(f"{self.label}: {time.perf_counter() - self.t0:.1f} s")
+        return False
+
+
 @click.command()
 @click.option("--work", type=click.Path(path_type=Path), required=True, help="scratch folder")
 @click.option("--shipped", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=ROOT / "cpuflow" / "models" / "default")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: --shipped, in place")
-def main(work, shipped, out):
+@click.option("--requantize", "requant", multiple=True, type=click.Choice(["int8", "hybrid"]),
+              help="re-make only the UNet's quantized variant MODE with the current recipe (schema 2 folders)")
+def main(work, shipped, out, requant):
     from export.build import ConsoleProgress, export_model
     from export.rebuild_from_onnx import rebuild
     from export.sources import load_source
 
+    if requant:
+        work.mkdir(parents=True, exist_ok=True)
+        requantize(shipped, work, out or shipped, tuple(requant))
+        print(f"re-quantized {', '.join(requant)}: {out or shipped}")
+        return
     old = json.loads((shipped / MANIFEST_NAME).read_text())
     modes = tuple((old["export"].get("quantize") or {}).get("modes") or ())
     work.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,11 @@ python -m pip install -q --upgrade pip
 # Pin torch: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[export,serve,test]"
+# The GenAI peer of `cpuflow bench --reference genai` (tests/test_bench_peers.py): the release made for the
+# openvino just installed (each pins its openvino exactly; an unpinned one could move openvino).
+OV=$(python -c "import importlib.metadata as m; print('.'.join(m.version('openvino').split('.')[:3]))")
+python -m pip install -q "openvino-genai==$OV.*" "openvino-tokenizers==$OV.*" \
+    || echo "note: no openvino-genai $OV: the GenAI bench tests will skip"
 # The watermark compatibility tests' reference (imwatermark): without its opencv-python
 # requirement (the GUI build, needs libGL); the test extra brings opencv-python-headless.
 python -m pip install -q --no-deps "invisible-watermark==0.2.0"

@@ -214,3 +214,35 @@ def test_manifest_with_one_deepcache_graph_is_refused(dc_model):
     del data["components"][rt.SHALLOW]
     with pytest.raises(ManifestError, match="without its other DeepCache graph"):
         parse_manifest(model, data)
+
+
+def test_low_memory_splits_the_guidance_pair_and_keeps_a_cache_per_branch(dc_model):
+    """--low-memory runs [uncond, cond] as two batch-1 UNet calls (half the activation
+    peak); with DeepCache each branch keeps its own deep feature, so the images
+    match the batch-2 run's."""
+    _, model = dc_model
+    kw = dict(seed=11, steps=6, guidance=7.5)
+    with Pipeline.load(model, backend="onnxruntime", precision="f32") as pipe:
+        ref = {n: pipe.txt2img(PROMPT, deep_cache=n, **kw).images[0] for n in (None, 3)}
+    with Pipeline.load(model, backend="onnxruntime", precision="f32", low_memory=True) as pipe:
+        calls = []
+        real_run = pipe.model.run
+
+        def spy(component, dims, feeds):
+            if component.startswith("unet"):
+                calls.append((component, feeds["sample"].shape[0],
+                              None if rt.FEATURE not in feeds else feeds[rt.FEATURE].shape[0]))
+            return real_run(component, dims, feeds)
+
+        pipe.model.run = spy
+        for n in (None, 3):
+            calls.clear()
+            got = pipe.txt2img(PROMPT, deep_cache=n, **kw).images[0]
+            per_branch = len(calls) // 2        # the model's PLMS: 7 model calls for 6 steps
+            assert len(calls) % 2 == 0 and per_branch >= 6, calls
+            assert all(c[1] == 1 and c[2] in (None, 1) for c in calls), calls
+            if n == 3:   # per branch: full, shallow, shallow, full, ... (calls alternate uncond / cond)
+                for branch in (calls[0::2], calls[1::2]):
+                    assert [c[0] for c in branch] == [rt.FULL if k % 3 == 0 else rt.SHALLOW
+                                                      for k in range(per_branch)]
+            assert psnr(np.asarray(got), np.asarray(ref[n])) >= 60, n

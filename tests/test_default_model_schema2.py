@@ -31,11 +31,17 @@ SCHEMA_1_WEIGHT_FILES = {
     "vae_encoder/model.onnx_data": "d610b467ad43b5c14f6354095aeacc6badab578ec3da469ef3f5ffb346d60c91",
     "vae_encoder/openvino_model.bin": "c7a1878194ae9464fae30ad959497f6fc61471eeeea368750815df2acb42e6c7",
     "unet/model_int8-weights.onnx_data": "49b35f4a815e71013f3be6996e1f87d607cd4f374f6930da53e058f43caff600",
-    "unet/model_int8.onnx_data": "1b1bb0444578cce62afd01bae4a57273f25a4983c90b1b5671c1b78421c5ca0c",
     "unet/openvino_model_int8-weights.bin": "e8509f8488089bb5e6db442819e135ac521bd1d762ad270b105549eacdbc6a3a",
-    "unet/openvino_model_int8.bin": "55473ebbf0b149a7fa100f66e5674afaf993d4db010bf001792ead8d174cc234",
     "vae_decoder/openvino_model_int8-weights.bin": "33a04f5fe05ee27e1902026a242e08d5138d516ddec39dfb12fe36062b93a538",
     "vae_encoder/openvino_model_int8-weights.bin": "61371a449d29e179844136198c1061106dc6e11476292757d6c07569c94837a3",
+}
+# the UNet's int8 variant, re-made with issue 15's recipe (scripts/reexport_default_model.py
+# --requantize int8): only these files changed, every other weights file is the schema-1 one
+REQUANTIZED_FILES = {
+    "unet/model_int8.onnx": "9eafa25a73ad728c4b18610c01140fa3147c3751fe8cf24ad5071c723060bc71",
+    "unet/model_int8.onnx_data": "59c7b07f3106f0632acc19e2d61e8ea2baa1d4522a3f1f44d37831c2945a1b15",
+    "unet/openvino_model_int8.bin": "6048c75015693a37057136fd38b334f1628f0a5ec15f6c54a576b20b3a86d941",
+    "unet/openvino_model_int8.xml": "4904dbb2e9a60d00fb2876eebd7c80a0847505b791659bcad195c2442051444f",
 }
 # sha256 over (name, float32 bytes) of the text encoder's torch state dict
 # rebuilt from the schema-1 export's fp32 ONNX (export/rebuild_from_onnx.py),
@@ -65,8 +71,9 @@ def test_schema_2_with_every_variant_and_record_kept():
     assert raw["defaults"] == {"guidance": 5.0, "steps": 20, "variant": "fp32", "precision": "f32",
                                "note": "trained on coloured shapes; see bench/default_model_training.md"}
     assert raw["export"]["reexport"]["schema_from"] == 1
-    for rel, digest in SCHEMA_1_WEIGHT_FILES.items():   # verify="hash" checked the files against these records
+    for rel, digest in {**SCHEMA_1_WEIGHT_FILES, **REQUANTIZED_FILES}.items():  # verify="hash" checked the files
         assert raw["files"][rel]["sha256"] == digest, rel
+    assert raw["export"]["requantize"]["files"] == sorted(REQUANTIZED_FILES)
 
 
 def test_text_encoder_weights_are_the_schema_1_exports():

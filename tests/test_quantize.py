@@ -199,6 +199,113 @@ def test_default_variant_is_chosen_by_fidelity_and_recorded(quantized):
             assert ran == (choice.name if has else "fp32"), (fmt, comp, ran, choice)
 
 
+# --- the int8 recipe: float scopes (issue 15) ----------------------------------------------------
+def _ov_quantized_inputs(op) -> tuple[bool, bool]:
+    """(an activation input comes through a FakeQuantize, a weight is stored as int8)
+    for an OpenVINO op of a saved NNCF int8 IR (weights: i8 Constant -> Convert -> Multiply)."""
+    fq = int8 = False
+    for port in range(op.get_input_size()):
+        todo, seen = [op.input_value(port).get_node()], 0
+        while todo and seen < 8:
+            node = todo.pop()
+            seen += 1
+            kind = node.get_type_name()
+            if kind == "FakeQuantize":
+                fq = True
+            elif kind == "Constant":
+                int8 = int8 or node.get_element_type().get_type_name() in ("i8", "u8")
+            elif kind in ("Convert", "Multiply", "Subtract", "Reshape", "Transpose", "Unsqueeze"):
+                todo += [node.input_value(i).get_node() for i in range(node.get_input_size())]
+    return fq, int8
+
+
+def test_int8_keeps_the_float_scopes_float_on_both_formats(quantized):
+    """The int8 UNet's Conv / MatMul / Gemm in the recipe's float scopes (conv_in, conv_out,
+    conv_shortcut, proj_in / proj_out, feed-forward, the last up block) read float inputs
+    and float weights; the others are int8; the manifest says which scopes matched."""
+    import onnx
+    import openvino as ov
+    folder, _ = quantized
+    m = load_manifest(folder)
+    var = m.components["unet"].variants["int8"]
+    # OpenVINO: no FakeQuantize and no int8 weight in front of a float-scope op
+    model = ov.Core().read_model(str(m.path(var.files["openvino"][0])))
+    ops = [op for op in model.get_ops() if op.get_type_name() in ("Convolution", "MatMul")]
+    scopes = quant.int8_float_scopes(op.get_friendly_name() for op in model.get_ops())
+    assert "up_blocks.1 (last up block)" in scopes         # the tiny UNet has 2 up blocks
+    kept = {n for names in quant.scope_matches((op.get_friendly_name() for op in ops), scopes).values()
+            for n in names}
+    convs_out = [op for op in ops if op.get_friendly_name() not in kept and op.get_type_name() == "Convolution"]
+    assert kept and convs_out
+    for op in ops:
+        if op.get_friendly_name() in kept:
+            assert _ov_quantized_inputs(op) == (False, False), op.get_friendly_name()
+    for op in convs_out:
+        assert _ov_quantized_inputs(op) == (True, True), op.get_friendly_name()
+    recipe = var.quantization["openvino"]
+    assert recipe["ignored_scope"]["total"] == len(kept) and recipe["smooth_quant"]["matmul"] == -1
+    assert all(recipe["ignored_scope"]["nodes"][label] > 0 for label in scopes), recipe["ignored_scope"]
+    # ONNX Runtime: a float-scope node's weight is the float initializer itself (no
+    # DequantizeLinear: ORT runs it in float; an activation input may still be the
+    # dequantized output of a quantized producer); every other Conv's weight is int8
+    g = onnx.load(str(m.path(var.files["onnx"][0])), load_external_data=False).graph
+    made_by = {o: n.op_type for n in g.node for o in n.output}
+    floats = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    nodes = [n for n in g.node if n.op_type in quant.ORT_STATIC_OPS]
+    kept = {n for names in quant.scope_matches((n.name for n in nodes), scopes).values() for n in names}
+    weighted = [n for n in nodes if n.op_type != "MatMul" or made_by.get(n.input[1]) == "DequantizeLinear"
+                or n.input[1] in floats]
+    assert kept and all(n.input[1] in floats for n in weighted if n.name in kept)
+    assert all(made_by.get(n.input[1]) == "DequantizeLinear" for n in nodes if n.op_type == "Conv" and n.name not in kept)
+    ort_recipe = var.quantization["onnx"]
+    assert ort_recipe["float_scopes"]["total"] == len(kept) > 0
+    assert ort_recipe["excluded_nodes"]["count"] == len(kept) + ort_recipe["excluded_nodes"]["weightless_matmuls"] - \
+        sum(1 for n in nodes if n.name in kept and n.op_type == "MatMul" and not any(
+            i in {t.name for t in g.initializer} for i in n.input[:2]))
+
+
+def test_int8_float_scopes_follow_module_names_of_any_sd_unet():
+    """The rule reads diffusers module paths in every naming the export produces (ONNX node
+    names, OpenVINO names from ONNX and from torch) and finds the last up block by its index
+    (SD 1.x / 2.x: up_blocks.3, SDXL: up_blocks.2), whatever the model."""
+    sd15 = ["/unet/conv_in/Conv", "/unet/up_blocks.3/resnets.2/conv1/Conv", "/unet/up_blocks.2/resnets.0/conv1/Conv",
+            "/unet/down_blocks.0/attentions.0/transformer_blocks.0/ff/net.2/MatMul",
+            "/unet/down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_q/MatMul",
+            "/unet/mid_block/attentions.0/proj_out/Conv/WithoutBiases",
+            "/unet/up_blocks.1/resnets.0/conv_shortcut/Conv", "/unet/time_embedding/linear_1/Gemm",
+            "/unet/conv_out/Conv", "/unet/up_blocks.0/upsamplers.0/conv/Conv", "/unet/diff_proj/MatMul"]
+    scopes = quant.int8_float_scopes(sd15)
+    got = quant.scope_matches(sd15, scopes)
+    assert got["up_blocks.3 (last up block)"] == ["/unet/up_blocks.3/resnets.2/conv1/Conv"]
+    floats = {n for v in got.values() for n in v}
+    assert floats == {sd15[i] for i in (0, 1, 3, 5, 6, 8)}
+    sdxl_torch = ["__module.unet.conv_in/aten::_convolution/Convolution",
+                  "__module.unet.up_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k/aten::linear/MatMul",
+                  "__module.unet.up_blocks.1.attentions.0.proj_in/aten::linear/MatMul",
+                  "__module.unet.down_blocks.1.resnets.0.conv1/aten::_convolution/Convolution"]
+    got = quant.scope_matches(sdxl_torch, quant.int8_float_scopes(sdxl_torch))
+    assert got["up_blocks.2 (last up block)"] == [sdxl_torch[1]] and got["conv_in"] == [sdxl_torch[0]]
+    assert got["proj_in / proj_out"] == [sdxl_torch[2]] and sdxl_torch[3] not in {n for v in got.values() for n in v}
+    assert "last up block" not in " ".join(quant.int8_float_scopes(["/vae/conv_in/Conv"]))
+
+
+def test_calibration_runs_at_the_models_default_guidance(plain, tmp_path):
+    """The calibration trajectory is sampled at the manifest's default guidance (the
+    shipped model's is 5, not the 7.5 every model used to get): the cond - uncond
+    spread the int8 UNet sees is the one a default generation feeds it."""
+    from export.calibrate import capture
+    _, model = plain
+    folder = shutil.copytree(model, tmp_path / "m")
+    raw = _raw(folder)
+    raw["defaults"] = {**raw.get("defaults", {}), "guidance": 3.0}
+    (folder / MANIFEST_NAME).write_text(json.dumps(raw))
+    cal = capture(folder, ["a cat"], steps=2)
+    assert cal.info["guidance"] == 3.0 and cal.samples[0]["sample"].shape[0] == 2
+    other = capture(folder, ["a cat"], steps=2, guidance=7.5)
+    assert other.info["guidance"] == 7.5
+    assert not np.array_equal(cal.samples[-1]["sample"], other.samples[-1]["sample"])  # another trajectory
+
+
 # --- pieces --------------------------------------------------------------------------------------
 def test_weight_only_int8_error_is_half_a_step():
     rng = np.random.default_rng(0)

@@ -245,7 +245,8 @@ def test_calibration_samples_what_a_generation_feeds_the_unet(sdxl):
     assert len(cal) == 2 and cal.info["batch"] == 2 and len(held) >= 2
     model = _capturing_model(LoadConfig(model=out, backend="onnxruntime", precision="f32", use_cache=False))
     try:
-        generate(model, GenerationRequest(prompt=PROMPT, steps=2, guidance=7.5, seed=4, watermark=False))
+        generate(model, GenerationRequest(prompt=PROMPT, steps=2, guidance=cal.info["guidance"], seed=4,
+                                         watermark=False))  # the model's default guidance
     finally:
         model.close()
     assert len(model.captured) == len(cal)

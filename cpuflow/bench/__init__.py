@@ -8,5 +8,7 @@
 
 The torch reference (diffusers on the same weights) lives in the export stage
 (``export/bench_reference.py``) and is imported only inside a worker process
-started for ``--reference torch``. Nothing here imports torch.
+started for ``--reference torch``. Nothing here imports torch. The peers
+(``--reference genai`` / ``optimum-intel``) are in :mod:`.peers` (GenAI, imported in
+its worker only) and ``export/bench_optimum.py`` (optimum-intel needs torch).
 """

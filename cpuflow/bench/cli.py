@@ -24,6 +24,14 @@ Examples:
       --stages unet,vae --repeat 2
   # against torch on the weights the folder was exported from:
   cpuflow bench exported/sd15 --reference torch --reference-source runwayml/stable-diffusion-v1-5
+  # the peers, side by side in interleaved rounds (best image of each, peak RSS, cpuflow / fastest peer):
+  # OpenVINO GenAI and diffusers on the same weights as an optimum-intel folder
+  # (python -m cpuflow_export.optimum_layout OUT --random-weights --arch sd15 writes one)
+  cpuflow bench exported/sd15-random --stages e2e --rounds 2 --repeat 1 --steps 10 \\
+      --reference genai --reference torch --reference-source genai=sd15-optimum
+  # optimum-intel too, from a virtual environment of its own (its pins conflict with this project's)
+  cpuflow bench exported/sd15-random --stages e2e --rounds 2 --reference genai --reference optimum-intel \\
+      --reference-source sd15-optimum --peer-python /opt/optimum-venv/bin/python
   # the tiny autoencoder (a folder exported with --taesd): its decode, and whole images decoded by it
   cpuflow bench exported/sd15 --stages vae,taesd,e2e --decoder taesd
   # SDXL at its default 1024x1024 with guidance (UNet at batch 2); e2e with 2 steps
@@ -69,11 +77,23 @@ is that process's high-water mark (VmHWM).
 @click.option("--variant", "variants", multiple=True,
               help="Model variant(s): fp32, int8, ...; repeat for several (default: the model's preferred).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--reference", type=click.Choice(["torch"]), default=None,
-              help="Also run diffusers (PyTorch fp32) on the same weights and print speed-ups against it.")
-@click.option("--reference-source", default=None,
-              help="The torch weights for --reference with a MODEL_DIR: the diffusers folder, checkpoint or "
-                   "hub id it was exported from (not needed with --arch or a --random-weights export).")
+@click.option("--reference", "references", multiple=True, type=click.Choice(["torch", "genai", "optimum-intel"]),
+              help="Also run, on the same weights: torch = diffusers (PyTorch fp32), with speed-ups against it; "
+                   "genai = OpenVINO GenAI Text2ImagePipeline, optimum-intel = OVStableDiffusionPipeline (both "
+                   "on an optimum-intel folder, static shapes, e2e and load stages only; the report compares "
+                   "cpuflow's best image with the fastest peer's). Repeatable.")
+@click.option("--reference-source", "reference_sources", multiple=True, metavar="[NAME=]SOURCE",
+              help="torch: the weights a MODEL_DIR was exported from (diffusers folder, checkpoint or hub id; not "
+                   "needed with --arch or a --random-weights export). genai / optimum-intel: the optimum-intel "
+                   "OpenVINO folder (python -m cpuflow_export.optimum_layout writes one). A bare SOURCE goes to "
+                   "the peers asked for, else to torch; NAME=SOURCE to one reference; repeat a peer's for "
+                   "several folders (fp32, int8 ...), one column each.")
+@click.option("--peer-python", default=None, type=click.Path(dir_okay=False),
+              help="The Python interpreter that runs the optimum-intel reference (a virtual environment where "
+                   "optimum-intel imports; its pins conflict with this project's, see bench/README.md).")
+@click.option("--rounds", type=click.IntRange(1, 100), default=1, show_default=True,
+              help="Run every stage but load this many times per column, the columns interleaved in each round "
+                   "(cpuflow, peer, cpuflow, peer ...), so slow drift of the machine hits every engine alike.")
 @click.option("--width", "-W", type=int, default=None, help="Image width (default: the model's).")
 @click.option("--height", "-H", type=int, default=None, help="Image height (default: the model's).")
 @click.option("--steps", type=int, default=None,
@@ -115,15 +135,17 @@ def bench_command(**opts):
         _run(**opts)
 
 
-def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, reference,
-         reference_source, width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
+def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, variants, device, references=(),
+         reference_sources=(), width, height, steps, guidance, threads, repeat, warmup, stages, prompt, json_path,
          chart_path, job_timeout, quiet, decoder="full", no_compile_cache=False, throughput=False,
-         throughput_images=8):
+         throughput_images=8, peer_python=None, rounds=1):
     from ..manifest import load_manifest
     from . import report, runner
 
+    from .peers import PEERS, PeerRef, check_peer, parse_sources
+
     if throughput:
-        if reference is not None or chart_path is not None:
+        if references or chart_path is not None:
             raise InvalidArgument("--reference and --chart go with the stage benchmark, not --throughput")
         return _run_throughput(model_dir=model_dir, arch=arch, backends=backends, precisions=precisions,
                                variants=variants, device=device, width=width, height=height, steps=steps,
@@ -135,8 +157,19 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
                               "sd15|sd21|sd21-v|sd15-lcm|sd21-turbo|sdxl|sd15-inpaint")
     if (rebuild or tokenizer_dir) and arch is None:
         raise InvalidArgument("--rebuild and --tokenizer go with --arch")
-    if reference_source and reference is None:
-        raise InvalidArgument("--reference-source goes with --reference torch")
+    references = tuple(dict.fromkeys(references))
+    if reference_sources and not references:
+        raise InvalidArgument("--reference-source goes with --reference")
+    if peer_python and "optimum-intel" not in references:
+        raise InvalidArgument("--peer-python goes with --reference optimum-intel")
+    sources = parse_sources(references, tuple(reference_sources))
+    reference = "torch" if "torch" in references else None
+    reference_source = (sources.get("torch") or [None])[0]
+    peers = [PeerRef(e, src, p, peer_python if e == "optimum-intel" else None)
+             for e in references if e in PEERS for src in (sources.get(e) or [None])
+             for p in dict.fromkeys(precisions or ("auto",))]
+    for p in peers:   # a missing package or an unreadable folder: one line, before any build or measurement
+        check_peer(p)
     for p in (json_path, chart_path):
         if p is not None:
             check_writable(p)
@@ -144,7 +177,7 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
                                     guidance=guidance, threads=threads,
                                     repeat=repeat, warmup=warmup, stages=stages,
                                     prompt=prompt or runner.DEFAULT_PROMPT, decoder=decoder,
-                                    compile_cache=not no_compile_cache)
+                                    compile_cache=not no_compile_cache, rounds=rounds)
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)
@@ -163,7 +196,7 @@ def _run(*, model_dir, arch, rebuild, tokenizer_dir, backends, precisions, varia
         log(f"note: {n}")
     result = runner.run_bench(model_dir, configs, settings, reference=reference, reference_source=reference_source,
                               arch=arch, show_progress=not quiet, log=log, job_timeout=job_timeout, notes=notes,
-                              build_record=build)
+                              build_record=build, peers=peers)
     click.echo(report.format_table(result))
     if json_path is not None:
         log(f"wrote {report.write_json(result, json_path)}")

@@ -40,7 +40,7 @@ def fmt_s(v: float | None) -> str:
 
 def _stage_of(col: dict, key: str) -> dict | None:
     st = col["stages"].get(key)
-    if st is None and col["kind"] == "reference":
+    if st is None and col["kind"] in ("reference", "peer"):   # one "load" row: a fresh process each start
         st = col["stages"].get(REF_KEY.get(key, key))
     return st
 
@@ -79,13 +79,14 @@ def format_table(result: dict) -> str:
         + (", random weights" if model["random_weights"] else "") + ")",
         f"  {s['width']}x{s['height']}, {s['steps']} steps ({s['sampler']}), guidance {s['guidance']:g}, "
         f"threads {threads}; {s['repeat']} repetition(s) after {s['warmup']} warm-up",
-        f"  CPU: {mach['cpu_summary']}; AMX {'yes' if mach['cpu'].get('amx') else 'no'}, "
-        f"AVX-512 {'yes' if mach['cpu'].get('avx512f') else 'no'}, VNNI {'yes' if mach['cpu'].get('vnni') else 'no'}",
+        f"  CPU: {mach['cpu_summary']}; {isa_line(mach['cpu'])}",
         "  seconds: median [min-max] of the repetitions; RSS: peak of the process that ran the stage"
         + ("; vs torch: torch median / this median (above 1: faster)" if ratios else ""),
         "",
     ]
     header1 = ["stage", ""] + [c["id"] if c["kind"] != "reference" else "torch (diffusers fp32)" for c in cols]
+    if s.get("rounds", 1) > 1:
+        head[1] += f"; {s['rounds']} interleaved rounds"
     header2 = ["", "ran on"] + [_ran_label(c) for c in cols]
     rows: list[list[str]] = [header1, header2]
     errors: list[str] = []
@@ -109,7 +110,9 @@ def format_table(result: dict) -> str:
             else:
                 t_row.append(f"{fmt_s(st['median_s'])} [{fmt_s(st['min_s'])}-{fmt_s(st['max_s'])}]")
             m_row.append("-" if st.get("peak_rss_gib") is None else f"{st['peak_rss_gib']:.2f}")
-            if c["kind"] == "reference":
+            if c["kind"] == "peer":
+                r_row.append("-")
+            elif c["kind"] == "reference":
                 note = str(st.get("load_from", ""))
                 r_row.append("-" if st.get("median_s") is None else
                              "random init" if key.startswith("load") and note.startswith("random") else "1")
@@ -144,11 +147,48 @@ def format_table(result: dict) -> str:
         b = model["build"]
         lines.append(f"  model built now: export {fmt_s(b['export_s'])} s, peak RSS "
                      f"{b['export_peak_rss_bytes'] / 1024 ** 3:.2f} GiB")
+    lines += peer_lines(result)
     for n in result.get("notes") or []:
         lines.append(f"  note: {n}")
     for e in errors:
         lines.append(f"  error: {e}")
     return "\n".join(lines)
+
+
+def isa_line(cpu: dict) -> str:
+    """The instruction sets that decide which precision pays (bf16 and int8 kernels)."""
+    def yn(*keys):
+        return "yes" if any(cpu.get(k) for k in keys) else "no"
+    return (f"AVX2 {yn('avx2')}, AVX-512 {yn('avx512f')}, AVX512-BF16 {yn('avx512_bf16')}, "
+            f"VNNI {yn('vnni', 'avx512_vnni', 'avx_vnni')}, AMX {yn('amx')}")
+
+
+def peer_lines(result: dict) -> list[str]:
+    """The peer block: every column's best whole image and peak RSS, and each cpuflow
+    configuration's time as a multiple of the fastest peer's (issue 15's target: <= 0.7x)."""
+    cmp_ = result.get("peer_comparison")
+    if not cmp_:
+        return []
+    s = result["settings"]
+    out = ["", f"  one image, end to end: best of {s.get('rounds', 1)} round(s) x {s['repeat']} (CPU: "
+               f"{isa_line(result['machine']['cpu'])})"]
+    width = max(len(c["id"]) for c in result["configs"])
+    for c in result["configs"]:
+        st = c["stages"].get("e2e") or {}
+        what = {"cpuflow": "cpuflow", "reference": "diffusers fp32 (PyTorch)"}.get(c["kind"], c.get("label", ""))
+        best = "error" if st.get("error") and st.get("min_s") is None else fmt_s(st.get("min_s"))
+        rss = "-" if st.get("peak_rss_gib") is None else f"{st['peak_rss_gib']:.2f} GiB"
+        out.append(f"    {c['id'].ljust(width)}  {best:>7} s  {rss:>10}  {what}")
+    target = cmp_["target_ratio"]
+    for cid, row in cmp_["cpuflow"].items():
+        verdict = "met" if row["met"] else f"missed by {row['ratio'] - target:.2f}"
+        rss = ""
+        if row["rss_not_higher"] is not None:
+            rss = (f"; peak RSS {row['peak_rss_gib']:.2f} vs {cmp_['fastest_peer_peak_rss_gib']:.2f} GiB "
+                   f"({'not higher' if row['rss_not_higher'] else 'higher'})")
+        out.append(f"  {cid} / fastest peer ({cmp_['fastest_peer']}): x{row['ratio']:.2f} "
+                   f"(target <= x{target:g}: {verdict}){rss}")
+    return out
 
 
 def write_json(result: dict, path: str | os.PathLike) -> Path:

@@ -16,7 +16,10 @@ every start of the load stage -- and gathers their JSON into one result dict
 
 Stages run in that order with the configurations interleaved inside each
 stage, so slow drift of the machine (thermal, other load) spreads over all
-configurations instead of penalising the last one.
+configurations instead of penalising the last one; ``rounds`` > 1 repeats every
+stage but load round by round (cpuflow, torch, peers, cpuflow, ...). The peers
+(OpenVINO GenAI, optimum-intel: :mod:`.peers`) are columns of kind ``peer`` with
+the e2e and load stages only.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .. import __version__
 from ..config import BACKENDS, PRECISIONS, LoadConfig
 from ..errors import CpuflowError, InvalidArgument, MissingDependency
+from .peers import PEER_LABEL, PEER_STAGES, PEERS, PeerRef, check_peer
 from .worker import DEFAULT_STAGES, PROGRESS_PREFIX, STAGES, unet_batch
 
 SCHEMA = "cpuflow-bench/1"
@@ -89,12 +93,16 @@ class BenchSettings:
     # False: no compiled-model cache on disk; every process compiles, the load stage has first starts
     # only (the OpenVINO cache of a full-size SDXL is about as big as its fp32 weights: 10+ GB)
     compile_cache: bool = True
+    # every stage but load runs this many times per column, the columns interleaved inside each
+    # round (cpuflow, peer, cpuflow, peer ...): the machine's drift over the run (measured: the same
+    # image 125 s, then 143 s an hour later) spreads over every engine; the report gives the best
+    rounds: int = 1
 
     def __post_init__(self):
         self.stages = parse_stages(self.stages)
         if self.decoder not in ("full", "taesd"):
             raise InvalidArgument(f"decoder must be full or taesd, got {self.decoder!r}")
-        for name, lo in (("repeat", 1), ("warmup", 0), ("steps", 1)):
+        for name, lo in (("repeat", 1), ("warmup", 0), ("steps", 1), ("rounds", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise InvalidArgument(f"{name} must be a whole number >= {lo}, got {v!r}")
@@ -238,7 +246,8 @@ def package_versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     out: dict[str, str | None] = {"cpuflow": __version__}
-    for name in ("openvino", "onnxruntime", "numpy", "torch", "diffusers", "transformers", "nncf"):
+    for name in ("openvino", "onnxruntime", "numpy", "torch", "diffusers", "transformers", "nncf", "openvino-genai",
+                 "openvino-tokenizers"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -296,6 +305,7 @@ class Measurement:
     counted: bool = True        # False: a warm-up start of the load stage
     before: Callable[[], None] | None = None
     after: Callable[[], None] | None = None
+    python: str | None = None   # the worker's interpreter (None: this one; a peer may have its own)
 
 
 def _run_worker(job: Measurement, work: Path, n: int, bar, timeout: float | None) -> dict:
@@ -303,7 +313,7 @@ def _run_worker(job: Measurement, work: Path, n: int, bar, timeout: float | None
     out_path = work / f"job-{n:03d}.out.json"
     log_path = work / f"job-{n:03d}.log"
     spec_path.write_text(json.dumps(job.spec, indent=1), encoding="utf-8")
-    cmd = [sys.executable, "-m", "cpuflow.bench.worker", str(spec_path), str(out_path)]
+    cmd = [job.python or sys.executable, "-m", "cpuflow.bench.worker", str(spec_path), str(out_path)]
     done = 0
     t0 = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
@@ -407,42 +417,56 @@ def _base_spec(settings: BenchSettings, width: int, height: int, model_dir: Path
 
 
 def _plan(configs: list[BenchConfig], settings: BenchSettings, base: dict, work: Path,
-          reference: dict | None) -> list[Measurement]:
+          reference: dict | None, peers: Sequence = ()) -> list[Measurement]:
+    """Every worker job in run order: per stage, ``settings.rounds`` rounds (load: one), each
+    round one job per column in column order (cpuflow configurations, torch, the peers)."""
     jobs: list[Measurement] = []
     n_starts = settings.warmup + settings.repeat
+    units = 1 + settings.warmup + settings.repeat
     caches = {c.id: work / "cache" / c.id.replace("/", "-") / "shared" for c in configs}
     for stage in settings.stages:
-        for c in configs:
-            spec = dict(base, kind="cpuflow", stage=stage, backend=c.backend, variant=c.variant,
-                        precision=c.precision, device=c.device, cache_dir=str(caches[c.id]))
-            if not settings.compile_cache:  # every process compiles from the model files
-                spec["cache_dir"] = None
+        for _ in range(1 if stage == "load" else settings.rounds):
+            for c in configs:
+                spec = dict(base, kind="cpuflow", stage=stage, backend=c.backend, variant=c.variant,
+                            precision=c.precision, device=c.device, cache_dir=str(caches[c.id]))
+                if not settings.compile_cache:  # every process compiles from the model files
+                    spec["cache_dir"] = None
+                    if stage == "load":
+                        jobs.extend(Measurement(c.id, "load_first", spec, 1, counted=i >= settings.warmup)
+                                    for i in range(n_starts))
+                    else:
+                        jobs.append(Measurement(c.id, stage, spec, units))
+                elif stage == "load":
+                    for i in range(n_starts):
+                        # every first start gets an empty cache folder; the last one leaves the shared cache filled
+                        d = caches[c.id] if i == n_starts - 1 else caches[c.id].parent / f"first-{i}"
+                        jobs.append(Measurement(c.id, "load_first", dict(spec, cache_dir=str(d)), 1,
+                                                counted=i >= settings.warmup,
+                                                before=lambda d=d: shutil.rmtree(d, ignore_errors=True),
+                                                after=None if d == caches[c.id] else
+                                                lambda d=d: shutil.rmtree(d, True)))
+                    for i in range(n_starts):
+                        jobs.append(Measurement(c.id, "load_second", spec, 1, counted=i >= settings.warmup))
+                else:
+                    jobs.append(Measurement(c.id, stage, spec, units))
+            if reference is not None and stage != "taesd" and not (stage == "e2e" and settings.decoder == "taesd"):
+                # (none for the tiny autoencoder: the torch reference has the full VAE only)
+                # every reference process checks its weights against the export (after measuring)
+                spec = dict(base, **reference, kind="torch", stage=stage, check_weights=True)
                 if stage == "load":
-                    jobs.extend(Measurement(c.id, "load_first", spec, 1, counted=i >= settings.warmup)
+                    jobs.extend(Measurement("torch", "load", spec, 1, counted=i >= settings.warmup)
                                 for i in range(n_starts))
                 else:
-                    jobs.append(Measurement(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
-            elif stage == "load":
-                for i in range(n_starts):
-                    # every first start gets an empty cache folder; the last one leaves the shared cache filled
-                    d = caches[c.id] if i == n_starts - 1 else caches[c.id].parent / f"first-{i}"
-                    jobs.append(Measurement(c.id, "load_first", dict(spec, cache_dir=str(d)), 1,
-                                            counted=i >= settings.warmup,
-                                            before=lambda d=d: shutil.rmtree(d, ignore_errors=True),
-                                            after=None if d == caches[c.id] else lambda d=d: shutil.rmtree(d, True)))
-                for i in range(n_starts):
-                    jobs.append(Measurement(c.id, "load_second", spec, 1, counted=i >= settings.warmup))
-            else:
-                jobs.append(Measurement(c.id, stage, spec, 1 + settings.warmup + settings.repeat))
-        if reference is not None and stage != "taesd" and not (stage == "e2e" and settings.decoder == "taesd"):
-            # (none for the tiny autoencoder: the torch reference has the full VAE only)
-            # every reference process checks its weights against the export (after measuring)
-            spec = dict(base, **reference, kind="torch", stage=stage, check_weights=True)
-            if stage == "load":
-                for i in range(n_starts):
-                    jobs.append(Measurement("torch", "load", spec, 1, counted=i >= settings.warmup))
-            else:
-                jobs.append(Measurement("torch", stage, spec, 1 + settings.warmup + settings.repeat))
+                    jobs.append(Measurement("torch", stage, spec, units))
+            if stage in PEER_STAGES:   # with --decoder taesd too: a peer has only its full VAE (noted)
+                for p in peers:
+                    spec = dict(base, kind=p.engine, stage=stage, source=str(p.source), precision=p.precision,
+                                check_weights=True)
+                    if stage == "load":   # each start a fresh process: build + compile from the IR
+                        jobs.extend(Measurement(p.id, "load", spec, 1, counted=i >= settings.warmup,
+                                                python=p.python) for i in range(n_starts))
+                    else:
+                        jobs.append(Measurement(p.id, stage, spec, units, python=p.python))
     return jobs
 
 
@@ -481,11 +505,25 @@ def reference_source_for(manifest, reference_source: str | None, arch: str | Non
 def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], settings: BenchSettings, *,
               reference: str | None = None, reference_source: str | None = None, arch: str | None = None,
               show_progress: bool = True, log: LogFn | None = None, job_timeout: float | None = None,
-              notes: Sequence[str] = (), build_record: dict | None = None) -> dict[str, Any]:
-    """Run every job and return the result dict (the JSON the CLI writes)."""
+              notes: Sequence[str] = (), build_record: dict | None = None,
+              peers: Sequence[PeerRef] = ()) -> dict[str, Any]:
+    """Run every job and return the result dict (the JSON the CLI writes). ``reference="torch"``
+    adds diffusers; ``peers`` the GenAI / optimum-intel columns (cpuflow/bench/peers.py), each
+    checked (package importable, folder readable) before anything is measured."""
     from ..manifest import load_manifest
     from ..pipelines.model import SAMPLER_OF_SCHEDULER
 
+    peers = list(peers)   # checked first: a missing package or bad folder stops the run before anything
+    if reference in PEERS:
+        raise InvalidArgument(f"--reference {reference} is a peer: pass it as peers=[PeerRef(...)]")
+    for p in peers:
+        check_peer(p)
+    if peers and not {"e2e", "load"} & set(settings.stages):
+        raise InvalidArgument("the peer references measure the stages e2e and load only: add one of them to "
+                              "--stages")
+    if len({p.id for p in peers}) != len(peers):
+        raise InvalidArgument("two peer columns with the same engine, folder name and precision: " +
+                              ", ".join(p.id for p in peers))
     model_dir = Path(model_dir).resolve()
     m = load_manifest(model_dir, verify="size")
     settings.stages = stages_for_model(m, settings.stages, log)
@@ -513,7 +551,13 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
         notes.append(why)
         if log:
             log(f"note: {why}")
-    jobs = _plan(list(configs), settings, base, work, ref)
+    if peers and settings.decoder == "taesd" and "e2e" in settings.stages:
+        why = ("--decoder taesd: the cpuflow images are decoded by the tiny autoencoder, the peers' by their full "
+               "VAE decoder (neither GenAI nor optimum-intel runs TAESD in its SD pipeline)")
+        notes.append(why)
+        if log:
+            log(f"note: {why}")
+    jobs = _plan(list(configs), settings, base, work, ref, peers)
     bar = None
     if show_progress:
         from tqdm import tqdm
@@ -544,6 +588,10 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
     if ref is not None:
         columns.append({"id": "torch", "kind": "reference", "backend": "torch", "variant": "fp32",
                         "precision": "f32", "device": "cpu", "source": ref})
+    for p in peers:
+        columns.append({"id": p.id, "kind": "peer", "backend": p.engine, "label": PEER_LABEL[p.engine],
+                        "variant": None, "precision": p.precision, "device": "cpu", "source": str(p.source),
+                        "python": p.python})
     for col in columns:
         col["stages"] = {}
         col["ran"] = {}
@@ -570,9 +618,11 @@ def run_bench(model_dir: str | os.PathLike, configs: Sequence[BenchConfig], sett
                      "seed": settings.gen_seed,
                      "sampler": SAMPLER_OF_SCHEDULER.get(str(m.scheduler.get("_class_name", "")), "euler"),
                      "unet_batch": unet_batch(m, settings.guidance),
-                     "reference": reference},
+                     "rounds": settings.rounds,
+                     "reference": reference, "peers": [p.id for p in peers]},
         "configs": columns,
         "ratios": speedups(columns),
+        "peer_comparison": peer_comparison(columns),
         "notes": list(notes) + ([
             "torch RSS: diffusers loads the whole pipeline, so every torch stage's peak includes all three "
             "components (run_peak_rss_gib in the JSON is the peak of the calls alone)"] if ref else []),
@@ -614,7 +664,7 @@ def speedups(columns: list[dict]) -> dict[str, dict[str, float | None]]:
         return {}
     out: dict[str, dict[str, float | None]] = {}
     for col in columns:
-        if col["kind"] == "reference":
+        if col["kind"] != "cpuflow":
             continue
         row: dict[str, float | None] = {}
         for key, st in col["stages"].items():
@@ -624,3 +674,31 @@ def speedups(columns: list[dict]) -> dict[str, dict[str, float | None]]:
             row[key] = round(rst["median_s"] / st["median_s"], 3) if ok else None
         out[col["id"]] = row
     return out
+
+
+def _best(col: dict, key: str = "e2e") -> float | None:
+    st = col["stages"].get(key) or {}
+    return st.get("min_s")
+
+
+def peer_comparison(columns: list[dict], target: float = 0.7) -> dict[str, Any] | None:
+    """Each cpuflow configuration's best whole image against the fastest peer's best
+    (issue 15: cpuflow's default variant must take <= ``target`` x that time, with a peak
+    RSS no higher). None without peer columns or without e2e numbers."""
+    peers = [c for c in columns if c["kind"] == "peer" and _best(c) is not None]
+    if not peers:
+        return None
+    fastest = min(peers, key=_best)
+    fb = _best(fastest)
+    frss = (fastest["stages"]["e2e"].get("peak_rss_gib"))
+    rows = {}
+    for c in columns:
+        if c["kind"] != "cpuflow" or _best(c) is None:
+            continue
+        ratio = round(_best(c) / fb, 3)
+        rss = c["stages"]["e2e"].get("peak_rss_gib")
+        rows[c["id"]] = {"best_s": _best(c), "ratio": ratio, "met": ratio <= target,
+                         "peak_rss_gib": rss, "rss_not_higher": None if rss is None or frss is None else rss <= frss}
+    return {"stage": "e2e", "statistic": "best (min) over rounds x repetitions", "target_ratio": target,
+            "fastest_peer": fastest["id"], "fastest_peer_best_s": fb, "fastest_peer_peak_rss_gib": frss,
+            "cpuflow": rows}

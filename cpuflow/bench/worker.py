@@ -10,7 +10,8 @@ for the load stage -- so that
 
 SPEC is a JSON object (written by :mod:`cpuflow.bench.runner`)::
 
-    kind        "cpuflow" | "torch"      (torch: the diffusers reference, see export/bench_reference.py)
+    kind        "cpuflow" | "torch" | "genai" | "optimum-intel"   (torch: the diffusers reference, see
+                export/bench_reference.py; genai / optimum-intel: the peers, cpuflow/bench/peers.py)
     stage       "text" | "unet" | "vae" | "taesd" | "e2e" | "upscale" | "load"   (taesd: the tiny autoencoder's
                 decode; "text" runs both text encoders of an SDXL model, "unet" passes SDXL's extra inputs and
                 the x4 upscaler's (the noised low-res image, the noise level); "upscale": one whole x4 upscale,
@@ -18,6 +19,7 @@ SPEC is a JSON object (written by :mod:`cpuflow.bench.runner`)::
     model       exported model folder (cpuflow; torch: for the same-weights check)
     backend, device, precision, variant, threads, cache_dir      (cpuflow)
     source, arch, seed                                            (torch)
+    source (an optimum-intel folder), precision, threads          (genai, optimum-intel)
     width, height, steps, guidance, prompt, gen_seed, warmup, repeat
 
 OUT receives one JSON object: ``ok``, the timings (``times_s``: one per counted
@@ -323,6 +325,9 @@ def run_spec(spec: dict, progress: Progress | None = None) -> dict[str, Any]:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {spec.get('stage')!r}")
     if spec.get("kind", "cpuflow") == "torch":
         res = _reference_module().run_reference(spec, progress)
+    elif spec.get("kind") in ("genai", "optimum-intel"):   # the peers (cpuflow/bench/peers.py)
+        from .peers import run_peer
+        res = run_peer(spec, progress)
     else:
         res = run_cpuflow(spec, progress)
     mem = memory_status()

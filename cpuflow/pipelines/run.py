@@ -232,6 +232,8 @@ class Run:
         what a task adds (e.g. extra latent channels), passed to guided_model_fn."""
         g, dims = self.params["guidance"], self.latent_dims()
         unet_inputs.setdefault("guidance_rescale", self.req.guidance_rescale)
+        # low-memory: the guidance pair as two batch-1 calls (half the UNet's activation peak)
+        unet_inputs.setdefault("split_cfg", bool(self.model.config.low_memory))
         if self.deep_cache is not None:
             unet_inputs = dict(unet_inputs, deep_cache=self.deep_cache)
         if sdxl.is_sdxl(self.model):

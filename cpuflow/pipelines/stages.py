@@ -45,8 +45,8 @@ def rescale_guided(guided: np.ndarray, cond: np.ndarray, rescale: float) -> np.n
 def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | None, guidance: float,
                     latent_dims: dict, timer: StageTimer, *, cond_extra: dict | None = None,
                     uncond_extra: dict | None = None, concat: np.ndarray | None = None,
-                    guidance_rescale: float = 0.0, deep_cache: int | None = None
-                    ) -> Callable[[np.ndarray, float], np.ndarray]:
+                    guidance_rescale: float = 0.0, deep_cache: int | None = None,
+                    split_cfg: bool = False) -> Callable[[np.ndarray, float], np.ndarray]:
     """The UNet with classifier-free guidance (Ho & Salimans 2022):
     out = uncond + g * (cond - uncond), on the raw output (epsilon or v), with
     the batch ordered [uncond, cond] as diffusers does. Without guidance
@@ -62,7 +62,11 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
     guided output (only where there is an unconditional branch, as in diffusers).
     ``deep_cache`` N > 1: DeepCache, the full UNet every N calls of this function and
     the shallow branch in between (pipelines/deep_cache.py; make one function per
-    image: the cache starts empty)."""
+    image: the cache starts empty).
+    ``split_cfg``: run the two branches as two batch-1 UNet calls instead of one
+    batch-2 call (``--low-memory``): the same arithmetic per sample, half the
+    activation memory at the UNet's peak (each branch keeps its own DeepCache
+    features)."""
     cond_extra, uncond_extra = dict(cond_extra or {}), dict(uncond_extra or {})
     extra = {}
     emb_dim = guidance_embedding.embedding_dim(model.manifest)
@@ -70,12 +74,20 @@ def guided_model_fn(model: LoadedModel, cond: np.ndarray, uncond: np.ndarray | N
         uncond = None
         extra[guidance_embedding.INPUT_NAME] = guidance_embedding.guidance_embedding(guidance, emb_dim)
     batch = 1 if uncond is None else 2
-    dims = dict(latent_dims, batch=batch, **text_length_dims(model, cond.shape[1]))
+    split = split_cfg and batch == 2
+    dims = dict(latent_dims, batch=1 if split else batch, **text_length_dims(model, cond.shape[1]))
     ehs = cond if uncond is None else np.concatenate([uncond, cond], axis=0)
     for name, c in cond_extra.items():
         extra[name] = c if uncond is None else np.concatenate([uncond_extra[name], c], axis=0)
     calls = [0]
-    unet = unet_call(model, dims, deep_cache)
+    if split:   # [uncond, cond]: one UNet function per branch, each fed its half of the batch
+        branches = [unet_call(model, dims, deep_cache) for _ in range(2)]
+
+        def unet(feeds: dict) -> np.ndarray:
+            return np.concatenate([f({k: v[i:i + 1] for k, v in feeds.items()}) for i, f in enumerate(branches)],
+                                  axis=0)
+    else:
+        unet = unet_call(model, dims, deep_cache)
     if concat is not None:
         concat = np.asarray(concat, dtype=np.float32)
 
