@@ -21,6 +21,8 @@ from cpuflow.bench.peers import PEER_STAGES, check_same_unet, ov_properties, res
 from cpuflow.bench.worker import measure, memory_status
 from cpuflow.errors import InvalidArgument
 
+from .bench_reference import breakdown_row
+
 
 class _CallTimer:
     """Wall time spent in an optimum-intel model part (OVModelPart.__call__ runs ``forward``), summed."""
@@ -78,13 +80,7 @@ def run_optimum(spec: dict, progress) -> dict[str, Any]:
                 tm.take()
             pipe(prompt=spec["prompt"], num_inference_steps=int(spec["steps"]), guidance_scale=g,
                  height=h, width=w, output_type="pil")
-            row = {}
-            for name, tm in timers.items():
-                s, c = tm.take()
-                row[name] = round(s, 6)
-                if name == "unet" and c:
-                    row["unet_per_call"] = round(s / c, 6)
-            return row
+            return breakdown_row(timers)
 
         breakdown: list[dict] = []
         out.update(measure(one_image, int(spec["warmup"]), int(spec["repeat"]), progress,

@@ -189,6 +189,18 @@ class _ForwardTimer:
         return s, c
 
 
+def breakdown_row(timers: dict) -> dict[str, float]:
+    """One image's seconds per component from timers with ``take() -> (seconds, calls)``
+    (reset as read), plus the UNet's seconds per call."""
+    row = {}
+    for name, tm in timers.items():
+        s, c = tm.take()
+        row[name] = round(s, 6)
+        if name == "unet" and c:
+            row["unet_per_call"] = round(s / c, 6)
+    return row
+
+
 def run_reference(spec: dict, progress: Progress) -> dict[str, Any]:
     t_imp = time.perf_counter()
     import diffusers  # noqa: F401 - imported before the clock starts: "load" is building the pipeline only
@@ -311,13 +323,7 @@ def _measure_whole_calls(pipe, spec: dict, progress: Progress, call) -> dict[str
         for tm in timers.values():
             tm.take()
         call(torch.Generator("cpu").manual_seed(int(spec.get("gen_seed", 0))))
-        row = {}
-        for name, tm in timers.items():
-            s, c = tm.take()
-            row[name] = round(s, 6)
-            if name == "unet" and c:
-                row["unet_per_call"] = round(s / c, 6)
-        return row
+        return breakdown_row(timers)
 
     out = measure(one, spec["warmup"], spec["repeat"], progress, on_result=breakdown.append)
     return dict(out, breakdown=breakdown, sampler=type(pipe.scheduler).__name__)

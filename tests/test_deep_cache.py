@@ -147,6 +147,21 @@ def test_n1_is_the_plain_unet_and_n2_n3_stay_close(dc_model, backend):
             assert got.records[0]["deep_cache"] == n
 
 
+def _record_unet_calls(pipe) -> list[tuple]:
+    """Record (graph, sample batch, feature batch or None) of every UNet call ``pipe`` makes."""
+    calls: list[tuple] = []
+    real_run = pipe.model.run
+
+    def spy(component, dims, feeds):
+        if component.startswith("unet"):
+            calls.append((component, feeds["sample"].shape[0],
+                          None if rt.FEATURE not in feeds else feeds[rt.FEATURE].shape[0]))
+        return real_run(component, dims, feeds)
+
+    pipe.model.run = spy
+    return calls
+
+
 @pytest.mark.parametrize("sampler,guidance", [("heun", 7.5), ("euler_a", 7.5), ("ddim", 1.0)])
 def test_schedule_counts_unet_calls_for_every_sampler(dc_model, sampler, guidance):
     """Call k runs the full graph when k % N == 0 (heun: 2 calls a step, counted
@@ -154,16 +169,7 @@ def test_schedule_counts_unet_calls_for_every_sampler(dc_model, sampler, guidanc
     of a request starts with a full call."""
     _, model = dc_model
     with Pipeline.load(model, backend="openvino", precision="f32") as pipe:
-        calls = []
-        real_run = pipe.model.run
-
-        def spy(component, dims, feeds):
-            if component.startswith("unet"):
-                calls.append((component, feeds["sample"].shape[0],
-                              None if rt.FEATURE not in feeds else feeds[rt.FEATURE].shape[0]))
-            return real_run(component, dims, feeds)
-
-        pipe.model.run = spy
+        calls = _record_unet_calls(pipe)
         res = pipe.txt2img(PROMPT, seed=3, steps=4, sampler=sampler, guidance=guidance, deep_cache=3, n_samples=2)
         per_image = len(calls) // 2
         assert per_image == (7 if sampler == "heun" else 4)   # heun: 2 calls a step, 1 for the last
@@ -225,16 +231,7 @@ def test_low_memory_splits_the_guidance_pair_and_keeps_a_cache_per_branch(dc_mod
     with Pipeline.load(model, backend="onnxruntime", precision="f32") as pipe:
         ref = {n: pipe.txt2img(PROMPT, deep_cache=n, **kw).images[0] for n in (None, 3)}
     with Pipeline.load(model, backend="onnxruntime", precision="f32", low_memory=True) as pipe:
-        calls = []
-        real_run = pipe.model.run
-
-        def spy(component, dims, feeds):
-            if component.startswith("unet"):
-                calls.append((component, feeds["sample"].shape[0],
-                              None if rt.FEATURE not in feeds else feeds[rt.FEATURE].shape[0]))
-            return real_run(component, dims, feeds)
-
-        pipe.model.run = spy
+        calls = _record_unet_calls(pipe)
         for n in (None, 3):
             calls.clear()
             got = pipe.txt2img(PROMPT, deep_cache=n, **kw).images[0]
