@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 from cpuflow.errors import DiskSpaceError, ExportError, InvalidArgument, ModelError, SourceError
 from cpuflow.image import fsync_dir as _fsync_dir
 from cpuflow.manifest import FORMATS, MANIFEST_NAME, file_record, record_all_files, write_manifest
-from cpuflow.pipelines.session_cache import release_free_memory
 from cpuflow.tokenizer import ClipTokenizer, write_tokenizer_json
 
 from . import deep_cache as dcache
@@ -49,7 +48,6 @@ from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
 from .depth import manifest_entry as depth_entry
 from .fewstep_defaults import generation_defaults, user_defaults
-from .mapped_pages import dropping_mapped_pages
 from .taesd import NOT_QUANTIZED as TAESD_NOT_QUANTIZED
 from .taesd import TAESD_COMPONENTS
 from .taesd import manifest_entry as taesd_entry
@@ -581,7 +579,6 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
         if release_modules and last_user[spec.source_attr] == name:
             _release(loaded, spec.source_attr)
         gc.collect()
-        release_free_memory()  # torch's freed weights stay in glibc's heap otherwise
 
         files: dict[str, list[str]] = {}
         parity: dict[str, Any] = {}
@@ -593,9 +590,7 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
             else:
                 with steps.step(name, "openvino convert"):
                     paths = convert_onnx_to_openvino(onnx_files[0], comp_dir, weights=weights)
-            with steps.step(name, f"{fmt} validate"), dropping_mapped_pages(paths[1:] if fmt == "openvino" else []):
-                # OpenVINO maps the weights file and packs a copy on the first call: its pages
-                # are paged out meanwhile (export/mapped_pages.py: the UNet's f32 check held both)
+            with steps.step(name, f"{fmt} validate"):
                 out = validate.RUNNERS[fmt](paths[0], feeds)
                 entry = validate.parity(ref, out, weights)
                 del out

@@ -154,7 +154,6 @@ import numpy as np
 from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
 
 from . import ort_calibration, validate
-from .mapped_pages import dropping_mapped_pages
 from .to_openvino import no_openvino_telemetry
 
 MODES = ("int8-weights", "int8", "hybrid")
@@ -345,14 +344,10 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
 
     recipe: dict[str, Any] = dict(_ov_tools())
     core = ov.Core()
-    model = core.read_model(str(src_xml))  # weights memory-mapped (ENABLE_MMAP, OpenVINO's default)
-    out = None
+    model = core.read_model(str(src_xml))
     try:
-        # NNCF compiles copies of the model (statistics, bias correction): each packs the
-        # weights into its own memory, so the mapped file pages are only re-read on demand;
-        # paging them out keeps the child at one copy of the weights (export/mapped_pages.py).
-        # Its telemetry would fork this multi-GB process per event (export/to_openvino.py).
-        with _quiet(), no_openvino_telemetry(), dropping_mapped_pages([src_xml.with_suffix(".bin")]):
+        # NNCF's telemetry would fork this multi-GB process per event (export/to_openvino.py)
+        with _quiet(), no_openvino_telemetry():
             if kind == "weights":
                 out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",
@@ -402,9 +397,9 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
                     subset_size=len(samples))
             else:
                 raise ValueError(kind)
-            recipe["ops"] = {k: v for k, v in _count_ops(out, ("FakeQuantize", "Convolution", "MatMul")).items()}
-            dst_xml.parent.mkdir(parents=True, exist_ok=True)
-            ov.save_model(out, str(dst_xml), compress_to_fp16=False)  # reads the fp32 weights once more
+        recipe["ops"] = {k: v for k, v in _count_ops(out, ("FakeQuantize", "Convolution", "MatMul")).items()}
+        dst_xml.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(out, str(dst_xml), compress_to_fp16=False)
     finally:
         model = out = None  # noqa: F841 - release the graphs before the next job
         gc.collect()
@@ -732,22 +727,17 @@ def _run_many_here(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarra
     if fmt == "openvino":
         import openvino as ov
 
-        # the CPU plugin packs the weights into its own memory on the first call: the
-        # mapped file pages are paged out meanwhile (export/mapped_pages.py; the SD 1.5
-        # UNet at 512x512, f32: 7.55 GB -> 4.20 GB peak, same outputs)
-        compiled = None
-        with dropping_mapped_pages([Path(path).with_suffix(".bin")]):
-            try:
-                compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-                req = compiled.create_infer_request()
-                outs = []
-                for feeds in feeds_list:
-                    res = req.infer(dict(feeds))
-                    outs.append({name: np.array(v, copy=True) for port, v in res.items() for name in port.get_names()})
-                return outs
-            finally:
-                del compiled
-                gc.collect()
+        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        try:
+            req = compiled.create_infer_request()
+            outs = []
+            for feeds in feeds_list:
+                res = req.infer(dict(feeds))
+                outs.append({name: np.array(v, copy=True) for port, v in res.items() for name in port.get_names()})
+            return outs
+        finally:
+            del compiled
+            gc.collect()
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
