@@ -71,6 +71,9 @@ DEFAULT_SIZE = 4       # prompts
 DEFAULT_STEPS = 10     # sampler steps per prompt (about one UNet call each)
 DEFAULT_SAMPLES = 16   # UNet inputs kept for the statistics passes (selected over noise levels and prompts)
 RESOLUTION_CHOICES = ("auto", "model")
+# A model whose manifest defaults to at most this many steps (Turbo: 1, LCM: 4, export/fewstep_defaults.py)
+# calibrates on its own trajectory: those steps, with as many prompts as the samples need.
+FEW_STEPS_MAX = DEFAULT_STEPS
 GUIDANCE = None        # the model's default guidance (pipelines/run.py resolves None)
 # One prompt outside the shipped list: its trajectory is the held-out set on
 # which each quantized UNet is compared with the fp32 one ("real inputs" PSNR).
@@ -166,6 +169,24 @@ def read_prompts(path: str | Path | None = None) -> list[str]:
     if not prompts:
         raise InvalidArgument(f"calibration prompts {p} hold no prompt (one per line, # for comments)")
     return prompts
+
+
+def plan_for_model(defaults: Mapping[str, Any] | None, steps: int | None, prompts: list[str],
+                   pool: list[str], samples: int | None) -> tuple[int, list[str]]:
+    """(steps, prompts) of the calibration run. ``steps`` None ("auto", the default): a
+    model whose manifest ``defaults.steps`` is at most :data:`FEW_STEPS_MAX` (a few-step
+    model: SD-Turbo 1, LCM 4) calibrates at those steps, the trajectory it runs (issue #15:
+    calibration on the sampler's own trajectory; a 10-step run would set an SD-Turbo UNet's
+    activation ranges on noise levels it never sees, and its held-out figure would measure
+    them too); with too few calls for ``samples``, more prompts of ``pool`` are taken
+    (SD-Turbo: 16 prompts x 1 call, each one UNet call). Any other model: DEFAULT_STEPS."""
+    if steps is not None:
+        return steps, prompts
+    own = (defaults or {}).get("steps")
+    if not isinstance(own, int) or isinstance(own, bool) or not 1 <= own <= FEW_STEPS_MAX:
+        return DEFAULT_STEPS, prompts
+    want = len(prompts) if samples is None else -(-samples // own)
+    return own, (pool[:min(len(pool), want)] if want > len(prompts) else prompts)
 
 
 def select_prompts(prompts: list[str], size: int) -> list[str]:
