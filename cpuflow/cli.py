@@ -123,7 +123,7 @@ def _samplers_help() -> str:
               help="cuda needs --backend onnxruntime with onnxruntime-gpu.")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "f32"]), default="auto",
               help="OpenVINO precision hint: auto picks bf16 on CPUs with AMX/AVX512-BF16, else f32.")
-@click.option("--variant", default=None, help="Model variant (fp32, int8, ...; default: the fastest present).")
+@click.option("--variant", default=None, help="Model variant (fp32, int8, ...; default: the fastest whose measured fidelity passes, see `cpuflow info`).")
 @click.option("--threads", type=int, default=None, help="CPU threads (default: all physical cores).")
 @click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch",
               help="Noise generator: torch (same images as diffusers for a seed) or numpy.")

@@ -52,6 +52,11 @@ A Component::
     config            small facts (e.g. hidden_size, cross_attention_dim, in_channels)
     variants          name -> {precision, quantization, files: {format: [paths]}, parity: {format: {...}}}
                       "fp32" is always present; quantized variants sit beside it.
+                      parity[format]: the export's figures against fp32 (psnr_db, passed, gate); a
+                      calibrated UNet variant adds held_out {psnr_db pooled over every call of a
+                      held-out sampling run, psnr_db_worst_call, psnr_db_mean, points = calls}
+                      (older exports: psnr_db = the worst of 3 calls, no psnr_db_worst_call).
+                      cpuflow/variants.py reads them to choose the default variant.
 """
 from __future__ import annotations
 

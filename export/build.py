@@ -44,7 +44,6 @@ from . import quantize as quant
 from . import validate
 from .calibrate import DEFAULT_SAMPLES as CALIBRATION_SAMPLES
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
-from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .components import component_specs, run_torch, torch_inputs, wrap_for_export
 from .depth import manifest_entry as depth_entry
 from .fewstep_defaults import generation_defaults, user_defaults
@@ -417,7 +416,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                  seed: int = 0, quantize: Iterable[str] = (),
                  calibration_prompts: str | os.PathLike | list[str] | None = None,
                  calibration_size: int = CALIBRATION_SIZE,
-                 calibration_steps: int = CALIBRATION_STEPS,
+                 calibration_steps: int | None = None,
                  calibration_samples: int | None = CALIBRATION_SAMPLES,
                  calibration_resolution: str | int | None = "auto",
                  default_steps: int | None = None, default_guidance: float | None = None,
@@ -434,7 +433,9 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
     each adds a variant beside fp32. int8 and hybrid calibrate on the UNet
     inputs of ``calibration_size`` prompts (the first ones of
     ``calibration_prompts``: a file, a list, or None for the shipped list) run
-    for ``calibration_steps`` steps each, at ``calibration_resolution`` ("auto":
+    for ``calibration_steps`` steps each (None: the model's own default steps when it is a
+    few-step model, with more prompts if the samples need them, else 10:
+    export/calibrate.py ``plan_for_model``), at ``calibration_resolution`` ("auto":
     half the model's size, at least 256 px; "model"; or pixels), keeping
     ``calibration_samples`` of those UNet inputs (None: all) for the statistics
     passes (export/calibrate.py).
@@ -459,13 +460,15 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                               "(downscale 4, scaling factor 0.08333); export it without --taesd")
     if modes and weights != "fp32":
         raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
-    prompts = None
+    prompts = prompt_pool = None
     if any(m in quant.NEEDS_CALIBRATION for m in modes):  # a bad prompt file fails before any work
         from .calibrate import read_prompts, select_prompts
         given = calibration_prompts
         all_prompts = list(given) if isinstance(given, (list, tuple)) else read_prompts(given)
-        prompts = select_prompts([str(p) for p in all_prompts], calibration_size)
-        if not isinstance(calibration_steps, int) or not 1 <= calibration_steps <= 1000:
+        prompt_pool = [str(p) for p in all_prompts]
+        prompts = select_prompts(prompt_pool, calibration_size)
+        if calibration_steps is not None and (not isinstance(calibration_steps, int)
+                                              or not 1 <= calibration_steps <= 1000):
             raise InvalidArgument(f"calibration steps must be between 1 and 1000, got {calibration_steps!r}")
         if calibration_samples is not None and (not isinstance(calibration_samples, int)
                                                 or calibration_samples < 1):
@@ -501,7 +504,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
         try:
             _build(loaded, staging, formats=formats, weights=weights, force=force,
                    steps=steps, exporter=exporter, release_modules=release_modules, seed=seed,
-                   modes=modes, prompts=prompts, calibration_steps=calibration_steps,
+                   modes=modes, prompts=prompts, prompt_pool=prompt_pool, calibration_steps=calibration_steps,
                    calibration_samples=calibration_samples, calibration_resolution=calibration_resolution,
                    default_steps=default_steps, default_guidance=default_guidance,
                    default_clip_skip=default_clip_skip, deep_cache=deep_cache)
@@ -515,8 +518,8 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
 
 def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str, force: bool,
            steps: _Steps, exporter: str, release_modules: bool, seed: int,
-           modes: tuple[str, ...] = (), prompts: list[str] | None = None,
-           calibration_steps: int = CALIBRATION_STEPS, calibration_samples: int | None = CALIBRATION_SAMPLES,
+           modes: tuple[str, ...] = (), prompts: list[str] | None = None, prompt_pool: list[str] | None = None,
+           calibration_steps: int | None = None, calibration_samples: int | None = CALIBRATION_SAMPLES,
            calibration_resolution: str | int = "auto", default_steps: int | None = None,
            default_guidance: float | None = None, default_clip_skip: int | None = None,
            deep_cache: bool = False) -> None:
@@ -661,7 +664,8 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
             steps.info(f"[deep cache] not quantized: {dcache.NOT_QUANTIZED}")
     if modes:
         all_passed = _add_quantized(staging, manifest, modes=modes, formats=formats, checks=checks,
-                                    prompts=prompts, calibration_steps=calibration_steps, seed=seed,
+                                    prompts=prompts, prompt_pool=prompt_pool,
+                                    calibration_steps=calibration_steps, seed=seed,
                                     calibration_samples=calibration_samples,
                                     calibration_resolution=calibration_resolution,
                                     force=force, steps=steps) and all_passed
@@ -673,9 +677,9 @@ def _build(loaded: Any, staging: Path, *, formats: tuple[str, ...], weights: str
 
 
 def _add_quantized(staging: Path, manifest: dict, *, modes: tuple[str, ...], formats: tuple[str, ...],
-                   checks: Mapping[str, Any], prompts: list[str] | None, calibration_steps: int, seed: int,
+                   checks: Mapping[str, Any], prompts: list[str] | None, calibration_steps: int | None, seed: int,
                    force: bool, steps: _Steps, calibration_samples: int | None = CALIBRATION_SAMPLES,
-                   calibration_resolution: str | int = "auto") -> bool:
+                   calibration_resolution: str | int = "auto", prompt_pool: list[str] | None = None) -> bool:
     """Quantized variants, added after the fp32 files are complete and checked.
 
     Order (the manifest stays the last write of the folder):
@@ -691,13 +695,15 @@ def _add_quantized(staging: Path, manifest: dict, *, modes: tuple[str, ...], for
        files hashed), replacing the interim one, and only then moves the
        staging folder into place.
     Returns whether every quantized file passed its (loose) gate."""
-    from .calibrate import capture_in_child
+    from .calibrate import capture_in_child, plan_for_model
 
     fp32_files = dict(manifest["files"])
     write_manifest(staging, manifest)
     calibration = None
     if prompts is not None:
         backend = "openvino" if "openvino" in formats else "onnxruntime"
+        calibration_steps, prompts = plan_for_model(manifest.get("defaults"), calibration_steps, prompts,
+                                                    prompt_pool or prompts, calibration_samples)
         with steps.step("unet", "calibration"):
             calibration = capture_in_child(staging, prompts, steps=calibration_steps, backend=backend, seed=seed,
                                            samples=calibration_samples, resolution=calibration_resolution)

@@ -28,6 +28,10 @@ Memory: one sample is (2, 4, h/8, w/8) latents + 2 timesteps; the text
 embeddings are shared by all steps of one prompt (the same array object), so
 16 prompts x 10 steps at 512x512 hold about 21 MB of latents + 16 x 0.47 MB
 of embeddings: small next to the model, so samples are held, not streamed.
+The held-out run keeps every one of its UNet calls (issue #15: the recorded
+fidelity is pooled over all of them, export/quantize.py ``held_out_entry``):
+SD 1.5 at 512x512, 10 steps = 11 calls x 128 KB of latents + one 0.47 MB
+embedding = 1.9 MB (SDXL at 1024: 11 x 0.5 MB + 1.3 MB of embeddings).
 
 Cost (issue #15 item 1). Every sample a quantizer keeps is a full float32 UNet
 call in each statistics pass (ORT's ranges; NNCF's ranges, SmoothQuant and bias
@@ -67,17 +71,21 @@ DEFAULT_SIZE = 4       # prompts
 DEFAULT_STEPS = 10     # sampler steps per prompt (about one UNet call each)
 DEFAULT_SAMPLES = 16   # UNet inputs kept for the statistics passes (selected over noise levels and prompts)
 RESOLUTION_CHOICES = ("auto", "model")
+# A model whose manifest defaults to at most this many steps (Turbo: 1, LCM: 4, export/fewstep_defaults.py)
+# calibrates on its own trajectory: those steps, with as many prompts as the samples need.
+FEW_STEPS_MAX = DEFAULT_STEPS
 GUIDANCE = None        # the model's default guidance (pipelines/run.py resolves None)
 # One prompt outside the shipped list: its trajectory is the held-out set on
 # which each quantized UNet is compared with the fp32 one ("real inputs" PSNR).
 HELD_OUT_PROMPT = "a quiet harbor with fishing boats at dawn, soft mist, photograph"
-HELD_OUT_POINTS = 3    # first, middle and last call of the held-out run
+# Every UNet call of the held-out run is kept (before issue #15's pooled figure: 3 of them,
+# first, middle and last; manifests of that time record ``points`` 3).
 
 
 @dataclass
 class CalibrationSet:
     samples: list[dict[str, np.ndarray]]        # UNet feeds, one per call (CFG batch 2)
-    held_out: list[dict[str, np.ndarray]]       # a few feeds of a prompt not calibrated on
+    held_out: list[dict[str, np.ndarray]]       # every feed of a run of a prompt not calibrated on
     info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -161,6 +169,24 @@ def read_prompts(path: str | Path | None = None) -> list[str]:
     if not prompts:
         raise InvalidArgument(f"calibration prompts {p} hold no prompt (one per line, # for comments)")
     return prompts
+
+
+def plan_for_model(defaults: Mapping[str, Any] | None, steps: int | None, prompts: list[str],
+                   pool: list[str], samples: int | None) -> tuple[int, list[str]]:
+    """(steps, prompts) of the calibration run. ``steps`` None ("auto", the default): a
+    model whose manifest ``defaults.steps`` is at most :data:`FEW_STEPS_MAX` (a few-step
+    model: SD-Turbo 1, LCM 4) calibrates at those steps, the trajectory it runs (issue #15:
+    calibration on the sampler's own trajectory; a 10-step run would set an SD-Turbo UNet's
+    activation ranges on noise levels it never sees, and its held-out figure would measure
+    them too); with too few calls for ``samples``, more prompts of ``pool`` are taken
+    (SD-Turbo: 16 prompts x 1 call, each one UNet call). Any other model: DEFAULT_STEPS."""
+    if steps is not None:
+        return steps, prompts
+    own = (defaults or {}).get("steps")
+    if not isinstance(own, int) or isinstance(own, bool) or not 1 <= own <= FEW_STEPS_MAX:
+        return DEFAULT_STEPS, prompts
+    want = len(prompts) if samples is None else -(-samples // own)
+    return own, (pool[:min(len(pool), want)] if want > len(prompts) else prompts)
 
 
 def select_prompts(prompts: list[str], size: int) -> list[str]:
@@ -271,10 +297,7 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
                 eta.update(note=f"{len(kept)} UNet inputs kept")
         if size is not None:  # the held-out run compiles the UNet at the model's size: free the
             model.release("unet")  # calibration-size session first (-1.3 GB peak on SD 1.5)
-        held = run_prompt(HELD_OUT_PROMPT, len(prompts))
-        n = len(held)
-        held_picks = sorted({0, n // 2, n - 1})[:HELD_OUT_POINTS] if n else []
-        held_out = [held[i] for i in held_picks]
+        held_out = run_prompt(HELD_OUT_PROMPT, len(prompts))   # every call: the fidelity figure pools them
         used_precision = model.session_infos()["unet"][0].precision   # the session that ran them
         run = runs[0]
         held_run = runs[-1]
@@ -291,6 +314,7 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "resolution": "model" if size is None else "reduced",
         "held_out_width": held_run.width,
         "held_out_height": held_run.height,
+        "held_out_calls": len(held_out),
         "samples": len(kept),
         "captured_calls_per_prompt": calls,
         "unet_calls": unet_calls,   # calibration prompts' UNet calls run (early stop included)

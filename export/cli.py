@@ -124,8 +124,10 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
               help="Text file of calibration prompts, one a line (default: the shipped list of 64).")
 @click.option("--calibration-size", type=click.IntRange(min=1), default=CALIBRATION_SIZE, show_default=True,
               help="How many prompts (the first ones of the list) calibrate int8 / hybrid.")
-@click.option("--calibration-steps", type=click.IntRange(1, 1000), default=CALIBRATION_STEPS, show_default=True,
-              help="Sampler steps per calibration prompt (one UNet input captured per call).")
+@click.option("--calibration-steps", type=click.IntRange(1, 1000), default=None,
+              help="Sampler steps per calibration prompt (one UNet input captured per call). Default: "
+                   f"{CALIBRATION_STEPS}, or a few-step model's own default steps (SD-Turbo 1, LCM 4: the "
+                   "trajectory it runs), with more prompts of the list when the samples need them.")
 @click.option("--calibration-samples", "calibration_samples", default=str(CALIBRATION_SAMPLES), show_default=True,
               metavar="N|all",
               help="How many of the captured UNet inputs the quantizers measure (each is a float32 UNet call "

@@ -140,6 +140,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import re
 import shutil
 import sys
@@ -771,18 +772,80 @@ def parity_entry(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray],
     return entry
 
 
+def pooled_psnr_db(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
+    """One PSNR (dB) of all of ``outs`` against ``refs`` taken together:
+    10 log10(peak^2 / MSE), the MSE over every element of every pair, the peak the
+    pooled reference's range (max - min over all of ``refs``: validate.figures'
+    convention for one array). -inf when an output is not finite or a shape differs;
+    capped at validate.PSNR_CAP_DB when they are equal."""
+    if len(refs) != len(outs) or not refs:
+        return -math.inf
+    sq, n, lo, hi = 0.0, 0, math.inf, -math.inf
+    for r, o in zip(refs, outs):
+        r = np.asarray(r, dtype=np.float64)
+        o = np.asarray(o, dtype=np.float64)
+        if r.shape != o.shape or not np.isfinite(o).all():
+            return -math.inf
+        if r.size:
+            sq += float(np.square(o - r).sum())
+            n += r.size
+            lo, hi = min(lo, float(r.min())), max(hi, float(r.max()))
+    mse = sq / n if n else 0.0
+    if mse == 0:
+        return validate.PSNR_CAP_DB
+    if not hi > lo or not math.isfinite(mse):
+        return -math.inf
+    return min(validate.PSNR_CAP_DB, 10.0 * math.log10((hi - lo) ** 2 / mse))
+
+
 def held_out_entry(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict:
+    """The held-out figures of a quantized UNet against the fp32 export, over every call
+    of the held-out sampling run (issue #15): ``psnr_db`` pooled over the calls (what the
+    export's gate and the runtime's variant choice read, cpuflow/variants.py), the worst
+    and the mean of the per-call PSNRs beside it. Pooled, because one call's PSNR says
+    little about the image: before, the figure was the worst of 3 calls (first, middle,
+    last), dominated by the last call (timestep ~1, whose error hardly reaches the image),
+    and it ranked the shipped model's old and new int8 recipes the same on ONNX Runtime
+    while the judge told them apart by 10-12.5 points (bench/README.md)."""
     figs = [validate.figures(r, o) for r, o in zip(refs, outs)]
     return {"reference": "fp32 export", "inputs": "held-out sampling run (real latents, embeddings)",
             "points": len(figs), "finite": all(f["finite"] for f in figs),
-            "psnr_db": validate._json_num(min(f["psnr_db"] for f in figs)),
+            "psnr_db": validate._json_num(pooled_psnr_db(refs, outs)),
+            "psnr": "pooled over every call of the run",
+            "psnr_db_worst_call": validate._json_num(min(f["psnr_db"] for f in figs)),
             "psnr_db_mean": validate._json_num(float(np.mean([f["psnr_db"] for f in figs]))),
             "rel_max": validate._json_num(max(f["rel_max"] for f in figs))}
 
 
+def held_out_reference(staging: Path, fp32_files: Mapping[str, list[str]], fmt: str,
+                       held: list[Mapping[str, np.ndarray]], cache: dict[str, list[np.ndarray]]
+                       ) -> tuple[str, list[np.ndarray]]:
+    """(format, outputs) of the fp32 UNet on the held-out feeds, computed once into ``cache``:
+    one fp32 reference serves every format (issue #15): the fp32 files agree with torch to
+    > 100 dB, int8 is 30-60 dB; OpenVINO's is the faster run where both formats are there."""
+    if not cache:
+        ref_fmt = "openvino" if "openvino" in fp32_files else fmt
+        cache[ref_fmt] = [o["out_sample"] for o in run_many(ref_fmt, staging / fp32_files[ref_fmt][0], held)]
+    return next(iter(cache.items()))
+
+
+def gate_on_held_out(entry: dict, ref_fmt: str, refs: list[np.ndarray], outs: list[np.ndarray]) -> dict:
+    """Record the held-out figures in the parity ``entry`` and gate it on them (in place)."""
+    ho = held_out_entry(refs, outs)
+    ho["reference_format"] = ref_fmt
+    entry["held_out"] = ho
+    entry["passed"] = bool(entry["finite"] and ho["finite"] and ho["psnr_db"] >= QUANT_TOLERANCE.psnr_db)
+    entry["gate"] = "held_out"
+    return entry
+
+
 def _line(component: str, fmt: str, kind: str, entry: Mapping, size: int, fp32_size: int) -> str:
     held = entry.get("held_out")
-    held_s = f", {held['psnr_db']:.1f} dB vs fp32 on a held-out run" if held else ""
+    held_s = ""
+    if held:
+        worst = held.get("psnr_db_worst_call")
+        worst_s = f", worst call {worst:.1f} dB" if isinstance(worst, (int, float)) else ""
+        held_s = f", {held['psnr_db']:.1f} dB vs fp32 on a held-out run ({held['points']} calls{worst_s})"
     verdict = "ok" if entry["passed"] else "FAILED"
     gate = "held-out" if entry.get("gate") == "held_out" else "vs torch"
     return (f"[{component}] {fmt} {STEMS[kind]} ({PRECISION[kind]}): PSNR {entry['psnr_db']:.1f} dB vs torch"
@@ -854,20 +917,10 @@ def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str
                         outs = run_many(fmt, staging / rels[0], [check.feeds, *held])
                         entry = parity_entry(check.ref, outs[0])
                         entry["inputs"] = {k: list(v.shape) for k, v in check.feeds.items()}
-                        if held:
-                            if not held_refs:  # one fp32 reference serves every format (issue #15):
-                                # the fp32 files agree with torch to > 100 dB, int8 is 30-45 dB;
-                                # OpenVINO's is the faster run where both formats are there
-                                ref_fmt = "openvino" if "openvino" in fp32["files"] else fmt
-                                held_refs[ref_fmt] = [o["out_sample"] for o in run_many(
-                                    ref_fmt, staging / fp32["files"][ref_fmt][0], held)]
-                            ref_fmt, refs = next(iter(held_refs.items()))
-                            ho = held_out_entry(refs, [o["out_sample"] for o in outs[1:]])
-                            ho["reference_format"] = ref_fmt
-                            entry["held_out"] = ho
-                            entry["passed"] = bool(entry["finite"] and ho["finite"]
-                                                   and ho["psnr_db"] >= QUANT_TOLERANCE.psnr_db)
-                        entry["gate"] = "held_out" if held else "torch"
+                        entry["gate"] = "torch"
+                        if held:  # every call of the held-out run (export/calibrate.py)
+                            ref_fmt, refs = held_out_reference(staging, fp32["files"], fmt, held, held_refs)
+                            gate_on_held_out(entry, ref_fmt, refs, [o["out_sample"] for o in outs[1:]])
                         del outs
                     size = sum((staging / r).stat().st_size for r in rels)
                     line = _line(comp, fmt, kind, entry, size, fp32_size)
@@ -883,7 +936,8 @@ def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str
                         recipe["calibration"] = {k: calibration.info[k] for k in
                                                  ("samples", "prompts", "prompts_sha256", "steps", "sampler",
                                                   "width", "height", "guidance", "seed", "selection",
-                                                  "held_out_width", "held_out_height") if k in calibration.info}
+                                                  "held_out_width", "held_out_height", "held_out_calls")
+                                                 if k in calibration.info}
                     recipe["precision"] = PRECISION[kind]
                     done[kind] = (rels, entry, dict(recipe, size=size))
                     outcome.jobs += 1

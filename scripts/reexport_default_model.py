@@ -37,6 +37,14 @@ the parity gate against the torch UNet rebuilt from the shipped ONNX, the new
 files' records and figures in the manifest, ``export.requantize`` saying what was done:
 
     python scripts/reexport_default_model.py --work /tmp/requant --requantize int8
+
+``--remeasure`` (schema 2 folders) changes no file but ``cpuflow.json``: it runs the
+held-out sampling run again (the export's: same prompt count, steps, seed, the model's
+default guidance) and records, for every quantized UNet variant and format, the held-out
+figures the current export records (export/quantize.py ``held_out_entry``: PSNR pooled over
+every call, worst call, mean), ``export.remeasure`` saying what was done. A few seconds:
+
+    python scripts/reexport_default_model.py --work /tmp/remeasure --remeasure
 """
 from __future__ import annotations
 
@@ -212,6 +220,54 @@ def requantize(shipped: Path, work: Path, out: Path, modes: tuple[str, ...]) -> 
     _into_place(staging, out)
 
 
+def remeasure(folder: Path, out: Path) -> dict:
+    """Re-measure the held-out figures of ``folder``'s quantized UNet variants (module
+    docstring) into ``out``'s manifest (``out`` = ``folder``: in place; else a copy).
+    Returns {variant: {format: held_out entry}}."""
+    from export import quantize as quant
+    from export.build import tool_versions
+    from export.calibrate import capture, read_prompts, select_prompts
+
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise click.ClickException(f"{folder} is schema {data.get('schema_version')}: re-export it first")
+    if out != folder:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(folder, out)
+    cal_old = (data["export"].get("quantize") or {}).get("calibration") or {}
+    prompts = select_prompts(read_prompts(), int(cal_old.get("prompts", 16)))  # the held-out seed follows their count
+    cal = capture(out, prompts, steps=int(cal_old.get("steps", 10)), backend="openvino",
+                  seed=int(cal_old.get("seed", 0)), samples=1, resolution="model")
+    held = cal.held_out
+    unet = data["components"]["unet"]
+    refs: dict = {}
+    got: dict = {}
+    for name, var in unet["variants"].items():
+        if name == "fp32":
+            continue
+        for fmt, paths in var["files"].items():
+            entry = var["parity"][fmt]
+            ref_fmt, ref = quant.held_out_reference(out, unet["variants"]["fp32"]["files"], fmt, held, refs)
+            outs = [o["out_sample"] for o in quant.run_many(fmt, out / paths[0], held)]
+            quant.gate_on_held_out(entry, ref_fmt, ref, outs)
+            got.setdefault(name, {})[fmt] = entry["held_out"]
+            print(f"{name} {fmt}: pooled {entry['held_out']['psnr_db']:.1f} dB, worst call "
+                  f"{entry['held_out']['psnr_db_worst_call']:.1f} dB, mean {entry['held_out']['psnr_db_mean']:.1f} dB "
+                  f"over {entry['held_out']['points']} calls")
+    data["validated"] = bool(data["validated"] and all(
+        p["passed"] for c in data["components"].values() for v in c["variants"].values() for p in v["parity"].values()))
+    data["export"]["remeasure"] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tools": tool_versions(),
+        "how": "scripts/reexport_default_model.py --remeasure: the unet variants' held-out figures taken again "
+               "over every call of the held-out run (pooled PSNR, worst call, mean); no file but cpuflow.json "
+               "changed",
+        "held_out": {k: cal.info[k] for k in ("held_out_prompt", "held_out_width", "held_out_height",
+                                              "held_out_calls", "guidance", "steps", "seed", "precision")},
+    }
+    write_manifest(out, data)
+    return got
+
+
 class _Step:
     """A step context for quant.add_variants: prints the stage and its time."""
     def __init__(self, label: str):
@@ -235,11 +291,17 @@ class _Step:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: --shipped, in place")
 @click.option("--requantize", "requant", multiple=True, type=click.Choice(["int8", "hybrid"]),
               help="re-make only the UNet's quantized variant MODE with the current recipe (schema 2 folders)")
-def main(work, shipped, out, requant):
+@click.option("--remeasure", "remeasure_", is_flag=True,
+              help="only re-measure the quantized UNet variants' held-out figures (no weights file changes)")
+def main(work, shipped, out, requant, remeasure_):
     from export.build import ConsoleProgress, export_model
     from export.rebuild_from_onnx import rebuild
     from export.sources import load_source
 
+    if remeasure_:
+        remeasure(shipped, out or shipped)
+        print(f"re-measured: {out or shipped}")
+        return
     if requant:
         work.mkdir(parents=True, exist_ok=True)
         requantize(shipped, work, out or shipped, tuple(requant))

@@ -24,11 +24,14 @@ def pipe():
 
 
 def test_defaults_are_the_issues_targets(pipe):
-    """The shipped model is meant for guidance 5, 20 steps, fp32 (issue #5)."""
+    """The shipped model is meant for guidance 5, 20 steps, f32 compute (issue #5); its
+    variant is the gate's (issue #15 item 2: full int8, which keeps the judge within
+    1.4 points of fp32, tests/test_variant_choice.py)."""
     d = pipe.manifest.raw["defaults"]
-    assert (d["guidance"], d["steps"], d["variant"], d["precision"]) == (5.0, 20, "fp32", "f32")
+    assert (d["guidance"], d["steps"], d["precision"]) == (5.0, 20, "f32") and "variant" not in d
     rec = pipe.txt2img("a red circle on a blue background", seed=1).records[0]
     assert (rec["guidance"], rec["steps"], rec["precision"]) == (5.0, 20, "f32")
+    assert rec["variant"]["unet"] == "int8"
 
 
 @pytest.mark.parametrize("prompt", [
@@ -114,13 +117,15 @@ def test_bad_manifest_precision_is_a_clear_error(tmp_path):
         Pipeline.load(d, backend="openvino")
 
 
-def test_both_backends_agree(pipe):
-    with Pipeline.load(None, backend="onnxruntime") as ort:
-        a = ort.txt2img("a white square on a green background", seed=3).images[0]
-    b = pipe.txt2img("a white square on a green background", seed=3).images[0]
+def test_both_backends_agree():
+    """fp32 on both backends: the same picture to 2 levels (their int8 files are two
+    different quantizations, NNCF's and ONNX Runtime's, checked by the judge instead)."""
     import numpy as np
-    diff = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))
-    assert diff.max() <= 2
+    imgs = []
+    for backend in ("onnxruntime", "openvino"):
+        with Pipeline.load(None, backend=backend, variant="fp32", threads=2) as p:
+            imgs.append(np.asarray(p.txt2img("a white square on a green background", seed=3).images[0], np.int16))
+    assert np.abs(imgs[0] - imgs[1]).max() <= 2
 
 
 def test_readme_first_command(tmp_path, monkeypatch):

@@ -103,6 +103,7 @@ def test_capture_at_a_lower_resolution_keeps_few_inputs_and_stops_early(tiny_exp
     calls = info["captured_calls_per_prompt"]
     assert calls >= 6
     assert info["unet_calls"] < 2 * calls     # the second prompt stopped early
+    assert len(got.held_out) == info["held_out_calls"] == calls   # the held-out run: every call kept
     # the kept inputs span the noise levels: first and late timesteps both present
     t = sorted(float(s["timestep"].ravel()[0]) for s in got.samples)
     assert t[-1] > 500 and t[0] < 500

@@ -1,6 +1,8 @@
 """The default variant is chosen by measured fidelity, not by speed alone
-(issue #16 item 2): the fastest variant whose recorded PSNR against fp32 passes
-cpuflow.variants.MIN_FIDELITY_DB; older exports without figures run fp32; and
+(issue #16 item 2, issue #15 item 2): the fastest variant whose recorded PSNR against
+fp32 (the UNet's pooled over every call of a held-out run) passes
+cpuflow.variants.MIN_FIDELITY_DB; older exports with the worst-of-3-calls figure are
+judged against the 50 dB that figure had; exports without figures run fp32; and
 `cpuflow info` says which variant runs and why."""
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from cpuflow.cli import main
 from cpuflow.config import LoadConfig
 from cpuflow.manifest import MANIFEST_NAME
 from cpuflow.pipelines.model import LoadedModel, shipped_model_dir
-from cpuflow.variants import MIN_FIDELITY_DB
+from cpuflow.variants import MIN_FIDELITY_DB, MIN_FIDELITY_DB_WORST_OF_CALLS
 
 
 def _shipped_copy(tmp_path, edit):
@@ -27,32 +29,82 @@ def _shipped_copy(tmp_path, edit):
     return out
 
 
-def _without_own_default(raw):
-    raw["defaults"].pop("variant")
+def _own_default_fp32(raw):
+    raw["defaults"]["variant"] = "fp32"
+
+
+def _unet_held_out(raw, variant, fmt):
+    return raw["components"]["unet"]["variants"][variant]["parity"][fmt]["held_out"]
+
+
+FORMAT = {"openvino": "openvino", "onnxruntime": "onnx"}
 
 
 @pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
-def test_fastest_variant_that_passes_the_threshold(tmp_path, backend):
-    # full int8's UNet measured 38.8 / 39.8 dB on a held-out run (it loses shapes at guidance 5);
-    # int8-weights 53.6 / 62.1 dB: the default is int8-weights, not the faster int8.
-    model = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, _without_own_default), backend=backend))
-    assert model.variant_choice.name == "int8-weights"
-    assert model.variant_of("unet") == "int8-weights"
-    assert model.variant_choice.fidelity_db["int8"] < MIN_FIDELITY_DB <= model.variant_choice.fidelity_db[
-        "int8-weights"]
-    assert "int8 " in model.variant_choice.reason and f"{MIN_FIDELITY_DB:g} dB" in model.variant_choice.reason
+def test_shipped_model_runs_int8_by_its_pooled_figure(backend):
+    # the shipped model names no variant of its own: the gate picks. Its int8 UNet (issue #15
+    # recipe, within 1.4 judge points of fp32) records 63.7 / 56.7 dB pooled over the 11 calls
+    # of the held-out run (OpenVINO / ONNX Runtime); its worst call is 46.4 / 39.7 dB
+    model = LoadedModel(LoadConfig(backend=backend))
+    choice = model.variant_choice
+    assert "variant" not in model.manifest.raw["defaults"]
+    assert choice.name == "int8" and model.variant_of("unet") == "int8"
+    assert choice.fidelity_db["int8"] >= MIN_FIDELITY_DB and f">= {MIN_FIDELITY_DB:g} dB" in choice.reason
+    # the worst component: OpenVINO's weight-compressed VAE decoder (53.3 dB against torch; ONNX
+    # Runtime keeps the VAE fp32), ONNX Runtime's int8 UNet on the held-out run
+    assert {"openvino": "vae_decoder against torch fp32",
+            "onnxruntime": "unet on a held-out sampling run, pooled over its 11 calls"}[backend] in choice.reason
+    held = _unet_held_out(model.manifest.raw, "int8", FORMAT[backend])
+    assert held["points"] == 11 and held["psnr_db_worst_call"] < 50 <= held["psnr_db"]
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_int8_is_not_picked_when_its_pooled_figure_fails(tmp_path, backend):
+    # the old recipe's int8 (7-29 judge points lost) measured 40.9 / 42.5 dB pooled on the same run
+    old = {"openvino": 40.9, "onnxruntime": 42.5}[backend]
+
+    def worse(raw):
+        _unet_held_out(raw, "int8", FORMAT[backend])["psnr_db"] = old
+    model = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, worse), backend=backend))
+    choice = model.variant_choice
+    assert choice.name == "int8-weights" and model.variant_of("unet") == "int8-weights"
+    assert choice.fidelity_db["int8"] == old < MIN_FIDELITY_DB <= choice.fidelity_db["int8-weights"]
+    assert f"faster but not passing: int8 {old:.1f} dB" in choice.reason
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_older_export_worst_call_figure_is_still_judged(tmp_path, backend):
+    """An export from before the pooled figure (held_out without psnr_db_worst_call:
+    psnr_db is the worst of 3 calls) loads, and is judged against the threshold that
+    figure had (50 dB): the shipped int8's old figures 46.4 / 39.7 dB fail it, so
+    int8-weights (53.6 / 62.1 dB then) runs, and the reason says which figure it read."""
+    old = {"int8": {"openvino": 46.4, "onnx": 39.7}, "int8-weights": {"openvino": 53.6, "onnx": 62.1}}
+
+    def as_before(raw):
+        for variant, figs in old.items():
+            for fmt, db in figs.items():
+                held = _unet_held_out(raw, variant, fmt)
+                for k in ("psnr_db_worst_call", "psnr", "reference_format"):
+                    held.pop(k)
+                held.update(points=3, psnr_db=db)
+    model = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, as_before), backend=backend))
+    choice = model.variant_choice
+    assert MIN_FIDELITY_DB_WORST_OF_CALLS == 50
+    assert choice.name == "int8-weights" and model.variant_of("unet") == "int8-weights"
+    assert choice.fidelity_db["int8"] == old["int8"][FORMAT[backend]]
+    assert "worst of 3 calls" in choice.reason and "older export" in choice.reason
+    assert ">= 50 dB" in choice.reason
 
 
 def test_explicit_and_model_default_win(tmp_path):
-    folder = _shipped_copy(tmp_path, _without_own_default)
-    assert LoadedModel(LoadConfig(model=folder, variant="int8")).variant_of("unet") == "int8"
-    shipped = LoadedModel(LoadConfig())   # its manifest says defaults.variant fp32
-    assert shipped.variant_of("unet") == "fp32" and "model's own default" in shipped.variant_choice.reason
+    assert LoadedModel(LoadConfig(variant="int8-weights")).variant_of("unet") == "int8-weights"
+    assert LoadedModel(LoadConfig(variant="fp32")).variant_of("unet") == "fp32"
+    own = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, _own_default_fp32)))
+    assert own.variant_of("unet") == "fp32" and "model's own default" in own.variant_choice.reason
 
 
 def test_old_export_without_figures_runs_fp32(tmp_path):
     def strip(raw):
-        _without_own_default(raw)
         for comp in raw["components"].values():
             for name, var in comp["variants"].items():
                 var["parity"] = {}
@@ -63,14 +115,16 @@ def test_old_export_without_figures_runs_fp32(tmp_path):
 
 def test_a_variant_that_failed_its_gate_is_never_the_default(tmp_path):
     def fail(raw):
-        _without_own_default(raw)
-        raw["components"]["vae_decoder"]["variants"]["int8-weights"]["parity"]["openvino"]["passed"] = False
+        for variant in ("int8", "int8-weights"):   # the VAE's OpenVINO file is shared by both
+            raw["components"]["vae_decoder"]["variants"][variant]["parity"]["openvino"]["passed"] = False
     model = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, fail), backend="openvino"))
     assert model.variant_of("unet") == "fp32" and "failed its gate" in model.variant_choice.reason
 
 
-def test_info_says_which_variant_and_why(tmp_path):
-    res = CliRunner().invoke(main, ["info", str(_shipped_copy(tmp_path, _without_own_default))])
+def test_info_says_which_variant_and_why():
+    res = CliRunner().invoke(main, ["info", str(shipped_model_dir())])
     assert res.exit_code == 0, res.output
-    line = next(ln for ln in res.output.splitlines() if ln.startswith("variant") and "openvino" in ln)
-    assert "int8-weights" in line and "fastest variant whose fidelity passes" in line and "int8 46.4 dB" in line  # issue 15 recipe: was 38.8
+    for backend in ("openvino", "onnxruntime"):
+        line = next(ln for ln in res.output.splitlines() if ln.startswith("variant") and backend in ln)
+        assert f": int8 (the fastest variant whose fidelity passes" in line, line
+    assert "pooled over its 11 calls" in res.output
