@@ -58,3 +58,21 @@ def test_stage_profile_gives_each_stage_its_rss_and_anonymous_peaks(tmp_path):
         {"stage": "[unet] a", "seconds": 1.0, "ended_at_s": 2.0, "peak_rss_gb": 4.0}]
     total, anon = sp.tree_memory(os.getpid())
     assert total > 0 and 0 < anon <= total
+
+
+def test_onnx_validation_runs_without_the_arena_give_the_default_sessions_outputs(tiny_export):
+    """export/quantize.py runs the ONNX files it checks without ORT's CPU memory arena
+    (memory): the outputs are those of a default session, bit for bit."""
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from export import quantize as quant
+
+    path = tiny_export("sd1").model / "unet" / "model.onnx"
+    rng = np.random.default_rng(1)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "timestep": np.array([999.0, 10.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 128), dtype=np.float32)}
+    got = quant._run_many_here("onnx", path, [feeds, feeds])
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["out_sample"], feeds)[0]
+    assert np.array_equal(got[0]["out_sample"], want) and np.array_equal(got[1]["out_sample"], want)
