@@ -155,6 +155,7 @@ import numpy as np
 from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
 
 from . import ort_calibration, validate
+from .to_openvino import no_openvino_telemetry
 
 MODES = ("int8-weights", "int8", "hybrid")
 QUANT_TOLERANCE = validate.Tolerance(rel_max=1.0, psnr_db=20.0)
@@ -346,7 +347,8 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
     core = ov.Core()
     model = core.read_model(str(src_xml))
     try:
-        with _quiet():
+        # NNCF's telemetry would fork this multi-GB process per event (export/to_openvino.py)
+        with _quiet(), no_openvino_telemetry():
             if kind == "weights":
                 out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",
@@ -741,6 +743,11 @@ def _run_many_here(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarra
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # No CPU memory arena: the arena grows with the calls and keeps what it took (the SD 1.5
+    # UNet at 512x512: 3.5 GB after loading, 5.8 GB after one call, 8.1 GB after two);
+    # without it the peak is 6.5 GB, the outputs are bit-identical and a call takes ~10%
+    # longer (2026-12-04, bench/README.md "int8 export cost").
+    opts.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     try:
         names = [o.name for o in sess.get_outputs()]

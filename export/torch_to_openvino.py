@@ -34,7 +34,7 @@ from pathlib import Path
 
 from cpuflow.errors import ExportError
 
-from .to_openvino import BIN_FILE, XML_FILE
+from .to_openvino import BIN_FILE, XML_FILE, no_openvino_telemetry
 
 CONVERTER = "openvino.convert_model(torch)"   # recorded as the manifest's export.ir_converter
 ONNX_CONVERTER = "openvino.convert_model(onnx)"
@@ -61,7 +61,8 @@ def convert_torch_to_openvino(module, spec, example_inputs: tuple, out_dir: Path
                               weights: str = "fp32") -> list[Path]:
     """Convert ``module`` (a wrapper from export/components*.py or export/taesd.py)
     straight to OpenVINO IR in ``out_dir``. Returns [xml, bin]. Raises ExportError."""
-    import openvino as ov
+    with no_openvino_telemetry():  # the first `import openvino` sends an event too
+        import openvino as ov
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +70,7 @@ def convert_torch_to_openvino(module, spec, example_inputs: tuple, out_dir: Path
     model = None
     try:
         inputs = [(_partial_shape(spec, s), _element_type(s.dtype)) for s in spec.inputs]
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), no_openvino_telemetry():
             # TracerWarnings about diffusers' Python-side shape checks are expected (see to_onnx.py)
             warnings.simplefilter("ignore")
             model = ov.convert_model(module, example_input=tuple(example_inputs), input=inputs)
