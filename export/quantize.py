@@ -778,29 +778,13 @@ def parity_entry(ref: Mapping[str, np.ndarray], out: Mapping[str, np.ndarray],
 
 
 def pooled_psnr_db(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
-    """One PSNR (dB) of all of ``outs`` against ``refs`` taken together:
-    10 log10(peak^2 / MSE), the MSE over every element of every pair, the peak the
-    pooled reference's range (max - min over all of ``refs``: validate.figures'
-    convention for one array). -inf when an output is not finite or a shape differs;
-    capped at validate.PSNR_CAP_DB when they are equal."""
-    if len(refs) != len(outs) or not refs:
+    """One PSNR (dB) of all of ``outs`` against ``refs`` taken together: validate.figures'
+    PSNR of the pairs laid end to end (the MSE over every element of every pair, the peak
+    the pooled reference's range). -inf when the lists or a pair's shapes differ."""
+    if len(refs) != len(outs) or not refs or any(np.shape(r) != np.shape(o) for r, o in zip(refs, outs)):
         return -math.inf
-    sq, n, lo, hi = 0.0, 0, math.inf, -math.inf
-    for r, o in zip(refs, outs):
-        r = np.asarray(r, dtype=np.float64)
-        o = np.asarray(o, dtype=np.float64)
-        if r.shape != o.shape or not np.isfinite(o).all():
-            return -math.inf
-        if r.size:
-            sq += float(np.square(o - r).sum())
-            n += r.size
-            lo, hi = min(lo, float(r.min())), max(hi, float(r.max()))
-    mse = sq / n if n else 0.0
-    if mse == 0:
-        return validate.PSNR_CAP_DB
-    if not hi > lo or not math.isfinite(mse):
-        return -math.inf
-    return min(validate.PSNR_CAP_DB, 10.0 * math.log10((hi - lo) ** 2 / mse))
+    flat = [np.concatenate([np.ravel(a) for a in arrays]) for arrays in (refs, outs)]
+    return validate.figures(*flat)["psnr_db"]
 
 
 def held_out_entry(refs: list[np.ndarray], outs: list[np.ndarray]) -> dict:
