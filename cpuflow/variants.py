@@ -35,8 +35,17 @@ that carries that figure (a ``held_out`` entry without ``psnr_db_worst_call``) i
 still judged, against the 50 dB that figure had (:data:`MIN_FIDELITY_DB_WORST_OF_CALLS`),
 and the choice's reason says so.
 
-Order of precedence: the variant the user asks for; the model's own choice
-(``defaults.variant`` in the manifest); the fastest passing variant; fp32.
+Order of precedence: the variant the user asks for; fp32 on a GPU (below); the
+model's own choice (``defaults.variant`` in the manifest); the fastest passing
+variant; fp32.
+
+On a GPU (ONNX Runtime's CUDA provider) the default is fp32. The figures and the
+speed order above are the CPU's: its integer kernels run the int8 graphs. The CUDA
+provider runs their quantize / dequantize nodes as separate operators around float
+kernels, which is slower and computes something else. On an H200, with the shipped
+model, int8 took 0.147 s an image against fp32's 0.103 s, and its image was 29.4 dB
+from the CPU's int8 image, against 56.2 dB for fp32 (bench/README.md, "CUDA
+execution provider", 2026-12-04).
 A folder whose quantized variants carry no figures (an older export) runs
 fp32, the safe default, and says so.
 """
@@ -160,8 +169,9 @@ def _db(f: Fidelity) -> str:
                             f"{MIN_FIDELITY_DB_WORST_OF_CALLS:g})" if f.kind == "worst-call" else "")
 
 
-def choose_variant(manifest, fmt: str, requested: str | None = None) -> VariantChoice:
-    """The variant to run on ``fmt`` files and why (see the module docstring)."""
+def choose_variant(manifest, fmt: str, requested: str | None = None, *, on_gpu: bool = False) -> VariantChoice:
+    """The variant to run on ``fmt`` files and why (see the module docstring).
+    ``on_gpu``: the sessions run on a GPU execution provider (fp32 unless asked)."""
     all_v = sorted({v for c in manifest.components.values() for v in c.variants})
     if requested is not None:
         if requested not in all_v:
@@ -170,6 +180,10 @@ def choose_variant(manifest, fmt: str, requested: str | None = None) -> VariantC
     candidates = variants_in(manifest, fmt)
     fids = {v: fidelity(manifest, v, fmt) for v in candidates if v != "fp32"}
     figs = {v: f.db for v, f in fids.items()}
+    if on_gpu:
+        return VariantChoice("fp32", "fp32 on the GPU: the quantized variants are made, measured and fast on "
+                                     "the CPU's integer kernels; the CUDA provider runs them slower and "
+                                     "differently (pass --variant to choose one)", figs)
     own = manifest.raw.get("defaults", {}).get("variant")
     if own in candidates:
         return VariantChoice(own, "the model's own default (defaults.variant in its manifest)", figs)

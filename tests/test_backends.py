@@ -186,6 +186,33 @@ def test_option_validation():
             get_backend("onnxruntime", BackendOptions(device="cuda"))
 
 
+def test_cuda_libraries_preloaded_once_and_only_for_cuda(monkeypatch, capsys):
+    """onnxruntime-gpu[cuda,cudnn] keeps CUDA / cuDNN in site-packages: the backend asks ORT to
+    load them (preload_dlls) before its first CUDA session, once, never for the CPU, with ORT's
+    prints on stderr (stdout may carry --json)."""
+    import types
+
+    from cpuflow.backends import onnxruntime_backend as ob
+
+    calls = []
+    fake = types.SimpleNamespace(
+        __version__="0", get_available_providers=lambda: [CUDA_PROVIDER, CPU_PROVIDER],
+        preload_dlls=lambda: (calls.append(1), print("ORT says hello")))
+    monkeypatch.setattr(ob, "_import_ort", lambda: fake)
+    monkeypatch.setattr(ob, "_PRELOADED", set())
+    get_backend("onnxruntime", BackendOptions(device="cpu"))
+    assert calls == []
+    get_backend("onnxruntime", BackendOptions(device="cuda"))
+    get_backend("onnxruntime", BackendOptions(device="auto"))
+    assert calls == [1]
+    out = capsys.readouterr()
+    assert "ORT says hello" in out.err and "ORT says hello" not in out.out
+    # an ORT without preload_dlls (older than 1.21), or one whose preload fails: no error here
+    monkeypatch.setattr(ob, "_PRELOADED", set())
+    assert ob.preload_cuda_libraries(types.SimpleNamespace()) is False
+    assert ob.preload_cuda_libraries(types.SimpleNamespace(preload_dlls=lambda: 1 / 0)) is True
+
+
 # --- running ---------------------------------------------------------------------------
 @pytest.mark.parametrize("name", BACKEND_NAMES)
 def test_dynamic_shapes_match_numpy(name, tiny):

@@ -128,3 +128,33 @@ def test_info_says_which_variant_and_why():
         line = next(ln for ln in res.output.splitlines() if ln.startswith("variant") and backend in ln)
         assert f": int8 (the fastest variant whose fidelity passes" in line, line
     assert "pooled over its 11 calls" in res.output
+
+
+def test_gpu_runs_fp32_unless_asked(monkeypatch):
+    """On ONNX Runtime's CUDA provider the default is fp32: the int8 figures and speed are the
+    CPU's integer kernels' (on an H200 the shipped model's int8 image was 29.4 dB from the CPU's,
+    and slower than fp32; bench/README.md). An explicit --variant still wins."""
+    import types
+
+    import onnxruntime
+
+    from cpuflow.backends import onnxruntime_backend as ob
+    from cpuflow.manifest import load_manifest
+    from cpuflow.variants import choose_variant
+
+    m = load_manifest(shipped_model_dir())
+    assert choose_variant(m, "onnx").name == "int8"
+    gpu = choose_variant(m, "onnx", on_gpu=True)
+    assert gpu.name == "fp32" and "GPU" in gpu.reason and gpu.fidelity_db["int8"] >= MIN_FIDELITY_DB
+    assert choose_variant(m, "onnx", "int8", on_gpu=True).name == "int8"
+
+    # the loaded model asks its backend: ORT with a CUDA provider on offer -> fp32 (nothing runs here)
+    fake = types.SimpleNamespace(**{k: getattr(onnxruntime, k) for k in dir(onnxruntime) if not k.startswith("__")})
+    fake.get_available_providers = lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    fake.preload_dlls = lambda: None
+    monkeypatch.setattr(ob, "_import_ort", lambda: fake)
+    assert LoadedModel(LoadConfig(backend="onnxruntime", device="auto")).variant_choice.name == "fp32"
+    assert LoadedModel(LoadConfig(backend="onnxruntime", device="cpu")).variant_choice.name == "int8"
+    assert LoadedModel(LoadConfig(backend="onnxruntime", device="cuda",
+                                  variant="int8")).variant_choice.name == "int8"
+    assert LoadedModel(LoadConfig(backend="openvino")).variant_choice.name == "int8"

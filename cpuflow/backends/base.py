@@ -79,6 +79,7 @@ def check_feeds(component: str, specs: Sequence[TensorSpec], feeds: Mapping[str,
 
 class Backend(Protocol):
     name: str
+    uses_gpu: bool   # sessions run on a GPU first (the default variant is then fp32: cpuflow/variants.py)
 
     def load(self, component: str, model_file: Path, inputs: Sequence[TensorSpec],
              outputs: Sequence[TensorSpec], *, static_dims: Mapping[str, int] | None,

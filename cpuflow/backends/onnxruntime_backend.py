@@ -70,6 +70,33 @@ def _import_ort():
     return ort
 
 
+_PRELOADED: set[int] = set()
+
+
+def preload_cuda_libraries(ort: Any) -> bool:
+    """Load the CUDA / cuDNN libraries of the ``nvidia-*`` pip packages once, before
+    the first CUDA session (``onnxruntime.preload_dlls``, ORT >= 1.21).
+
+    ``pip install onnxruntime-gpu[cuda,cudnn]`` puts those libraries in site-packages,
+    where the dynamic loader does not look: without this, ORT cannot start its CUDA
+    provider unless the user set LD_LIBRARY_PATH or imported torch first, and falls back
+    to the CPU. Anything ORT prints goes to stderr (stdout may be a --json stream).
+    Returns whether the call was made; a failure is left to the fallback check of
+    :meth:`OnnxRuntimeBackend.load`, which names the cause."""
+    fn = getattr(ort, "preload_dlls", None)
+    if fn is None or id(ort) in _PRELOADED:
+        return False
+    _PRELOADED.add(id(ort))
+    import contextlib
+    import sys
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            fn()
+    except Exception:   # noqa: BLE001 - a missing library shows up as the CUDA fallback, with its hint
+        pass
+    return True
+
+
 def _ort_errors(ort: Any) -> tuple[type[BaseException], ...]:
     errs: list[type[BaseException]] = [RuntimeError, ValueError]
     state = getattr(getattr(ort, "capi", None), "onnxruntime_pybind11_state", None)
@@ -152,6 +179,13 @@ class OnnxRuntimeBackend:
         self._errors = _ort_errors(self._ort)
         # raises early (MissingDependency) for --device cuda without onnxruntime-gpu
         self.providers = select_providers(self.device, self._ort.get_available_providers())
+        if self.uses_gpu:
+            preload_cuda_libraries(self._ort)
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether sessions run on a GPU provider first (CUDA), the CPU only behind it."""
+        return self.providers[0] != CPU_PROVIDER
 
     def session_options(self, static_dims: Mapping[str, int] | None = None, *,
                         optimize: bool = True, save_to: Path | None = None) -> Any:

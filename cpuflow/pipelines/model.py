@@ -69,8 +69,6 @@ class LoadedModel:
             raise ModelError(f"{root} has no {self.format} files (it has: {have})",
                              hint=(f"use --backend {other[0]}" if other else "re-export the model")
                              + f" or re-export with --format {self.format}")
-        # Which variant runs, and why (cpuflow/variants.py: by measured fidelity).
-        self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant)
         tok_dir = self.manifest.path(self.manifest.tokenizer["path"])
         self.tokenizer = ClipTokenizer.from_dir(tok_dir)
         self.max_length = int(self.manifest.tokenizer.get("max_length", self.tokenizer.max_length))
@@ -81,6 +79,9 @@ class LoadedModel:
         self.options = BackendOptions(device=config.device, precision=self._precision(config.precision),
                                       threads=config.threads, cache_dir=cache_dir)
         self.backend = get_backend(config.backend, self.options)
+        # Which variant runs, and why (cpuflow/variants.py: by measured fidelity; fp32 on a GPU).
+        self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant,
+                                                            on_gpu=getattr(self.backend, "uses_gpu", False))
         # (component, dims) -> session, least recently used out first over the byte cap
         self._sessions = SessionCache(config.max_session_bytes)
         self.load_seconds = 0.0
