@@ -12,6 +12,11 @@ Load = read_model -> (reshape to static shapes) -> compile_model("CPU") with
   every blob's sha256 is recorded when written and checked before it is
   imported (:mod:`cpuflow.backends.blob_digests`).
 
+A warm start skips the IR altogether: the cache folder's one digest-checked
+blob is imported in place (:meth:`OpenVINOBackend._import_cached`), since
+OpenVINO's own lookup reads and hashes every weight before it imports (1.45 GB
+more peak memory for SD 1.5 int8 with ``--low-memory``, bench/README.md).
+
 Whether the compiled model came from the cache is read back from the compiled
 model's ``LOADED_FROM_CACHE`` property (OpenVINO sets it when it imported the
 blob instead of compiling). Should a runtime not support that property, we
@@ -110,6 +115,28 @@ def _match_ports(component: str, kind: str, specs: Sequence[TensorSpec], ports: 
     return index
 
 
+def cached_blob_payload(blob: Path, ov_version: str) -> int | None:
+    """Where the compiled model starts in an OpenVINO cache file (``CACHE_DIR``'s ``*.blob``),
+    or None when the file is not one this OpenVINO wrote with no padding.
+
+    Such a file is an XML header line (``<compiled_blob ie_version=... header_size_alignment="0"/>``)
+    and a newline, then what ``CompiledModel.export_model`` writes, which ``Core.import_model``
+    reads. The version must be this runtime's (the cache folder's key holds it too)."""
+    try:
+        with open(blob, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    start = head.find(b"<compiled_blob ")
+    end = head.find(b"/>", start)
+    if start < 0 or end < 0 or head[end + 2:end + 3] != b"\n":
+        return None
+    tag = head[start:end].decode("utf-8", "replace")
+    if f'ie_version="{ov_version}"' not in tag or 'header_size_alignment="0"' not in tag:
+        return None
+    return end + 3
+
+
 class OpenVINOSession:
     def __init__(self, component: str, compiled: Any, inputs: Sequence[TensorSpec],
                  outputs: Sequence[TensorSpec], in_index: list[int], out_index: list[int],
@@ -125,6 +152,7 @@ class OpenVINOSession:
         self._out_ports = [compiled.outputs[i] for i in out_index]
         self._dims = dict(static_dims) if static_dims else None
         self._lock = threading.Lock()
+        self._blob: Any = None   # the mapped cache blob a session imported in place, kept while it runs
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.component, self.inputs, feeds, self._dims)
@@ -148,6 +176,7 @@ class OpenVINOSession:
     def close(self) -> None:
         self._request = None
         self._compiled = None
+        self._blob = None
 
     def __enter__(self) -> "OpenVINOSession":
         return self
@@ -158,6 +187,7 @@ class OpenVINOSession:
 
 class OpenVINOBackend:
     name = "openvino"
+    uses_gpu = False   # OpenVINO serves the CPU only here (backends/device.py)
 
     def __init__(self, options: BackendOptions | None = None):
         options = options or BackendOptions()
@@ -251,6 +281,9 @@ class OpenVINOBackend:
         static_dims = dict(static_dims) if static_dims else None
 
         t0 = time.perf_counter()
+        hit, damaged_note = self._import_cached(component, model_file, inputs, outputs, static_dims, cache_key, t0)
+        if hit is not None:
+            return hit
         try:
             model = self._core.read_model(str(model_file))
         except RuntimeError as e:
@@ -266,7 +299,7 @@ class OpenVINOBackend:
             self._reshape(component, model, inputs, in_index, static_dims)
 
         cache_notes: list[str] = []
-        blob_notes: list[str] = []
+        blob_notes: list[str] = [damaged_note] if damaged_note else []
         memo = DigestMemo.in_cache(self.options.cache_dir) if self.options.cache_dir is not None else None
 
         def cache_sub_of(precision: str) -> Path | None:
@@ -319,6 +352,60 @@ class OpenVINOBackend:
                            compile_s=compile_s, cached=cached, warning=warning)
         return OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,
                                static_dims, info, cache_sub)
+
+    def _import_cached(self, component: str, model_file: Path, inputs: Sequence[TensorSpec],
+                       outputs: Sequence[TensorSpec], static_dims: Mapping[str, int] | None, cache_key: str,
+                       t0: float) -> tuple[OpenVINOSession | None, str | None]:
+        """A cache hit without reading the model: (the compiled blob imported in place, or None;
+        the warning when a damaged blob was deleted).
+
+        OpenVINO's own lookup (``compile_model(model, CACHE_DIR)``) needs the IR read, reshaped
+        and hashed first, which pages every weight in while the blob is imported: the full
+        SD 1.5 int8 model peaked at 2.86 GB on a warm start against 2.06 GB compiling with no
+        cache (bench/README.md, "SD 1.5 int8 generation in 2.5 GB"). The cache folder's key
+        already names the weights, shapes, precision, OpenVINO version and CPU, so its one
+        digest-checked blob is imported directly, from a copy-on-write map of the file
+        (``shared_memory``: no copy of the blob in memory). Anything unexpected (no blob, two,
+        an unknown header, an import error) returns None and the usual path runs."""
+        if self.options.cache_dir is None:
+            return None, None
+        note = None
+        try:
+            sub = self._cache_sub(component, model_file, cache_key, static_dims, self.options.precision)
+            if not sub.is_dir():
+                return None, None
+            memo = DigestMemo.in_cache(self.options.cache_dir)
+            note = blob_digests.check(sub, memo, component)   # damaged / unrecorded blobs are deleted
+            blobs = sorted(sub.glob("*.blob"))
+            if note or len(blobs) != 1:
+                return None, note
+            offset = cached_blob_payload(blobs[0], self._ov.get_version())
+            if offset is None:
+                return None, None
+            mapped = np.memmap(blobs[0], dtype=np.uint8, mode="c", offset=offset)
+            compiled = self._core.import_model(self._ov.Tensor(mapped, shared_memory=True), self.device,
+                                               self._config(None))
+            in_index = _match_ports(component, "inputs", inputs, compiled.inputs)
+            out_index = _match_ports(component, "outputs", outputs, compiled.outputs)
+            for s_, idx in zip(inputs, in_index):
+                if np.dtype(compiled.inputs[idx].get_element_type().to_dtype()) != np.dtype(s_.dtype):
+                    return None, None
+            try:
+                precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+            except RuntimeError:
+                precision = self.options.precision
+        except Exception:   # noqa: BLE001 - the usual path runs and reports real problems
+            return None, note
+        precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(precision, precision)
+        try:
+            cache_mod.touch(sub)
+        except OSError:
+            pass
+        info = SessionInfo(backend=self.name, device=self.device, precision=precision,
+                           compile_s=time.perf_counter() - t0, cached=True, warning=None)
+        session = OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index, static_dims, info, sub)
+        session._blob = mapped
+        return session, None
 
     @staticmethod
     def _loaded_from_cache(compiled: Any, before: dict, after: dict, cache_sub: Path | None) -> bool:
