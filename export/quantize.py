@@ -155,6 +155,7 @@ import numpy as np
 from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
 
 from . import ort_calibration, validate
+from .mapped_pages import dropping_mapped_pages
 from .to_openvino import no_openvino_telemetry
 
 MODES = ("int8-weights", "int8", "hybrid")
@@ -345,10 +346,13 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
 
     recipe: dict[str, Any] = dict(_ov_tools())
     core = ov.Core()
-    model = core.read_model(str(src_xml))
+    model = core.read_model(str(src_xml))  # weights memory-mapped (ENABLE_MMAP, OpenVINO's default)
     try:
-        # NNCF's telemetry would fork this multi-GB process per event (export/to_openvino.py)
-        with _quiet(), no_openvino_telemetry():
+        # NNCF's telemetry would fork this multi-GB process per event (export/to_openvino.py).
+        # Its statistics model packs its own copy of the weights: the mapped file's pages are
+        # paged out meanwhile and read again on demand (export/mapped_pages.py; bench/README.md,
+        # "int8 export cost").
+        with _quiet(), no_openvino_telemetry(), dropping_mapped_pages([src_xml.with_suffix(".bin")]):
             if kind == "weights":
                 out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",
@@ -728,17 +732,22 @@ def _run_many_here(fmt: str, path: Path, feeds_list: list[Mapping[str, np.ndarra
     if fmt == "openvino":
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        try:
-            req = compiled.create_infer_request()
-            outs = []
-            for feeds in feeds_list:
-                res = req.infer(dict(feeds))
-                outs.append({name: np.array(v, copy=True) for port, v in res.items() for name in port.get_names()})
-            return outs
-        finally:
-            del compiled
-            gc.collect()
+        # the CPU plugin packs the weights into its own memory on the first call: the mapped
+        # file's pages are paged out meanwhile (export/mapped_pages.py)
+        compiled = None
+        with dropping_mapped_pages([Path(path).with_suffix(".bin")]):
+            try:
+                compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                req = compiled.create_infer_request()
+                outs = []
+                for feeds in feeds_list:
+                    res = req.infer(dict(feeds))
+                    outs.append({name: np.array(v, copy=True) for port, v in res.items()
+                                 for name in port.get_names()})
+                return outs
+            finally:
+                del compiled
+                gc.collect()
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

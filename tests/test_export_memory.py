@@ -1,14 +1,19 @@
-"""The export's memory mechanisms (issue #15 item 1): no telemetry forks of the export
-during OpenVINO conversion / NNCF, the per-stage profile's anonymous-memory column.
+"""The export's memory mechanisms (issue #15 item 1): paging out mapped weight files while
+OpenVINO / NNCF hold their own packed copy, no telemetry forks of the export during OpenVINO
+conversion / NNCF, the per-stage profile's anonymous-memory column.
 Tiny inputs only; the full-size figures are in bench/README.md ("int8 export cost")."""
 from __future__ import annotations
 
 import importlib.util
+import mmap
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from export import mapped_pages
 from export.to_openvino import no_openvino_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,4 +80,69 @@ def test_onnx_validation_runs_without_the_arena_give_the_default_sessions_output
              "encoder_hidden_states": rng.standard_normal((2, 77, 128), dtype=np.float32)}
     got = quant._run_many_here("onnx", path, [feeds, feeds])
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["out_sample"], feeds)[0]
+    assert np.array_equal(got[0]["out_sample"], want) and np.array_equal(got[1]["out_sample"], want)
+
+
+def _mapping_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    want, total, inside = str(path.resolve()), 0, False
+    for line in open("/proc/self/smaps", encoding="utf-8", errors="replace"):
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not line.startswith(("Rss", "Size")):
+            inside = len(head) == 6 and head[5] == want
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise / /proc are Linux's")
+def test_page_out_drops_the_mapped_pages_and_keeps_the_data(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    f = tmp_path / "w.bin"
+    data.tofile(f)
+    with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, dtype=np.uint8)
+        assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page resident
+        before = _mapping_rss_kb(f)
+        assert before >= 7 * 1024
+        advised = mapped_pages.page_out([f])
+        if advised == 0:
+            pytest.skip("this kernel has no MADV_PAGEOUT (Linux < 5.4)")
+        assert advised >= len(data)
+        assert _mapping_rss_kb(f) < before // 2
+        assert np.array_equal(view, data)  # faulted back in from the file, unchanged
+        del view
+
+
+def test_dropping_mapped_pages_is_a_no_op_without_mappings_or_off_linux(tmp_path, monkeypatch):
+    assert mapped_pages.page_out([tmp_path / "absent.bin"]) == 0
+    with mapped_pages.dropping_mapped_pages([tmp_path / "absent.bin"], interval=0.01):
+        pass
+    monkeypatch.setattr(mapped_pages.sys, "platform", "win32")
+    assert mapped_pages.page_out([tmp_path / "absent.bin"]) == 0
+    with mapped_pages.dropping_mapped_pages([tmp_path / "absent.bin"]):
+        pass
+
+
+def test_openvino_runs_give_the_same_outputs_with_pages_paged_out(tiny_export, monkeypatch):
+    """The validation runner (export/quantize.py) pages the UNet's weights file out
+    while OpenVINO compiles and runs it: outputs equal a plain compile's, bit for bit."""
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from export import quantize as quant
+
+    model = tiny_export("sd1").model
+    xml = model / "unet" / "openvino_model.xml"
+    rng = np.random.default_rng(1)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "timestep": np.array([999.0, 10.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 128), dtype=np.float32)}
+    calls = []
+    real = mapped_pages.page_out
+    monkeypatch.setattr(mapped_pages, "page_out", lambda paths: calls.append(list(paths)) or real(paths))
+    got = quant._run_many_here("openvino", xml, [feeds, feeds])
+    assert calls and all(p == [xml.with_suffix(".bin")] for p in calls)
+    req = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+    want = np.array(req.infer(feeds)["out_sample"])
     assert np.array_equal(got[0]["out_sample"], want) and np.array_equal(got[1]["out_sample"], want)
