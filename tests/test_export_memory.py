@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import mapped_pages
+from cpuflow import mapped_pages
 from export.to_openvino import no_openvino_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,6 +25,7 @@ class BackendOptions:
     precision: str = "auto"     # auto | bf16 | f32   (OpenVINO inference precision hint)
     threads: int | None = None  # None: the backend's default (all physical cores)
     cache_dir: Path | None = None  # compiled-model cache (OpenVINO); None disables it
+    page_out_weights: bool = False  # --low-memory: drop mapped weight pages once packed (OpenVINO)
 
 
 @dataclass(frozen=True)

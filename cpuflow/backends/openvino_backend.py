@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import BackendError, InvalidArgument, MissingDependency, ModelError
 from ..manifest import TensorSpec
 from ..file_digests import DigestMemo
+from ..mapped_pages import dropping_mapped_pages
 from . import blob_digests
 from . import cache as cache_mod
 from .base import BackendOptions, SessionInfo, check_feeds
@@ -153,13 +154,17 @@ class OpenVINOSession:
         self._dims = dict(static_dims) if static_dims else None
         self._lock = threading.Lock()
         self._blob: Any = None   # the mapped cache blob a session imported in place, kept while it runs
+        # --low-memory: the mapped weight files whose pages are dropped while the first call packs
+        # the weights into the plugin's own memory (cpuflow/mapped_pages.py); None: not asked
+        self.page_out_paths: list[Path] | None = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.component, self.inputs, feeds, self._dims)
         if self._request is None:
             raise BackendError(f"{self.component}: session is closed")
         data = {idx: feeds[s.name] for s, idx in zip(self.inputs, self._in_index)}
-        with self._lock:
+        with self._lock, dropping_mapped_pages(self.page_out_paths or []):
+            self.page_out_paths = None   # the first call only: later calls read what they need
             try:
                 # share_inputs: the request reads the caller's arrays in place (the call is
                 # synchronous, so they cannot change underneath it); outputs are copied
@@ -328,9 +333,11 @@ class OpenVINOBackend:
             return self._core.compile_model(model, self.device, self._config(sub, precision))
 
         before: dict[str, dict] = {}
-        compiled, used, cache_sub, warning = compile_with_fallback(
-            component, model_file.name, self.device, self.options.precision, self._default_precision_name(),
-            compile_at, cache_sub_of)
+        mapped_files = self._mapped_files(model_file)
+        with dropping_mapped_pages(mapped_files):
+            compiled, used, cache_sub, warning = compile_with_fallback(
+                component, model_file.name, self.device, self.options.precision, self._default_precision_name(),
+                compile_at, cache_sub_of)
         compile_s = time.perf_counter() - t0
         cached = self._loaded_from_cache(compiled, before[used], _blob_state(cache_sub), cache_sub)
         if cache_sub is not None and not cached:
@@ -350,8 +357,18 @@ class OpenVINOBackend:
         warning = "; ".join(w for w in (warning, *blob_notes, *cache_notes) if w) or None
         info = SessionInfo(backend=self.name, device=self.device, precision=precision,
                            compile_s=compile_s, cached=cached, warning=warning)
-        return OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,
-                               static_dims, info, cache_sub)
+        session = OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index,
+                                  static_dims, info, cache_sub)
+        if mapped_files:
+            session.page_out_paths = mapped_files + (sorted(cache_sub.glob("*.blob")) if cache_sub else [])
+        return session
+
+    def _mapped_files(self, model_file: Path) -> list[Path]:
+        """The weight files OpenVINO maps for ``model_file`` when --low-memory asks for their
+        pages to be dropped once packed (an IR's .bin), else []."""
+        if not self.options.page_out_weights or model_file.suffix.lower() != ".xml":
+            return []
+        return [model_file.with_suffix(".bin")]
 
     def _import_cached(self, component: str, model_file: Path, inputs: Sequence[TensorSpec],
                        outputs: Sequence[TensorSpec], static_dims: Mapping[str, int] | None, cache_key: str,
@@ -383,8 +400,9 @@ class OpenVINOBackend:
             if offset is None:
                 return None, None
             mapped = np.memmap(blobs[0], dtype=np.uint8, mode="c", offset=offset)
-            compiled = self._core.import_model(self._ov.Tensor(mapped, shared_memory=True), self.device,
-                                               self._config(None))
+            with dropping_mapped_pages(blobs if self.options.page_out_weights else []):
+                compiled = self._core.import_model(self._ov.Tensor(mapped, shared_memory=True), self.device,
+                                                   self._config(None))
             in_index = _match_ports(component, "inputs", inputs, compiled.inputs)
             out_index = _match_ports(component, "outputs", outputs, compiled.outputs)
             for s_, idx in zip(inputs, in_index):
@@ -405,6 +423,8 @@ class OpenVINOBackend:
                            compile_s=time.perf_counter() - t0, cached=True, warning=None)
         session = OpenVINOSession(component, compiled, inputs, outputs, in_index, out_index, static_dims, info, sub)
         session._blob = mapped
+        if self.options.page_out_weights:
+            session.page_out_paths = list(blobs)
         return session, None
 
     @staticmethod
