@@ -4,6 +4,7 @@
 # beside the checkout travels in .devcarry/ (git-ignored; bench/README.md, "CUDA execution
 # provider", says how it is made):
 #   ort.tar.xz.part-*   onnxruntime-gpu 1.31.1 (CUDA 13, cp312), repacked to fit the transfer
+#                       (bench/ort_gpu_repack.py: the recipe)
 #   whl/*.whl           diffusers, importlib_metadata, platformdirs (pure Python)
 #   sd1/                the CLIP tokenizer files (scripts/fetch_clip_vocab.sh)
 # The parts may come over several calls: `bash bench/cuda_check.sh stage` only keeps what
