@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -739,6 +740,7 @@ def test_cache_detection_fallback_compares_blobs(tmp_path):
     assert OpenVINOBackend._loaded_from_cache(NoProp(), written, written, None) is False  # no cache dir
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise / /proc are Linux's")
 @pytest.mark.parametrize("warm", [False, True])
 def test_openvino_low_memory_drops_the_mapped_weight_pages_during_the_first_call(tiny, tmp_path, monkeypatch, warm):
     """--low-memory (BackendOptions.page_out_weights): while the plugin packs its own copy of the

@@ -116,6 +116,19 @@ def _match_ports(component: str, kind: str, specs: Sequence[TensorSpec], ports: 
     return index
 
 
+_SHORT_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def _compiled_precision(compiled: Any, fallback: str) -> str:
+    """What a compiled model computes in ("f32" / "bf16" / "f16"), from its
+    INFERENCE_PRECISION_HINT; ``fallback`` when the runtime does not say."""
+    try:
+        name = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    except RuntimeError:
+        name = fallback
+    return _SHORT_PRECISION.get(name, name)
+
+
 def cached_blob_payload(blob: Path, ov_version: str) -> int | None:
     """Where the compiled model starts in an OpenVINO cache file (``CACHE_DIR``'s ``*.blob``),
     or None when the file is not one this OpenVINO wrote with no padding.
@@ -231,7 +244,7 @@ class OpenVINOBackend:
             name = _type_name(self._core.get_property(self.device, "INFERENCE_PRECISION_HINT"))
         except Exception:  # noqa: BLE001 - only a message depends on it
             return "the CPU's default"
-        return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, name)
+        return _SHORT_PRECISION.get(name, name)
 
     def _cache_sub(self, component: str, model_file: Path, cache_key: str, static_dims: Mapping[str, int] | None,
                    precision: str) -> Path | None:
@@ -344,11 +357,7 @@ class OpenVINOBackend:
             blob_digests.record(cache_sub, memo)
         in_index = _match_ports(component, "inputs", inputs, compiled.inputs)
         out_index = _match_ports(component, "outputs", outputs, compiled.outputs)
-        try:
-            precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        except RuntimeError:
-            precision = used
-        precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(precision, precision)
+        precision = _compiled_precision(compiled, used)
         if cache_sub is not None:
             try:
                 cache_mod.prune(self.options.cache_dir, cache_mod.DEFAULT_MAX_BYTES, keep=[cache_sub])
@@ -408,13 +417,9 @@ class OpenVINOBackend:
             for s_, idx in zip(inputs, in_index):
                 if np.dtype(compiled.inputs[idx].get_element_type().to_dtype()) != np.dtype(s_.dtype):
                     return None, None
-            try:
-                precision = _type_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
-            except RuntimeError:
-                precision = self.options.precision
+            precision = _compiled_precision(compiled, self.options.precision)
         except Exception:   # noqa: BLE001 - the usual path runs and reports real problems
             return None, note
-        precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(precision, precision)
         try:
             cache_mod.touch(sub)
         except OSError:
