@@ -133,8 +133,9 @@ def _samplers_help() -> str:
 @click.option("--no-cache", is_flag=True, help="Do not use the compiled-model cache.")
 @click.option("--low-memory", is_flag=True,
               help="One model component in memory at a time, the guidance pair as two batch-1 UNet calls "
-                   "(half the UNet's activation memory), tiled VAE decoding, and (OpenVINO) the mapped "
-                   "weight file's pages dropped once the weights are packed: less RAM (SD 1.5 int8 at "
+                   "(half the UNet's activation memory), tiled VAE decoding, (OpenVINO) the mapped "
+                   "weight file's pages dropped once the weights are packed, (ONNX Runtime) no CPU memory "
+                   "arena: less RAM (SD 1.5 int8 at "
                    "512x512: 1.7 GB instead of 3.9), a little slower.")
 @click.option("--decoder", type=click.Choice(["full", "taesd"]), default="full", show_default=True,
               help="Decode (and, for img2img, encode) with the full VAE or the tiny autoencoder (TAESD: much "

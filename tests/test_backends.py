@@ -773,3 +773,20 @@ def test_openvino_low_memory_drops_the_mapped_weight_pages_during_the_first_call
     assert len(advised) == n   # the first call only
     plain = load("openvino", ir, cache_dir=tmp_path / "other", static_dims=dims)
     assert plain.page_out_paths is None
+
+
+def test_onnxruntime_low_memory_runs_without_the_cpu_arena(tiny):
+    """--low-memory turns ORT's CPU memory arena off (the arena keeps the most a call took:
+    GBs on a full-size UNet); the outputs are the same."""
+    from cpuflow.config import LoadConfig
+    from cpuflow.pipelines.model import LoadedModel
+
+    on = load("onnxruntime", tiny)
+    off = load("onnxruntime", tiny, cpu_arena=False)
+    assert on._session.get_session_options().enable_cpu_mem_arena is True
+    assert off._session.get_session_options().enable_cpu_mem_arena is False
+    f = feeds_for()
+    np.testing.assert_array_equal(on.run(f)["out_sample"], off.run(f)["out_sample"])
+    for low, arena in ((True, False), (False, True)):
+        model = LoadedModel(LoadConfig(backend="onnxruntime", low_memory=low, use_cache=False))
+        assert model.options.cpu_arena is arena and model.options.page_out_weights is low

@@ -26,6 +26,7 @@ class BackendOptions:
     threads: int | None = None  # None: the backend's default (all physical cores)
     cache_dir: Path | None = None  # compiled-model cache (OpenVINO); None disables it
     page_out_weights: bool = False  # --low-memory: drop mapped weight pages once packed (OpenVINO)
+    cpu_arena: bool = True      # ONNX Runtime's CPU memory arena; --low-memory turns it off
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 Session options: ``intra_op_num_threads`` = ``options.threads`` (0 = ORT's
 default, one per physical core), ``inter_op_num_threads`` = 1, sequential
 execution, ``ORT_ENABLE_ALL`` graph optimisations, ORT's default memory arena
-and memory-pattern planning. With ``static_dims`` each symbolic input
+(off with ``--low-memory``) and memory-pattern planning. With ``static_dims`` each symbolic input
 dimension of that name is pinned with ``add_free_dimension_override_by_name``
 (the exporter names ONNX dims like the manifest), which lets ORT plan memory
 for fixed shapes; the feeds are checked against the same values.
@@ -199,6 +199,10 @@ class OnnxRuntimeBackend:
         so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         so.log_severity_level = 3  # errors only: ORT's warnings are not for end users
+        # --low-memory: no CPU arena. The arena keeps the most any call took and reuses it; without
+        # it each call's buffers go back as it ends (the SD 1.5 UNet at 512x512: 8.1 GB after two
+        # calls with the arena, 6.5 GB without; outputs bit-identical, ~10% slower a call).
+        so.enable_cpu_mem_arena = bool(self.options.cpu_arena)
         for name, value in (static_dims or {}).items():
             so.add_free_dimension_override_by_name(str(name), int(value))
         if save_to is not None:

@@ -78,7 +78,8 @@ class LoadedModel:
             cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
         self.options = BackendOptions(device=config.device, precision=self._precision(config.precision),
                                       threads=config.threads, cache_dir=cache_dir,
-                                      page_out_weights=bool(config.low_memory))
+                                      page_out_weights=bool(config.low_memory),
+                                      cpu_arena=not config.low_memory)
         self.backend = get_backend(config.backend, self.options)
         # Which variant runs, and why (cpuflow/variants.py: by measured fidelity; fp32 on a GPU).
         self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant,
