@@ -22,7 +22,10 @@ precision (OpenVINO picks bf16 on CPUs with AMX / AVX512-BF16: 4x faster than
 f32 for the full SD 1.5 UNet, 1.5 s against 5.9 s a call on the reference
 machine): the captured latents only need to be representative, and NNCF /
 ORT then measure the activation ranges on them in f32 themselves. The
-precision used is recorded.
+precision used is recorded. The held-out run is the exception: it runs in f32
+and keeps the UNet's outputs, which are the fp32 reference the quantized UNets
+are measured against (``CalibrationSet.held_out_outputs``), so its feeds and
+its reference come from one run.
 
 Memory: one sample is (2, 4, h/8, w/8) latents + 2 timesteps; the text
 embeddings are shared by all steps of one prompt (the same array object), so
@@ -55,7 +58,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -80,6 +83,7 @@ GUIDANCE = None        # the model's default guidance (pipelines/run.py resolves
 HELD_OUT_PROMPT = "a quiet harbor with fishing boats at dawn, soft mist, photograph"
 # Every UNet call of the held-out run is kept (before issue #15's pooled figure: 3 of them,
 # first, middle and last; manifests of that time record ``points`` 3).
+UNET_OUTPUT = "out_sample"   # the exported UNet's output (export/components.py)
 
 
 @dataclass
@@ -87,6 +91,9 @@ class CalibrationSet:
     samples: list[dict[str, np.ndarray]]        # UNet feeds, one per call (CFG batch 2)
     held_out: list[dict[str, np.ndarray]]       # every feed of a run of a prompt not calibrated on
     info: dict[str, Any] = field(default_factory=dict)
+    # the fp32 UNet's f32 output for each held-out feed, computed by the run that made the feeds
+    # (None: not computed; the quantizer then runs the fp32 file on the feeds itself)
+    held_out_outputs: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -206,15 +213,24 @@ class _Enough(Exception):
     """Raised by the capturing model once a prompt's last selected call is recorded."""
 
 
-def _capturing_model(config):
-    """A LoadedModel whose ``unet`` calls are recorded (feeds only); with
-    ``stop_after`` set, the call after that many UNet calls raises _Enough."""
+def _capturing_model(config, keep_outputs: bool = False, lean: bool = False):
+    """A LoadedModel whose ``unet`` calls are recorded (feeds; with ``keep_outputs``
+    the UNet's output too, in ``outputs``); with ``stop_after`` set, the call after
+    that many UNet calls raises _Enough. ``lean``: the backend memory savings of
+    ``--low-memory`` (OpenVINO drops the mapped weight file's pages once it has packed
+    the weights; ONNX Runtime runs without its CPU arena), not its other changes (the
+    guidance pair stays one batch-2 call, as a generation runs it)."""
+    from cpuflow.backends.base import get_backend
     from cpuflow.pipelines.model import LoadedModel
 
     class CapturingModel(LoadedModel):
         def __init__(self, cfg):
             super().__init__(cfg)
+            if lean:
+                self.options = replace(self.options, page_out_weights=True, cpu_arena=False)
+                self.backend = get_backend(cfg.backend, self.options)
             self.captured: list[dict[str, np.ndarray]] = []
+            self.outputs: list[np.ndarray] = []
             self.stop_after: int | None = None
 
         def run(self, component, dims, feeds):
@@ -226,7 +242,10 @@ def _capturing_model(config):
                 # The embeddings stay shared (same object for every step).
                 self.captured.append({k: (v if k == "encoder_hidden_states" else np.array(v, copy=True))
                                       for k, v in feeds.items()})
-            return super().run(component, dims, feeds)
+            out = super().run(component, dims, feeds)
+            if component == "unet" and keep_outputs:
+                self.outputs.append(np.array(out[UNET_OUTPUT], copy=True))
+            return out
 
     return CapturingModel(config)
 
@@ -257,8 +276,11 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
     from .eta import Eta
 
     t0 = time.perf_counter()
-    model = _capturing_model(LoadConfig(model=Path(model_dir), backend=backend, precision=precision,
-                                        threads=threads, variant="fp32", use_cache=False))
+    # ONNX Runtime without its CPU memory arena (lean): the arena keeps what the biggest call
+    # took (the SD 1.5 UNet at 512x512: +2.3 GB a call); OpenVINO as a generation runs it
+    config = LoadConfig(model=Path(model_dir), backend=backend, precision=precision, threads=threads,
+                        variant="fp32", use_cache=False)
+    model = _capturing_model(config, lean=backend == "onnxruntime")
     try:
         m = model.manifest
         upscaler_model = m.family == "x4-upscaler"
@@ -295,10 +317,20 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
                     picks = select_calls(len(prompts), calls, samples)
                 kept += [got[c] for p, c in picks if p == k and c < len(got)]
                 eta.update(note=f"{len(kept)} UNet inputs kept")
-        if size is not None:  # the held-out run compiles the UNet at the model's size: free the
-            model.release("unet")  # calibration-size session first (-1.3 GB peak on SD 1.5)
-        held_out = run_prompt(HELD_OUT_PROMPT, len(prompts))   # every call: the fidelity figure pools them
         used_precision = model.session_infos()["unet"][0].precision   # the session that ran them
+        # The held-out run (every call: the fidelity figure pools them) runs in f32 and keeps the
+        # UNet's outputs: they are the fp32 reference every quantized UNet is compared with
+        # (export/quantize.py), so one f32 run makes both the feeds and the reference, where a
+        # run at the calibration's precision made the feeds and a second f32 run of the fp32 file
+        # the reference (issue #15 item 1). The calibration's sessions are freed first, and the
+        # run is a lean one: f32 packs the weights at twice bf16's size, and without the page-out
+        # of the mapped weight file (OpenVINO) the export's peak rose from 7.3 to 9.4 GB on SD 1.5
+        # (bench/README.md, "int8 export cost").
+        model.close()
+        model = _capturing_model(replace(config, precision="f32", verify="size"), keep_outputs=True, lean=True)
+        held_out = run_prompt(HELD_OUT_PROMPT, len(prompts))
+        held_out_outputs = list(model.outputs)
+        held_precision = model.session_infos()["unet"][0].precision
         run = runs[0]
         held_run = runs[-1]
     finally:
@@ -325,9 +357,11 @@ def capture(model_dir: Path, prompts: list[str], *, steps: int = DEFAULT_STEPS, 
         "backend": backend,
         "precision": str(used_precision),
         "held_out_prompt": HELD_OUT_PROMPT,
+        "held_out_precision": str(held_precision),
+        "held_out_reference": "the fp32 UNet's outputs in the held-out run itself",
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    return CalibrationSet(kept, held_out, info)
+    return CalibrationSet(kept, held_out, info, held_out_outputs)
 
 
 CHILD_BYTES = 1 << 30  # a UNet this big (files) is calibrated in a child process

@@ -110,6 +110,51 @@ def test_capture_at_a_lower_resolution_keeps_few_inputs_and_stops_early(tiny_exp
     assert len(lines) == 2 and all(LEFT.search(ln) for ln in lines), lines
 
 
+@pytest.mark.parametrize("backend,fmt", [("openvino", "openvino"), ("onnxruntime", "onnx")])
+def test_the_held_out_run_is_its_own_fp32_reference(tiny_export, backend, fmt):
+    """The held-out run runs in f32 and keeps the UNet's outputs (issue #15 item 1: no second
+    f32 run of the same feeds later): they are what the fp32 file computes on those feeds,
+    as the quantizer's own run of the file (quant.run_many) computes it."""
+    model = tiny_export("sd1").model
+    got = cal.capture(model, ["a red cube"], steps=3, backend=backend, samples=2, resolution=32)
+    assert got.info["held_out_precision"] == "f32"
+    assert got.held_out_outputs is not None and len(got.held_out_outputs) == len(got.held_out) >= 3
+    # lean sessions, but the guidance pair stays one batch-2 call, as a generation runs it
+    assert all(f["sample"].shape[0] == 2 for f in got.held_out + got.samples)
+    manifest = json.loads((model / MANIFEST_NAME).read_text())
+    rel = manifest["components"]["unet"]["variants"]["fp32"]["files"][fmt][0]
+    ref = quant.run_many(fmt, model / rel, got.held_out)
+    for r, o in zip(ref, got.held_out_outputs):
+        assert o.shape == r["out_sample"].shape == got.held_out[0]["sample"].shape
+        np.testing.assert_allclose(o, r["out_sample"], rtol=1e-4, atol=1e-5)
+
+
+def test_export_runs_the_fp32_unet_once_for_the_held_out_figures(tiny_export, tmp_path, monkeypatch):
+    """With both formats the quantizers' checks run the int8 files only: the fp32 reference came
+    from the held-out run itself, and both formats' figures are measured against it."""
+    ran = []
+    real = quant.run_many
+
+    def recording(fmt, path, feeds_list):
+        ran.append((fmt, Path(path).name, len(feeds_list)))
+        return real(fmt, path, feeds_list)
+
+    monkeypatch.setattr(quant, "run_many", recording)
+    src = tiny_export("sd1").src
+    out = tmp_path / "m"
+    res = CliRunner().invoke(export_command, [str(src), str(out), "--quantize", "int8",
+                                              "--calibration-size", "2", "--calibration-steps", "3",
+                                              "--calibration-samples", "2", "--calibration-resolution", "32"])
+    assert res.exit_code == 0, res.output
+    unet_runs = [r for r in ran if r[2] > 1]      # the check's feed plus the held-out feeds
+    assert sorted(name for _, name, _ in unet_runs) == ["model_int8.onnx", "openvino_model_int8.xml"]
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["export"]["quantize"]["calibration"]["held_out_precision"] == "f32"
+    for fmt in ("onnx", "openvino"):
+        held = m["components"]["unet"]["variants"]["int8"]["parity"][fmt]["held_out"]
+        assert held["reference_format"] == "openvino" and np.isfinite(held["psnr_db"])
+
+
 # --- NNCF in a child process -----------------------------------------------------------------
 def test_nncf_in_a_child_process_writes_the_same_model(tiny_export, tmp_path, monkeypatch):
     """A big UNet is quantized by NNCF in a spawned process (its GBs go back to the
