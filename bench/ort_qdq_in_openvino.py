@@ -12,6 +12,12 @@ formats. This measures, on an export folder that has both int8 files:
 * each int8 output's PSNR against the fp32 IR at f32 on the same seeded input.
 
     python bench/ort_qdq_in_openvino.py EXPORT_DIR SCRATCH_DIR [--json OUT.json]
+
+For the judge, a copy of a model folder whose OpenVINO int8 UNet is the converted QDQ file (the
+manifest's size and sha256 of the two files rewritten; everything else as it was):
+
+    python bench/ort_qdq_in_openvino.py --model-copy MODEL_DIR OUT_DIR
+    python bench/eval_default_model.py --model OUT_DIR --variant fp32 --variant int8 --guidance 5 --backend openvino
 """
 from __future__ import annotations
 
@@ -25,12 +31,32 @@ import numpy as np
 import openvino as ov
 
 
+def model_copy(src: Path, out: Path) -> None:
+    """``src`` copied to ``out`` with unet/openvino_model_int8.* converted from unet/model_int8.onnx."""
+    import hashlib
+    import shutil
+
+    shutil.copytree(src, out)
+    model = ov.convert_model(str(out / "unet" / "model_int8.onnx"))
+    ov.save_model(model, str(out / "unet" / "openvino_model_int8.xml"), compress_to_fp16=False)
+    manifest = json.loads((out / "cpuflow.json").read_text())
+    for rel in ("unet/openvino_model_int8.xml", "unet/openvino_model_int8.bin"):
+        data = (out / rel).read_bytes()
+        manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (out / "cpuflow.json").write_text(json.dumps(manifest, indent=1))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export_dir", type=Path)
-    ap.add_argument("scratch", type=Path, help="where the converted IR is written")
+    ap.add_argument("scratch", type=Path, help="where the converted IR is written (--model-copy: the copy)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model-copy", action="store_true", help="write the judge's model copy instead")
     args = ap.parse_args()
+    if args.model_copy:
+        model_copy(args.export_dir, args.scratch)
+        return
     unet = args.export_dir / "unet"
     core = ov.Core()
     args.scratch.mkdir(parents=True, exist_ok=True)
