@@ -220,18 +220,18 @@ def _capturing_model(config, keep_outputs: bool = False, lean: bool = False):
     ``--low-memory`` (OpenVINO drops the mapped weight file's pages once it has packed
     the weights; ONNX Runtime runs without its CPU arena), not its other changes (the
     guidance pair stays one batch-2 call, as a generation runs it)."""
-    from cpuflow.backends.base import get_backend
     from cpuflow.pipelines.model import LoadedModel
 
     class CapturingModel(LoadedModel):
         def __init__(self, cfg):
             super().__init__(cfg)
-            if lean:
-                self.options = replace(self.options, page_out_weights=True, cpu_arena=False)
-                self.backend = get_backend(cfg.backend, self.options)
             self.captured: list[dict[str, np.ndarray]] = []
             self.outputs: list[np.ndarray] = []
             self.stop_after: int | None = None
+
+        def backend_options(self, cfg, cache_dir):
+            options = super().backend_options(cfg, cache_dir)
+            return replace(options, page_out_weights=True, cpu_arena=False) if lean else options
 
         def run(self, component, dims, feeds):
             if component == "unet":

@@ -130,8 +130,8 @@ the fp32 export (itself within 1e-3 of torch) on a held-out sampling run: real
 latents, timesteps and text embeddings of a prompt not calibrated on. That run
 itself is done in f32 and keeps the fp32 UNet's outputs, the reference of every
 format's figures (export/calibrate.py; before, a second f32 run of the fp32
-file computed them again: 99 s of a 665 s SD 1.5 export on a 2-core
-AVX512-BF16 CPU). The gate
+file computed them again, inside the first format's validation: on SD 1.5 on a
+2-core AVX512-BF16 CPU that stage took 182 s, now 77 s; bench/README.md). The gate
 is loose on purpose (PSNR >= 20 dB, QUANT_TOLERANCE): normal int8 error passes,
 a broken quantization (wrong ranges, garbage weights: PSNR near 0) fails the
 export (or, with --force, is kept marked validated: false). It is taken on the

@@ -76,10 +76,7 @@ class LoadedModel:
         if config.use_cache:
             from ..backends.cache import default_cache_dir
             cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-        self.options = BackendOptions(device=config.device, precision=self._precision(config.precision),
-                                      threads=config.threads, cache_dir=cache_dir,
-                                      page_out_weights=bool(config.low_memory),
-                                      cpu_arena=not config.low_memory)
+        self.options = self.backend_options(config, cache_dir)
         self.backend = get_backend(config.backend, self.options)
         # Which variant runs, and why (cpuflow/variants.py: by measured fidelity; fp32 on a GPU).
         self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant,
@@ -88,6 +85,13 @@ class LoadedModel:
         self._sessions = SessionCache(config.max_session_bytes)
         self.load_seconds = 0.0
         self.load_warnings: list[str] = []   # from sessions loaded since generate() last took them
+
+    def backend_options(self, config: LoadConfig, cache_dir: Path | None) -> BackendOptions:
+        """How the backend runs this model (--low-memory: OpenVINO pages out the mapped weights,
+        ONNX Runtime runs without its CPU arena)."""
+        return BackendOptions(device=config.device, precision=self._precision(config.precision),
+                              threads=config.threads, cache_dir=cache_dir,
+                              page_out_weights=bool(config.low_memory), cpu_arena=not config.low_memory)
 
     def _precision(self, asked: str) -> str:
         """``auto`` takes the model's own default precision when its manifest
