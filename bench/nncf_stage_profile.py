@@ -5,10 +5,12 @@ Runs the export's own ``export.quantize.ov_quantize(..., "static", samples)`` on
 hardly depends on the values) and times every ``ov.Core.compile_model`` NNCF makes: its statistics
 model (the UNet plus the statistics' outputs) and the fast-bias-correction subgraphs.
 
-    python bench/nncf_stage_profile.py MODEL_DIR/unet/openvino_model.xml OUT_DIR [--no-snippets]
+    python bench/nncf_stage_profile.py MODEL_DIR/unet/openvino_model.xml OUT_DIR [--no-snippets] [--static]
 
 ``--no-snippets`` adds SNIPPETS_MODE=DISABLE to NNCF's compiles (does the CPU plugin's subgraph
-tokenization make the statistics model's compile slow?).
+tokenization make the statistics model's compile slow?); ``--static`` gives NNCF a copy of the IR
+reshaped to the calibration inputs' static shapes (are dynamic shapes what makes it slow?). The
+FakeQuantize count of the result is printed too.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("unet_xml", type=Path)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--no-snippets", action="store_true")
+    ap.add_argument("--static", action="store_true")
     args = ap.parse_args()
     compiles: list[tuple[float, int]] = []
     compile_model = ov.Core.compile_model
@@ -50,15 +53,24 @@ def main() -> None:
                 "timestep": np.full(2, 900.0 - 50 * i, np.float32), "encoder_hidden_states": ehs}
                for i in range(16)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    src = args.unet_xml
+    if args.static:
+        model = ov.Core().read_model(str(src))
+        model.reshape({p: ov.PartialShape(list(samples[0][p.get_any_name()].shape)) for p in model.inputs})
+        src = args.out_dir / "unet_fp32_static.xml"
+        ov.save_model(model, str(src), compress_to_fp16=False)
+        del model
     t = time.perf_counter()
-    quantize.ov_quantize(args.unet_xml, args.out_dir / "unet_int8.xml", "static", samples)
+    quantize.ov_quantize(src, args.out_dir / "unet_int8.xml", "static", samples)
     total = time.perf_counter() - t
+    fq = sum(op.get_type_name() == "FakeQuantize"
+             for op in ov.Core().read_model(str(args.out_dir / "unet_int8.xml")).get_ops())
     big = [c for c in compiles if c[1] > 1000]
     print(json.dumps({"total_s": round(total, 1), "compiles": len(compiles),
                       "statistics_model_compile_s": [round(c[0], 1) for c in big],
                       "statistics_model_ops": [c[1] for c in big],
                       "other_compiles_s": round(sum(c[0] for c in compiles if c[1] <= 1000), 1),
-                      "no_snippets": args.no_snippets}))
+                      "fake_quantize_ops": fq, "no_snippets": args.no_snippets, "static": args.static}))
 
 
 if __name__ == "__main__":
