@@ -46,6 +46,18 @@ def _wait_for_port(port: int, proc, timeout: float) -> bool:
     return False
 
 
+def _client_server_logs(temp_dir: str, chars: int = 1500) -> str:
+    """The tails of the head's Ray Client server logs (what a failed connection left)."""
+    import glob
+    out = []
+    for path in sorted(glob.glob(os.path.join(temp_dir, "session_*", "logs", "ray_client_server*"))):
+        with open(path, errors="replace") as f:
+            tail = f.read()[-chars:]
+        if tail.strip():
+            out.append(f"--- {os.path.basename(path)}\n{tail}")
+    return "\n".join(out) or "(no Ray Client server logs)"
+
+
 @pytest.fixture(scope="module")
 def ray_client_head(tmp_path_factory):
     """A Ray head on 127.0.0.1 with its Ray Client server; yields (ray:// address, node cache folder)."""
@@ -77,7 +89,18 @@ def ray_client_head(tmp_path_factory):
             with open(log_path, errors="replace") as f:
                 tail = f.read()[-1500:]
             pytest.skip(f"the Ray head with a Ray Client server did not start here: {tail}")
-        yield f"ray://127.0.0.1:{client_port}", node_cache
+        address = f"ray://127.0.0.1:{client_port}"
+        # the client port opens before the head's node is ready: connect once (with the product's
+        # retries) before any test does, and show the client server's logs if that fails
+        from cpuflow.batch.ray_pool import connect
+        try:
+            connect(ray, address, attempts=6)
+        except Exception as e:
+            pytest.fail(f"the Ray Client cannot connect to a fresh head: {e}\n{_client_server_logs(temp_dir)}")
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+        yield address, node_cache
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
             try:
@@ -190,3 +213,43 @@ def test_ray_client_missing_is_one_line(tmp_path, monkeypatch):
     assert r.output.strip() == ("error: --ray ray://... connects through the Ray Client, which needs grpcio "
                                 "(pip install 'cpuflow[ray]')")
     assert not (tmp_path / "out").exists()
+
+
+class _FakeRay:
+    """ray.init that fails the first ``failures`` times with ``message``."""
+
+    def __init__(self, failures: int, message: str):
+        self.failures, self.message, self.calls, self.initialized = failures, message, 0, False
+
+    def init(self, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(self.message)
+        self.initialized = True
+
+    def is_initialized(self):
+        return self.initialized
+
+    def shutdown(self):
+        self.initialized = False
+
+
+def test_a_client_server_that_failed_to_start_is_retried():
+    from cpuflow.batch.ray_pool import connect
+    fake, waits = _FakeRay(2, "Initialization failure from server: RuntimeError: Starting Ray client server "
+                              "failed. See ray_client_server_23000.err"), []
+    connect(fake, "ray://127.0.0.1:1", sleep=waits.append)
+    assert fake.calls == 3 and fake.initialized and waits == [2.0, 4.0]
+
+
+def test_an_unreachable_cluster_is_not_retried_and_says_how_often_it_tried():
+    from cpuflow.batch.ray_pool import connect
+    from cpuflow.errors import CpuflowError
+    fake, waits = _FakeRay(1, "ray client connection timeout"), []
+    with pytest.raises(CpuflowError, match=r"cannot reach the Ray cluster at ray://127.0.0.1:1: ray client") as e:
+        connect(fake, "ray://127.0.0.1:1", sleep=waits.append)
+    assert fake.calls == 1 and waits == [] and "--ray-client-server-port" in e.value.hint
+    fake = _FakeRay(9, "Starting Ray client server failed.")
+    with pytest.raises(CpuflowError, match=r"\(tried 3 times\)"):
+        connect(fake, "ray://127.0.0.1:1", sleep=waits.append)
+    assert fake.calls == 3

@@ -102,6 +102,40 @@ def _restore_signal_handlers(saved: dict) -> None:
                 pass
 
 
+# The Ray Client server starts one "specific server" process per client connection. On a head
+# that is still coming up (`ray start` returns, or its port opens, before its node is ready)
+# that process can exit at once; the client then gets this message. Connecting again a few
+# seconds later works, so such a failure is retried; every other failure is reported at once.
+TRANSIENT_CLIENT_FAILURE = "Starting Ray client server failed"
+CONNECT_ATTEMPTS = 3
+CONNECT_BACKOFF_S = 2.0
+
+
+def connect(ray, address: str, *, attempts: int = CONNECT_ATTEMPTS, backoff_s: float = CONNECT_BACKOFF_S,
+            sleep=None) -> None:
+    """``ray.init`` on ``address``, retrying a Ray Client server that failed to start its
+    per-client process; a cluster it cannot reach is one CpuflowError with a hint."""
+    import time
+    sleep = sleep or time.sleep
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=False, include_dashboard=False)
+            return
+        except ConnectionError as e:
+            if TRANSIENT_CLIENT_FAILURE in str(e) and attempt < attempts:
+                if ray.is_initialized():
+                    ray.shutdown()
+                sleep(backoff_s * attempt)
+                continue
+            # a Ray Client server that wants a token it was not sent also looks like a timeout
+            hint = ("check the address and that the head runs the Ray Client server (`ray start --head "
+                    "--ray-client-server-port 10001`); a cluster with token authentication needs "
+                    "RAY_AUTH_MODE=token here, with its token" if str(address).startswith("ray://") else
+                    "start one with `ray start --head`, or check the address")
+            tried = f" (tried {attempt} times)" if attempt > 1 else ""
+            raise CpuflowError(f"cannot reach the Ray cluster at {address}{tried}: {e}", hint=hint) from None
+
+
 class RayPool:
     def __init__(self, address: str, load_options: dict, model_dir, *, workers: int | None,
                  cpus_per_worker: int, model_transfer_mode: str = "auto", model_uri: str | None = None,
@@ -112,15 +146,7 @@ class RayPool:
         self.started_ray = False
         self._signals = _signal_handlers()
         if not ray.is_initialized():
-            try:
-                ray.init(address=address, log_to_driver=False, include_dashboard=False)
-            except ConnectionError as e:
-                # a Ray Client server that wants a token it was not sent also looks like a timeout
-                hint = ("check the address and that the head runs the Ray Client server (`ray start --head "
-                        "--ray-client-server-port 10001`); a cluster with token authentication needs "
-                        "RAY_AUTH_MODE=token here, with its token" if str(address).startswith("ray://") else
-                        "start one with `ray start --head`, or check the address")
-                raise CpuflowError(f"cannot reach the Ray cluster at {address}: {e}", hint=hint) from None
+            connect(ray, address)
             self.started_ray = True
         self.cpus = cpus_per_worker
         if workers is None:
