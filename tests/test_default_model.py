@@ -128,11 +128,32 @@ def test_both_backends_agree():
     assert np.abs(imgs[0] - imgs[1]).max() <= 2
 
 
+README_PROMPT = "a red circle on a blue background"
+
+
 def test_readme_first_command(tmp_path, monkeypatch):
-    """`cpuflow generate "a red circle on a blue background"` with no model argument."""
+    """`cpuflow generate "a red circle on a blue background"` with no model argument. The command
+    draws a random seed; it is fixed here so that the picture checked is the same on every run
+    (a random seed made this test fail in the few percent of seeds the model gets wrong)."""
+    import cpuflow.config
+    from cpuflow.image import read_png_metadata
+    monkeypatch.setattr(cpuflow.config, "random_seed", lambda: 5)
     monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(main, ["generate", "a red circle on a blue background", "--out", "red-circle.png"])
+    r = CliRunner().invoke(main, ["generate", README_PROMPT, "--out", "red-circle.png"])
     assert r.exit_code == 0, r.output
     from PIL import Image
     img = Image.open(tmp_path / "red-circle.png")
-    assert all(evaluate(img, parse_prompt("a red circle on a blue background")).values())
+    assert img.size == (64, 64) and read_png_metadata(tmp_path / "red-circle.png")["seed"] == 5
+    assert all(evaluate(img, parse_prompt(README_PROMPT)).values())
+
+
+@pytest.mark.parametrize("backend", ["openvino", "onnxruntime"])
+def test_readme_prompt_comes_out_right_for_most_seeds(backend):
+    """What a user of the README's command sees across random seeds, on either backend with
+    its default variant: at least 14 of 16 seeds right. Measured on an AMD EPYC with AVX512-VNNI:
+    OpenVINO 100 of seeds 0-99, ONNX Runtime 98; OpenVINO under qemu-user's Haswell CPU (AVX2
+    only, like most laptops, where int8 runs without VNNI): 40 of seeds 0-39."""
+    with Pipeline.load(None, backend=backend, threads=2) as p:
+        right = [all(evaluate(p.txt2img(README_PROMPT, seed=s).images[0], parse_prompt(README_PROMPT)).values())
+                 for s in range(16)]
+    assert sum(right) >= 14, [s for s, ok in enumerate(right) if not ok]
