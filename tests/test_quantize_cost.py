@@ -129,32 +129,6 @@ def test_the_held_out_run_is_its_own_fp32_reference(tiny_export, backend, fmt):
         np.testing.assert_allclose(o, r["out_sample"], rtol=1e-4, atol=1e-5)
 
 
-def test_export_runs_the_fp32_unet_once_for_the_held_out_figures(tiny_export, tmp_path, monkeypatch):
-    """With both formats the quantizers' checks run the int8 files only: the fp32 reference came
-    from the held-out run itself, and both formats' figures are measured against it."""
-    ran = []
-    real = quant.run_many
-
-    def recording(fmt, path, feeds_list):
-        ran.append((fmt, Path(path).name, len(feeds_list)))
-        return real(fmt, path, feeds_list)
-
-    monkeypatch.setattr(quant, "run_many", recording)
-    src = tiny_export("sd1").src
-    out = tmp_path / "m"
-    res = CliRunner().invoke(export_command, [str(src), str(out), "--quantize", "int8",
-                                              "--calibration-size", "2", "--calibration-steps", "3",
-                                              "--calibration-samples", "2", "--calibration-resolution", "32"])
-    assert res.exit_code == 0, res.output
-    unet_runs = [r for r in ran if r[2] > 1]      # the check's feed plus the held-out feeds
-    assert sorted(name for _, name, _ in unet_runs) == ["model_int8.onnx", "openvino_model_int8.xml"]
-    m = json.loads((out / MANIFEST_NAME).read_text())
-    assert m["export"]["quantize"]["calibration"]["held_out_precision"] == "f32"
-    for fmt in ("onnx", "openvino"):
-        held = m["components"]["unet"]["variants"]["int8"]["parity"][fmt]["held_out"]
-        assert held["reference_format"] == "openvino" and np.isfinite(held["psnr_db"])
-
-
 # --- NNCF in a child process -----------------------------------------------------------------
 def test_nncf_in_a_child_process_writes_the_same_model(tiny_export, tmp_path, monkeypatch):
     """A big UNet is quantized by NNCF in a spawned process (its GBs go back to the
@@ -185,10 +159,23 @@ def test_nncf_in_a_child_process_writes_the_same_model(tiny_export, tmp_path, mo
 
 
 # --- the whole export: options recorded, progress shown ----------------------------------------
-def test_export_records_the_calibration_used_and_shows_progress(tiny_export, tmp_path):
+def test_export_records_the_calibration_used_shows_progress_and_runs_fp32_once(tiny_export, tmp_path,
+                                                                                monkeypatch):
+    """One both-format int8 export (one export for the two checks, to keep the suite short):
+    the calibration asked for and used is recorded, the capture shows its progress with the
+    time left, and the quantizers' checks run the int8 files only on the held-out feeds (the
+    fp32 reference came from the held-out run itself; both formats are measured against it)."""
+    ran = []
+    real = quant.run_many
+
+    def recording(fmt, path, feeds_list):
+        ran.append((fmt, Path(path).name, len(feeds_list)))
+        return real(fmt, path, feeds_list)
+
+    monkeypatch.setattr(quant, "run_many", recording)
     src = tiny_export("sd1").src
     out = tmp_path / "m"
-    res = CliRunner().invoke(export_command, [str(src), str(out), "--format", "openvino", "--quantize", "int8",
+    res = CliRunner().invoke(export_command, [str(src), str(out), "--quantize", "int8",
                                               "--calibration-size", "2", "--calibration-steps", "4",
                                               "--calibration-samples", "3", "--calibration-resolution", "32"])
     assert res.exit_code == 0, res.output
@@ -197,8 +184,12 @@ def test_export_records_the_calibration_used_and_shows_progress(tiny_export, tmp
     rec = m["export"]["quantize"]["calibration"]
     assert rec["asked"] == {"prompts": 2, "steps": 4, "samples": 3, "resolution": 32}
     assert rec["samples"] == 3 and (rec["width"], rec["held_out_width"]) == (32, 64)
+    assert rec["held_out_precision"] == "f32"
     q = m["components"]["unet"]["variants"]["int8"]["quantization"]["openvino"]["calibration"]
     assert (q["samples"], q["width"], q["height"], q["held_out_width"]) == (3, 32, 32, 64)
     assert "noise levels" in q["selection"]
-    held = m["components"]["unet"]["variants"]["int8"]["parity"]["openvino"]["held_out"]
-    assert np.isfinite(held["psnr_db"])
+    unet_runs = [r for r in ran if r[2] > 1]      # the check's feed plus the held-out feeds
+    assert sorted(name for _, name, _ in unet_runs) == ["model_int8.onnx", "openvino_model_int8.xml"]
+    for fmt in ("onnx", "openvino"):
+        held = m["components"]["unet"]["variants"]["int8"]["parity"][fmt]["held_out"]
+        assert held["reference_format"] == "openvino" and np.isfinite(held["psnr_db"])
