@@ -160,6 +160,7 @@ from cpuflow.errors import ExportError, InvalidArgument, ValidationFailed
 from cpuflow.pipelines.model import FORMAT_OF_BACKEND
 
 from . import ort_calibration, validate
+from .constant_reduces import weight_statistics_in_numpy
 from .mapped_pages import dropping_mapped_pages
 from .to_openvino import no_openvino_telemetry
 
@@ -356,8 +357,10 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
         # NNCF's telemetry would fork this multi-GB process per event (export/to_openvino.py).
         # Its statistics model packs its own copy of the weights: the mapped file's pages are
         # paged out meanwhile and read again on demand (export/mapped_pages.py; bench/README.md,
-        # "int8 export cost").
-        with _quiet(), no_openvino_telemetry(), dropping_mapped_pages([src_xml.with_suffix(".bin")]):
+        # "int8 export cost"). Its weight statistics are reduced in numpy, not by OpenVINO's
+        # single-threaded constant folding (export/constant_reduces.py: ~50 s less, same file).
+        with _quiet(), no_openvino_telemetry(), dropping_mapped_pages([src_xml.with_suffix(".bin")]), \
+                weight_statistics_in_numpy():
             if kind == "weights":
                 out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",

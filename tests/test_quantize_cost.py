@@ -158,6 +158,27 @@ def test_nncf_in_a_child_process_writes_the_same_model(tiny_export, tmp_path, mo
     assert xml[0] == xml[1]
 
 
+def test_nncf_writes_the_same_int8_file_with_its_weight_statistics_folded_in_numpy(tiny_export, tmp_path,
+                                                                                     monkeypatch):
+    """export/constant_reduces.py: the weight ranges NNCF's statistics model reduces are folded
+    in numpy before OpenVINO compiles it; the int8 IR is byte-identical to NNCF's own."""
+    import contextlib
+
+    from export import constant_reduces
+    model = tiny_export("sd1").model
+    samples = cal.capture(model, ["a red cube"], steps=2, backend="openvino", samples=2,
+                          precision="f32").samples
+    src = model / "unet" / "openvino_model.xml"
+    counts = []
+    real = constant_reduces.fold_constant_reduces
+    monkeypatch.setattr(constant_reduces, "fold_constant_reduces", lambda m: counts.append(real(m)) or counts[-1])
+    quant.ov_quantize(src, tmp_path / "folded" / "m.xml", "static", samples)
+    assert max(counts) > 0      # the statistics model had weight reduces, and they were folded
+    monkeypatch.setattr(quant, "weight_statistics_in_numpy", lambda: contextlib.nullcontext([]))
+    quant.ov_quantize(src, tmp_path / "openvino" / "m.xml", "static", samples)
+    assert ((tmp_path / "folded" / "m.bin").read_bytes() == (tmp_path / "openvino" / "m.bin").read_bytes())
+
+
 # --- the whole export: options recorded, progress shown ----------------------------------------
 def test_export_records_the_calibration_used_shows_progress_and_runs_fp32_once(tiny_export, tmp_path,
                                                                                 monkeypatch):
