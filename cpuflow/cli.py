@@ -355,11 +355,12 @@ def info(model_dir, as_json, verify):
         f"exported     {m.raw.get('export', {}).get('created', '?')} by cpuflow {tools.get('cpuflow', '?')}",
         "components:",
     ]
+    from .cpu import int8_dot_products_exact
     from .pipelines.model import FORMAT_OF_BACKEND
     from .variants import choose_variant
     for backend, fmt in FORMAT_OF_BACKEND.items():
         if fmt in m.formats():
-            choice = choose_variant(m, fmt)
+            choice = choose_variant(m, fmt, int8_exact=int8_dot_products_exact())
             lines.insert(-1, f"variant      {backend}: {choice.name} ({choice.reason})")
     for name, comp in m.components.items():
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in comp.inputs)

@@ -413,7 +413,10 @@ def test_full_size_random_sd15_quantized_export(tmp_path):
             assert m.components["unet"].variants[mode].parity[fmt]["passed"], (mode, fmt)
     with Pipeline.load(out, backend="openvino") as pipe:
         res = pipe.txt2img("a photo", steps=2, width=256, height=256, seed=0)
-    assert res.records[0]["variant"]["unet"] == "int8"
+    from cpuflow.cpu import int8_dot_products_exact
+    from cpuflow.variants import INT8_ACTIVATIONS
+    ran = res.records[0]["variant"]["unet"]
+    assert ran == "int8" if int8_dot_products_exact() else ran not in INT8_ACTIVATIONS
     assert np.isfinite(np.asarray(res.images[0], np.float32)).all()
 
 

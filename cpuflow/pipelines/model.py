@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backends.base import BackendOptions, Session, get_backend
 from ..config import LoadConfig
+from ..cpu import int8_dot_products_exact
 from ..errors import CpuflowError, ModelError
 from ..file_digests import DigestMemo
 from ..manifest import Manifest, load_manifest
@@ -79,8 +80,10 @@ class LoadedModel:
         self.options = self.backend_options(config, cache_dir)
         self.backend = get_backend(config.backend, self.options)
         # Which variant runs, and why (cpuflow/variants.py: by measured fidelity; fp32 on a GPU).
+        # Without VNNI / AMX no variant with int8 activations is picked (cpuflow/cpu.py).
         self.variant_choice: VariantChoice = choose_variant(self.manifest, self.format, config.variant,
-                                                            on_gpu=getattr(self.backend, "uses_gpu", False))
+                                                            on_gpu=getattr(self.backend, "uses_gpu", False),
+                                                            int8_exact=int8_dot_products_exact())
         # (component, dims) -> session, least recently used out first over the byte cap
         self._sessions = SessionCache(config.max_session_bytes)
         self.load_seconds = 0.0
