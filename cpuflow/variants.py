@@ -75,10 +75,12 @@ MIN_FIDELITY_DB_WORST_OF_CALLS = 50.0
 
 SAFE_DEFAULT = "fp32"
 
-#: Variants whose activations run in int8 (the others are weight-only or float). Their figures
-#: hold where the CPU sums int8 products exactly (VNNI / AMX); elsewhere the kernels saturate
-#: (cpuflow.cpu.int8_dot_products_exact) and they are not picked by default.
-INT8_ACTIVATIONS = ("int8", "hybrid")
+#: Per format, the variants whose activations run in int8. Their figures hold where the CPU sums
+#: int8 products exactly (VNNI / AMX); elsewhere the kernels saturate
+#: (cpuflow.cpu.int8_dot_products_exact) and they are not picked by default. OpenVINO's
+#: int8-weights decompresses its weights to float; ONNX Runtime's is ``quantize_dynamic``,
+#: which quantizes the activations at run time (MatMulInteger), so it counts there.
+INT8_ACTIVATIONS = {"openvino": ("int8", "hybrid"), "onnx": ("int8", "hybrid", "int8-weights")}
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def choose_variant(manifest, fmt: str, requested: str | None = None, *, on_gpu: 
         return VariantChoice("fp32", "the only variant with files for this backend", figs)
     failed: list[str] = []   # faster variants that did not pass
     for v, f in fids.items():
-        if not int8_exact and v in INT8_ACTIVATIONS:
+        if not int8_exact and v in INT8_ACTIVATIONS.get(fmt, ()):
             failed.append(f"{v} (int8 activations: this CPU has no VNNI / AMX, its int8 kernels saturate; "
                           f"--variant {v} runs it anyway)")
             continue
@@ -214,8 +216,9 @@ def choose_variant(manifest, fmt: str, requested: str | None = None, *, on_gpu: 
         return VariantChoice(SAFE_DEFAULT, "the safe default: this export recorded no fidelity figures for "
                                            f"its quantized variants ({', '.join(figs)}); pass --variant to "
                                            "choose one", figs)
-    if not int8_exact and any(v in INT8_ACTIVATIONS for v in fids):
-        return VariantChoice("fp32", f"no variant to run here: {', '.join(failed)}", figs)
+    if not int8_exact and any(v in INT8_ACTIVATIONS.get(fmt, ()) for v in fids):
+        return VariantChoice("fp32", f"no quantized variant to run by default on this CPU: {', '.join(failed)}",
+                             figs)
     listed = ", ".join(f"{v} {_db(f)}" for v, f in fids.items())
     return VariantChoice("fp32", f"no quantized variant passes {MIN_FIDELITY_DB:g} dB PSNR against fp32 "
                                  f"({listed})", figs)
