@@ -790,3 +790,35 @@ def test_onnxruntime_low_memory_runs_without_the_cpu_arena(tiny):
     for low, arena in ((True, False), (False, True)):
         model = LoadedModel(LoadConfig(backend="onnxruntime", low_memory=low, use_cache=False))
         assert model.options.cpu_arena is arena and model.options.page_out_weights is low
+
+
+def test_openvino_compiles_again_when_another_process_wrote_the_same_cache_entry(tiny, tmp_path, monkeypatch):
+    """CI saw two Ray workers on one node compile the same model into one cache: OpenVINO failed with
+    "filesystem error: cannot set permissions: No such file or directory [<cache>/<n>.blob]". Such a
+    failure (a file of this cache folder) is compiled again; any other failure is not."""
+    import openvino as ov
+    real, calls = ov.Core.compile_model, []
+
+    def colliding(self, model, device=None, config=None):
+        calls.append(dict(config or {}))
+        cache = (config or {}).get("CACHE_DIR")
+        if cache and len(calls) == 1:
+            raise RuntimeError(f"Exception from src/inference/src/cpp/core.cpp: filesystem error: cannot set "
+                               f"permissions: No such file or directory [{cache}/123.blob]")
+        return real(self, model, device, config)
+
+    monkeypatch.setattr(ov.Core, "compile_model", colliding)
+    s = load("openvino", tiny, cache_dir=tmp_path / "cache")
+    assert len(calls) == 2 and calls[0] == calls[1]
+    x = np.zeros((1, 4, 8, 8), np.float32)
+    assert np.isfinite(s.run({"sample": x, "timestep": np.array([1], np.int64)})["out_sample"]).all()
+    calls.clear()
+
+    def failing(self, model, device=None, config=None):
+        calls.append(1)
+        raise RuntimeError("filesystem error: cannot open [/elsewhere/x.blob]")
+
+    monkeypatch.setattr(ov.Core, "compile_model", failing)
+    with pytest.raises(BackendError):
+        load("openvino", tiny, cache_dir=tmp_path / "cache2")
+    assert len(calls) == 1

@@ -119,6 +119,14 @@ def _match_ports(component: str, kind: str, specs: Sequence[TensorSpec], ports: 
 _SHORT_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
+def cache_write_collided(error: Exception, cache_sub: Path | None) -> bool:
+    """Whether a failed compile is OpenVINO failing on a file of this cache folder (seen in CI:
+    "filesystem error: cannot set permissions: No such file or directory [<cache>/<n>.blob]" with
+    two Ray workers compiling the same model into one node cache)."""
+    text = str(error)
+    return cache_sub is not None and "filesystem error" in text and str(cache_sub) in text
+
+
 def _compiled_precision(compiled: Any, fallback: str) -> str:
     """What a compiled model computes in ("f32" / "bf16" / "f16"), from its
     INFERENCE_PRECISION_HINT; ``fallback`` when the runtime does not say."""
@@ -342,6 +350,15 @@ class OpenVINOBackend:
 
         def compile_at(precision: str) -> Any:
             sub = cache_sub_of(precision)
+            before[precision] = _blob_state(sub)
+            try:
+                return self._core.compile_model(model, self.device, self._config(sub, precision))
+            except RuntimeError as e:
+                if not cache_write_collided(e, sub):
+                    raise
+            # Two processes (batch workers on one node) wrote the same cache entry at once:
+            # OpenVINO's blob write is not atomic across processes. Compiling again finds the
+            # entry written, or writes it.
             before[precision] = _blob_state(sub)
             return self._core.compile_model(model, self.device, self._config(sub, precision))
 
