@@ -15,6 +15,7 @@ from .calibrate import DEFAULT_SAMPLES as CALIBRATION_SAMPLES
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .quantize import MODES as QUANTIZE_MODES
+from .quantize import NEEDS_CALIBRATION
 
 EXAMPLES = """
 \b
@@ -73,9 +74,12 @@ atomically; a folder that is not a cpuflow export is never replaced.
   int8-weights  weights stored as int8, compute in float (smaller files, speed near fp32)
   int8          UNet weights and activations int8 (calibrated; its most sensitive layers
                 stay float, see export/quantize.py); text encoder int8
+  int8-7bit     int8 with the UNet's weights in a 7-bit range, OpenVINO files only: for
+                CPUs without VNNI (most laptops before 2021), whose int8 kernels
+                saturate on full-range weights; the runtime picks it there by itself
   hybrid        optimum-intel's recipe: UNet convolutions (and, in OpenVINO, attention)
                 int8 with activations, linear layers int8 weights only
-int8 and hybrid calibrate on the UNet inputs of real runs: the model's own sampler
+int8, int8-7bit and hybrid calibrate on the UNet inputs of real runs: the model's own sampler
 on --calibration-size prompts for --calibration-steps steps, at
 --calibration-resolution; --calibration-samples of those inputs, spread over the
 noise levels and prompts, feed the quantizers' statistics passes. Each kept input
@@ -119,7 +123,7 @@ FORMAT_CHOICES = {"onnx": ("onnx",), "openvino": ("openvino",), "both": ("onnx",
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for --random-weights, the parity-check inputs and the calibration runs.")
 @click.option("--quantize", "quantize", multiple=True, type=click.Choice(QUANTIZE_MODES),
-              help="Add a quantized variant beside fp32 (repeatable): int8-weights, int8 or hybrid.")
+              help="Add a quantized variant beside fp32 (repeatable): int8-weights, int8, int8-7bit or hybrid.")
 @click.option("--calibration-prompts", type=click.Path(path_type=Path, dir_okay=False, exists=True), default=None,
               help="Text file of calibration prompts, one a line (default: the shipped list of 64).")
 @click.option("--calibration-size", type=click.IntRange(min=1), default=CALIBRATION_SIZE, show_default=True,
@@ -226,12 +230,12 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if quantize.get("quantize"):  # a bad prompt file or size fails before the (slow) load
         if weights != "fp32":
             raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
-        if any(m in ("int8", "hybrid") for m in quantize["quantize"]):
+        if any(m in NEEDS_CALIBRATION for m in quantize["quantize"]):
             from .calibrate import read_prompts, select_prompts
             select_prompts(read_prompts(quantize.get("calibration_prompts")), quantize["calibration_size"])
 
     elif quantize.get("calibration_prompts") is not None:
-        raise InvalidArgument("--calibration-prompts needs --quantize int8 or --quantize hybrid")
+        raise InvalidArgument("--calibration-prompts needs --quantize int8, int8-7bit or hybrid")
     out_dir = preflight(out_dir)  # a bad OUT_DIR fails before the (slow) load
     if loras:  # so does a missing or non-LoRA file
         from .lora import merge_loras, preflight_loras

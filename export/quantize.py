@@ -18,11 +18,27 @@ int8           unet: ``nncf.quantize`` (model type          unet: ``quantize_sta
                int8-weights                                 the float scopes (below);
                                                             text_encoder: ``quantize_dynamic`` (MatMul);
                                                             VAE: none, runs fp32 (see below)
+int8-7bit      unet: int8's recipe with the weights in a     none: ONNX Runtime runs fp32 for it (not
+               7-bit range (NNCF ``overflow_fix=ENABLE``);  measurable here without VNNI, see below)
+               other components as in int8-weights
 hybrid         unet: optimum-intel's hybrid recipe (below);  unet: static QDQ of Conv + weight-only
                other components as in int8-weights          MatMul / Gemm (the recipe minus attention,
                                                             see below); text_encoder as in int8-weights;
                                                             VAE: none
 =============  ===========================================  ===========================================
+
+int8-7bit is for CPUs without VNNI (AVX2 or AVX-512 without VNNI: most laptops before
+2021). Their int8 kernels multiply u8 activations by s8 weights with ``pmaddubsw``,
+whose 16-bit sum of two products saturates (2 x 255 x 127 > 32767), and int8 cost the
+shipped model 9.8 points there (bench/README.md, "int8 without VNNI"). With weights
+in [-64, 63] the sum fits (2 x 255 x 64 = 32640). Measured on the shipped model (judge,
+72 held-out prompts, guidance 5, OpenVINO): without VNNI (``ONEDNN_MAX_CPU_ISA=
+AVX512_CORE`` and ``qemu-x86_64 -cpu Haswell``) it keeps every attribute within 1.4
+points of fp32, where int8 loses 9.8; with VNNI it loses 2.7 on shape (int8: 1.4), so
+int8 stays the recipe of CPUs that have VNNI and the runtime takes int8-7bit only
+where they do not (cpuflow/variants.py). ONNX Runtime's counterpart would be
+``reduce_range``; its kernels without VNNI could not be run here (bench/README.md), so
+that format gets no file for this mode rather than an unmeasured one.
 
 int8 that keeps quality (issue 15; measurements in bench/README.md, "int8 that
 keeps quality"). Quantizing every Conv / MatMul of the UNet (NNCF's defaults) cost
@@ -164,12 +180,16 @@ from .constant_reduces import weight_statistics_in_numpy
 from .mapped_pages import dropping_mapped_pages
 from .to_openvino import no_openvino_telemetry
 
-MODES = ("int8-weights", "int8", "hybrid")
+MODES = ("int8-weights", "int8", "int8-7bit", "hybrid")
 QUANT_TOLERANCE = validate.Tolerance(rel_max=1.0, psnr_db=20.0)
 # kind of file -> file-name stem (model_<stem>.onnx, openvino_model_<stem>.xml)
-STEMS = {"weights": "int8-weights", "static": "int8", "dynamic": "int8", "hybrid": "hybrid"}
-PRECISION = {"weights": "int8-weights", "static": "int8", "dynamic": "int8-dynamic", "hybrid": "int8-hybrid"}
-NEEDS_CALIBRATION = ("int8", "hybrid")
+STEMS = {"weights": "int8-weights", "static": "int8", "static7": "int8-7bit", "dynamic": "int8", "hybrid": "hybrid"}
+PRECISION = {"weights": "int8-weights", "static": "int8", "static7": "int8-7bit", "dynamic": "int8-dynamic",
+             "hybrid": "int8-hybrid"}
+NEEDS_CALIBRATION = ("int8", "int8-7bit", "hybrid")
+CALIBRATED_KINDS = ("static", "static7", "hybrid")    # file kinds made from calibration data
+#: Modes whose files exist in some formats only (the others run fp32 for them).
+FORMATS_OF_MODE = {"int8-7bit": ("openvino",)}
 
 ORT_STATIC_OPS = ("Conv", "MatMul", "Gemm")      # int8 (weightless attention MatMuls excluded by name)
 ORT_HYBRID_OPS = ("Conv",)                       # hybrid: + weight-only MatMul / Gemm afterwards
@@ -232,8 +252,12 @@ def _float_scope_record(scopes: Mapping[str, str], kept: Mapping[str, list[str]]
 
 def kind_for(mode: str, component: str, fmt: str) -> str | None:
     """Which file a component gets in ``mode`` for ``fmt`` (None: no variant, fp32 runs)."""
+    if fmt not in FORMATS_OF_MODE.get(mode, (fmt,)):
+        return None
     if fmt == "onnx" and component.startswith("vae"):
         return None
+    if mode == "int8-7bit":    # int8's recipe with 7-bit weights (module docstring)
+        return "static7" if component == "unet" else "weights"
     if mode == "int8-weights":
         return "weights"
     if component == "unet":
@@ -347,7 +371,7 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
     """Write ``dst_xml`` (+ .bin) from the fp32 IR ``src_xml``; returns the recipe."""
     import openvino as ov
     nncf = _nncf()
-    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     recipe: dict[str, Any] = dict(_ov_tools())
@@ -365,7 +389,7 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
                 out = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
                 recipe.update(method="nncf.compress_weights", weights="int8_asym per output channel",
                               activations="float", layers="MatMul, Convolution, Embedding")
-            elif kind == "static":
+            elif kind in ("static", "static7"):
                 # the int8 recipe (module docstring, "int8 that keeps quality"): float scopes
                 # by rule, global min / max activation ranges, SmoothQuant off
                 scopes = int8_float_scopes(op.get_friendly_name() for op in model.get_ops())
@@ -377,9 +401,12 @@ def ov_quantize(src_xml: Path, dst_xml: Path, kind: str, samples: list | None) -
                     ignored_scope=nncf.IgnoredScope(patterns=list(scopes.values()), validate=False),
                     advanced_parameters=nncf.AdvancedQuantizationParameters(
                         activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX,
+                        overflow_fix=OverflowFix.ENABLE if kind == "static7" else None,
                         smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1, convolution=-1)))
                 recipe.update(method="nncf.quantize", model_type="transformer", preset="mixed (default)",
-                              weights="int8 symmetric per output channel",
+                              weights="int8 symmetric per output channel" + (
+                                  ", 7-bit range (NNCF overflow_fix=enable): sums of two u8 x s8 products "
+                                  "fit 16 bits, exact on CPUs without VNNI" if kind == "static7" else ""),
                               activations="int8 asymmetric per tensor (mixed preset), MatMul / Convolution inputs; "
                                           "range: min / max over every calibration sample (MINMAX)",
                               fast_bias_correction=True, smooth_quant={"matmul": -1, "convolution": -1},
@@ -910,7 +937,7 @@ def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str
                 fp32_size = sum((staging / p).stat().st_size for p in fp32["files"][fmt])
                 done: dict[str, tuple[list[str], dict, dict]] = {}
                 for kind in kinds:
-                    if kind in ("static", "hybrid") and not samples:
+                    if kind in CALIBRATED_KINDS and not samples:
                         raise ExportError(f"{comp}: {STEMS[kind]} quantization needs calibration data")
                     rels = file_paths(comp, fmt, kind)
                     dst = staging / rels[0]
@@ -943,7 +970,7 @@ def add_variants(staging: Path, components: dict[str, dict], *, modes: tuple[str
                             raise ValidationFailed(
                                 line, hint="the quantized file is broken (a normal int8 error stays above "
                                            f"{QUANT_TOLERANCE.psnr_db:g} dB); report a bug, or pass --force")
-                    if kind in ("static", "hybrid"):
+                    if kind in CALIBRATED_KINDS:
                         recipe["calibration"] = {k: calibration.info[k] for k in
                                                  ("samples", "prompts", "prompts_sha256", "steps", "sampler",
                                                   "width", "height", "guidance", "seed", "selection",

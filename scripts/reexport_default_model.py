@@ -202,12 +202,23 @@ def requantize(shipped: Path, work: Path, out: Path, modes: tuple[str, ...]) -> 
                                  step=lambda comp, stage: _Step(f"[{comp}] {stage}"),
                                  info=lambda msg, comp=None: print(msg))
     assert all(before[m] != json.dumps(components["unet"]["variants"][m]) for m in modes)
+    for mode in modes:     # the other components' files of the mode: as an export makes them
+        for name, comp in components.items():
+            src_var = comp["variants"].get("int8") or {}
+            if name == "unet" or mode not in quant.FORMATS_OF_MODE or "openvino" not in src_var.get("files", {}):
+                continue
+            comp["variants"][mode] = {key: {"openvino": src_var[key]["openvino"]}
+                                      for key in ("quantization", "files", "parity", "size")}
+            comp["variants"][mode]["quantization"]["openvino"] = dict(src_var["quantization"]["openvino"], mode=mode)
+            comp["variants"][mode]["precision"] = src_var["quantization"]["openvino"]["precision"]
     changed = sorted({p for m in modes for paths in components["unet"]["variants"][m]["files"].values()
                       for p in paths})
     for rel in changed:
         data["files"][rel] = file_record(staging, rel)
     data["validated"] = bool(data["validated"] and outcome.all_passed)
     data["export"]["quantize"]["calibration"] = dict(cal.info)
+    if "requantize" in data["export"]:    # an earlier re-quantization's record is kept, oldest first
+        data["export"].setdefault("requantize_earlier", []).append(data["export"].pop("requantize"))
     data["export"]["requantize"] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "modes": list(modes), "components": ["unet"], "tools": tool_versions(),
@@ -289,7 +300,7 @@ class _Step:
 @click.option("--shipped", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default=ROOT / "cpuflow" / "models" / "default")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="default: --shipped, in place")
-@click.option("--requantize", "requant", multiple=True, type=click.Choice(["int8", "hybrid"]),
+@click.option("--requantize", "requant", multiple=True, type=click.Choice(["int8", "int8-7bit", "hybrid"]),
               help="re-make only the UNet's quantized variant MODE with the current recipe (schema 2 folders)")
 @click.option("--remeasure", "remeasure_", is_flag=True,
               help="only re-measure the quantized UNet variants' held-out figures (no weights file changes)")

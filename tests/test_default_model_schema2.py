@@ -43,6 +43,12 @@ REQUANTIZED_FILES = {
     "unet/openvino_model_int8.bin": "6048c75015693a37057136fd38b334f1628f0a5ec15f6c54a576b20b3a86d941",
     "unet/openvino_model_int8.xml": "4904dbb2e9a60d00fb2876eebd7c80a0847505b791659bcad195c2442051444f",
 }
+# the UNet's int8-7bit variant (OpenVINO only, for CPUs without VNNI; issue #15), added by
+# scripts/reexport_default_model.py --requantize int8-7bit: two new files, nothing else changed
+INT8_7BIT_FILES = {
+    "unet/openvino_model_int8-7bit.bin": "600c8ead484ac2fb11adc0650b6d59ab2d05c5fb5e5b91d4f56304536cde9286",
+    "unet/openvino_model_int8-7bit.xml": "20bd5c7b02a77ed2cab073f7309d0a3294a4cc8819891c16be3c8f82c6600b26",
+}
 # sha256 over (name, float32 bytes) of the text encoder's torch state dict
 # rebuilt from the schema-1 export's fp32 ONNX (export/rebuild_from_onnx.py),
 # token table included (the UNet's and VAE's weights files are unchanged, above)
@@ -59,7 +65,11 @@ def test_schema_2_with_every_variant_and_record_kept():
     raw = m.raw
     assert raw["schema_version"] == 2 and raw["validated"] and raw["name"] == "cpuflow-toyworld"
     for comp in m.components.values():
-        assert set(comp.variants) == {"fp32", "int8-weights", "int8"}, comp.name
+        assert set(comp.variants) - {"int8-7bit"} == {"fp32", "int8-weights", "int8"}, comp.name
+        if "int8-7bit" in comp.variants:     # OpenVINO files only; the other components' are int8's own
+            assert set(comp.variants["int8-7bit"].files) == {"openvino"}, comp.name
+            assert (comp.name == "unet") or (comp.variants["int8-7bit"].files == {
+                "openvino": comp.variants["int8"].files["openvino"]}), comp.name
         assert all(p["passed"] for v in comp.variants.values() for p in v.parity.values()), comp.name
     te = m.components["text_encoder"]
     assert [s.name for s in te.inputs] == ["inputs_embeds"]
@@ -72,12 +82,14 @@ def test_schema_2_with_every_variant_and_record_kept():
     assert raw["defaults"] == {"guidance": 5.0, "steps": 20, "precision": "f32",
                                "note": "trained on coloured shapes; see bench/default_model_training.md"}
     assert raw["export"]["reexport"]["schema_from"] == 1
-    for rel, digest in {**SCHEMA_1_WEIGHT_FILES, **REQUANTIZED_FILES}.items():  # verify="hash" checked the files
+    for rel, digest in {**SCHEMA_1_WEIGHT_FILES, **REQUANTIZED_FILES, **INT8_7BIT_FILES}.items():  # verify="hash" checked the files
         assert raw["files"][rel]["sha256"] == digest, rel
-    assert raw["export"]["requantize"]["files"] == sorted(REQUANTIZED_FILES)
+    assert [r["files"] for r in raw["export"]["requantize_earlier"]] == [sorted(REQUANTIZED_FILES)]
+    assert raw["export"]["requantize"]["files"] == sorted(INT8_7BIT_FILES)
+    assert raw["export"]["requantize"]["modes"] == ["int8-7bit"]
     # the held-out figures re-measured over every call (scripts/reexport_default_model.py --remeasure)
     assert raw["export"]["remeasure"]["held_out"]["held_out_calls"] == 11
-    for mode in ("int8-weights", "int8"):
+    for mode in ("int8-weights", "int8", "int8-7bit"):
         for held in (p["held_out"] for p in m.components["unet"].variants[mode].parity.values()):
             assert held["points"] == 11 and held["psnr_db"] >= held["psnr_db_worst_call"], mode
 

@@ -34,7 +34,7 @@ from export.calibrate import read_prompts, select_prompts  # noqa: E402
 from export.cli import export_command  # noqa: E402
 from export.sources import load_source  # noqa: E402
 
-MODES = ("int8-weights", "int8", "hybrid")
+MODES = quant.MODES      # every mode, int8-7bit (OpenVINO only) included
 FORMATS = ("onnx", "openvino")
 BACKEND_OF = {"onnx": "onnxruntime", "openvino": "openvino"}
 
@@ -82,8 +82,9 @@ def test_each_mode_adds_a_variant_on_both_formats(quantized):
     unet = m.components["unet"]
     for mode in MODES:
         var = unet.variants[mode]
-        assert set(var.files) == set(FORMATS), mode
-        for fmt in FORMATS:
+        formats = quant.FORMATS_OF_MODE.get(mode, FORMATS)     # int8-7bit: OpenVINO only
+        assert set(var.files) == set(formats), mode
+        for fmt in formats:
             stem = quant.STEMS[quant.kind_for(mode, "unet", fmt)]
             assert var.files[fmt][0] == (f"unet/model_{stem}.onnx" if fmt == "onnx"
                                          else f"unet/openvino_model_{stem}.xml")
@@ -112,6 +113,28 @@ def test_each_mode_adds_a_variant_on_both_formats(quantized):
     assert hybrid_ov["weight_compression"]["ignored_scope"] == {"types": ["Convolution"]}
     assert hybrid_ov["ignored_scope"]["names"] > 0 and hybrid_ov["ops"]["FakeQuantize"] > 0
     assert unet.variants["int8"].precision == "int8"
+    # int8-7bit: int8's recipe, its weights in [-64, 64] (sums of two u8 x s8 products fit 16 bits
+    # on CPUs without VNNI); int8's own weights use the full range
+    seven = unet.variants["int8-7bit"].quantization["openvino"]
+    assert seven["precision"] == "int8-7bit" and "7-bit range" in seven["weights"]
+    assert seven["calibration"] == unet.variants["int8"].quantization["openvino"]["calibration"]
+    assert {k: v for k, v in seven.items() if k not in ("weights", "precision", "mode", "seconds", "size")} == \
+        {k: v for k, v in unet.variants["int8"].quantization["openvino"].items()
+         if k not in ("weights", "precision", "mode", "seconds", "size")}
+    import openvino as ov
+    core = ov.Core()
+
+    def weight_range(xml):
+        consts = [op.get_data() for op in core.read_model(str(folder / xml)).get_ops()
+                  if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+        assert consts, xml
+        return min(int(c.min()) for c in consts), max(int(c.max()) for c in consts)
+    lo, hi = weight_range(unet.variants["int8-7bit"].files["openvino"][0])
+    assert -64 <= lo and hi <= 64, (lo, hi)
+    lo8, hi8 = weight_range(unet.variants["int8"].files["openvino"][0])
+    assert max(-lo8, hi8) > 64, (lo8, hi8)
+    assert m.components["text_encoder"].variants["int8-7bit"].files == {
+        "openvino": m.components["text_encoder"].variants["int8"].files["openvino"]}
     # the other components: OpenVINO weight-compressed in every mode (one shared file);
     # ONNX Runtime: text encoder dynamic int8 in int8, the VAE stays fp32
     te = m.components["text_encoder"]
@@ -133,7 +156,8 @@ def test_quantized_files_are_smaller(quantized):
     for fmt in FORMATS:
         fp32 = size(m.components["unet"].variants["fp32"].files[fmt])
         for mode in MODES:
-            assert size(m.components["unet"].variants[mode].files[fmt]) < fp32, (fmt, mode)
+            if fmt in quant.FORMATS_OF_MODE.get(mode, FORMATS):
+                assert size(m.components["unet"].variants[mode].files[fmt]) < fp32, (fmt, mode)
 
 
 def _auto_names(xml: bytes) -> bytes:
@@ -183,7 +207,9 @@ def test_runtime_loads_each_variant(quantized, fmt):
             res = pipe.txt2img("a red car", steps=3, seed=5)
         img = np.asarray(res.images[0], dtype=np.float32)
         assert img.shape == (64, 64, 3) and np.isfinite(img).all()
-        assert res.records[0]["variant"]["unet"] == mode
+        # a mode without files in this format (int8-7bit on ONNX Runtime) runs fp32 there
+        assert res.records[0]["variant"]["unet"] == (mode if fmt in quant.FORMATS_OF_MODE.get(mode, FORMATS)
+                                                     else "fp32")
 
 
 def test_default_variant_is_chosen_by_fidelity_and_recorded(quantized):
@@ -409,7 +435,7 @@ def test_full_size_random_sd15_quantized_export(tmp_path):
     m = load_manifest(out, verify="sha256")
     assert m.validated
     for mode in MODES:
-        for fmt in FORMATS:
+        for fmt in quant.FORMATS_OF_MODE.get(mode, FORMATS):
             assert m.components["unet"].variants[mode].parity[fmt]["passed"], (mode, fmt)
     with Pipeline.load(out, backend="openvino") as pipe:
         res = pipe.txt2img("a photo", steps=2, width=256, height=256, seed=0)

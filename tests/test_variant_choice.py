@@ -34,6 +34,12 @@ def _own_default_fp32(raw):
     raw["defaults"]["variant"] = "fp32"
 
 
+def _without_int8_7bit(raw):
+    """An export made without ``--quantize int8-7bit`` (its files stay; no variant names them)."""
+    for comp in raw["components"].values():
+        comp["variants"].pop("int8-7bit", None)
+
+
 def _unet_held_out(raw, variant, fmt):
     return raw["components"]["unet"]["variants"][variant]["parity"][fmt]["held_out"]
 
@@ -76,6 +82,7 @@ def test_int8_is_not_picked_when_its_pooled_figure_fails(tmp_path, backend):
     old = {"openvino": 40.9, "onnxruntime": 42.5}[backend]
 
     def worse(raw):
+        _without_int8_7bit(raw)
         _unet_held_out(raw, "int8", FORMAT[backend])["psnr_db"] = old
     model = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, worse), backend=backend))
     choice = model.variant_choice
@@ -93,6 +100,7 @@ def test_older_export_worst_call_figure_is_still_judged(tmp_path, backend):
     old = {"int8": {"openvino": 46.4, "onnx": 39.7}, "int8-weights": {"openvino": 53.6, "onnx": 62.1}}
 
     def as_before(raw):
+        _without_int8_7bit(raw)     # older exports have no int8-7bit
         for variant, figs in old.items():
             for fmt, db in figs.items():
                 held = _unet_held_out(raw, variant, fmt)
@@ -127,7 +135,7 @@ def test_old_export_without_figures_runs_fp32(tmp_path):
 
 def test_a_variant_that_failed_its_gate_is_never_the_default(tmp_path):
     def fail(raw):
-        for variant in ("int8", "int8-weights"):   # the VAE's OpenVINO file is shared by both
+        for variant in ("int8", "int8-7bit", "int8-weights"):   # the VAE's OpenVINO file is shared by all
             raw["components"]["vae_decoder"]["variants"][variant]["parity"]["openvino"]["passed"] = False
     model = LoadedModel(LoadConfig(model=_shipped_copy(tmp_path, fail), backend="openvino"))
     assert model.variant_of("unet") == "fp32" and "failed its gate" in model.variant_choice.reason
@@ -173,19 +181,24 @@ def test_gpu_runs_fp32_unless_asked(monkeypatch):
 
 
 # --- CPUs whose int8 kernels saturate (no VNNI / AMX): no int8 activations by default ----------
-def test_without_vnni_the_default_passes_over_int8_activations(monkeypatch):
+def test_without_vnni_the_default_passes_over_int8_activations(monkeypatch, tmp_path):
     """On AVX2-only CPUs (most laptops) u8 x s8 kernels saturate 16-bit sums: the shipped model's
     int8 lost 9.8 judge points there (OpenVINO, oneDNN capped at AVX512_CORE and under qemu's
-    Haswell alike). The next passing variant runs (OpenVINO's int8-weights: float activations;
-    ONNX Runtime's int8-weights quantizes activations at run time, so fp32 there); --variant
-    int8 still runs int8."""
+    Haswell alike). The next passing variant runs: OpenVINO's int8-7bit (made for these CPUs,
+    within 1.4 points there), or int8-weights in a model without it (float activations); ONNX
+    Runtime's int8-weights quantizes activations at run time, so fp32 there; --variant int8 still
+    runs int8. With VNNI int8 comes first (the autouse fixture's CPU)."""
     import cpuflow.pipelines.model
     from cpuflow.manifest import load_manifest
     from cpuflow.variants import choose_variant
     m = load_manifest(shipped_model_dir())
+    assert choose_variant(m, "openvino").name == "int8"
     c = choose_variant(m, "openvino", int8_exact=False)
-    assert c.name == "int8-weights", c.reason
+    assert c.name == "int8-7bit", c.reason
     assert "int8 (int8 activations: this CPU has no VNNI / AMX" in c.reason and "--variant int8" in c.reason
+    without = load_manifest(_shipped_copy(tmp_path, _without_int8_7bit))
+    c = choose_variant(without, "openvino", int8_exact=False)
+    assert c.name == "int8-weights", c.reason
     # ONNX Runtime's int8-weights quantizes activations at run time (quantize_dynamic): fp32 there
     c = choose_variant(m, "onnx", int8_exact=False)
     assert c.name == "fp32" and "int8-weights (int8 activations" in c.reason, c.reason
@@ -194,7 +207,7 @@ def test_without_vnni_the_default_passes_over_int8_activations(monkeypatch):
     monkeypatch.setattr(cpuflow.pipelines.model, "int8_dot_products_exact", lambda: False)
     monkeypatch.setattr(cpuflow.cpu, "int8_dot_products_exact", lambda features=None: False)
     model = LoadedModel(LoadConfig(backend="openvino"))
-    assert model.variant_of("unet") == "int8-weights"
+    assert model.variant_of("unet") == "int8-7bit" and model.variant_of("vae_decoder") == "int8-7bit"
     r = CliRunner().invoke(main, ["info"])
     assert r.exit_code == 0 and "VNNI" in r.output, r.output
 
@@ -206,6 +219,7 @@ def test_without_vnni_and_no_weight_only_variant_fp32_runs(tmp_path):
     def only_int8(raw):
         for comp in raw["components"].values():
             comp.get("variants", {}).pop("int8-weights", None)
+            comp.get("variants", {}).pop("int8-7bit", None)
     m = load_manifest(_shipped_copy(tmp_path, only_int8))
     c = choose_variant(m, "openvino", int8_exact=False)
     assert c.name == "fp32" and "no quantized variant to run by default on this CPU" in c.reason
