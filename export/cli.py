@@ -15,7 +15,7 @@ from .calibrate import DEFAULT_SAMPLES as CALIBRATION_SAMPLES
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .quantize import MODES as QUANTIZE_MODES
-from .quantize import NEEDS_CALIBRATION
+from .quantize import FORMATS_OF_MODE, NEEDS_CALIBRATION
 
 EXAMPLES = """
 \b
@@ -230,6 +230,11 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if quantize.get("quantize"):  # a bad prompt file or size fails before the (slow) load
         if weights != "fp32":
             raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
+        for mode in quantize["quantize"]:     # e.g. int8-7bit: OpenVINO files only
+            only = FORMATS_OF_MODE.get(mode)
+            if only and not set(only) & set(formats):
+                raise InvalidArgument(f"--quantize {mode} makes {' / '.join(only)} files only, and this export "
+                                      f"writes {' / '.join(formats)}: add --format {only[0]} or --format both")
         if any(m in NEEDS_CALIBRATION for m in quantize["quantize"]):
             from .calibrate import read_prompts, select_prompts
             select_prompts(read_prompts(quantize.get("calibration_prompts")), quantize["calibration_size"])

@@ -397,6 +397,8 @@ def test_bad_quantize_arguments_fail_before_any_work(tmp_path):
         export_model(object(), tmp_path / "x", quantize=["int4"])
     with pytest.raises(InvalidArgument, match="--weights fp32"):
         export_model(object(), tmp_path / "x", weights="fp16", quantize=["int8-weights"])
+    with pytest.raises(InvalidArgument, match="int8-7bit makes openvino files only.*--format openvino"):
+        export_model(object(), tmp_path / "x", formats=("onnx",), quantize=["int8-7bit"])
     empty = tmp_path / "p.txt"
     empty.write_text("# only a comment\n\n")
     with pytest.raises(InvalidArgument, match="no prompt"):
@@ -409,6 +411,8 @@ def test_bad_quantize_arguments_fail_before_any_work(tmp_path):
     res = runner.invoke(export_command, ["src", str(tmp_path / "o"), "--quantize", "int8",
                                          "--calibration-size", "100"])
     assert res.exit_code == 2 and "64 prompts" in res.output
+    res = runner.invoke(export_command, ["src", str(tmp_path / "o"), "--format", "onnx", "--quantize", "int8-7bit"])
+    assert res.exit_code == 2 and "openvino files only" in res.output and "--format both" in res.output
     assert not (tmp_path / "o").exists()
 
 
