@@ -190,6 +190,12 @@ def choose_variant(manifest, fmt: str, requested: str | None = None, *, on_gpu: 
     if requested is not None:
         if requested not in all_v:
             raise ModelError(f"variant {requested!r} is not in this model (it has: {', '.join(all_v)})")
+        if requested not in variants_in(manifest, fmt):     # e.g. int8-7bit: OpenVINO files only
+            where = sorted({f for c in manifest.components.values() if requested in c.variants
+                            for f in c.variants[requested].files})
+            raise ModelError(f"variant {requested!r} has no {fmt} files in this model (only {', '.join(where)})",
+                             hint=f"run it on the backend of those files, or choose one of: "
+                                  f"{', '.join(variants_in(manifest, fmt))}")
         return VariantChoice(requested, "asked for (--variant)")
     candidates = variants_in(manifest, fmt)
     fids = {v: fidelity(manifest, v, fmt) for v in candidates if v != "fp32"}

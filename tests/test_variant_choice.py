@@ -235,3 +235,23 @@ def test_which_cpus_sum_int8_products_exactly():
     assert int8_dot_products_exact(dict(base, amx_int8=True))      # AMX
     f = cpu_features(use_openvino=False)
     assert int8_dot_products_exact(f) == bool(f["avx512_vnni"] or f["avx_vnni"] or f["amx_int8"])
+
+
+def test_a_variant_without_files_for_the_backend_is_a_clear_error(tmp_path):
+    """int8-7bit has OpenVINO files only: asking ONNX Runtime for it is an error that says where it is
+    (not a silent fp32 run), and the bench drops that combination with a note."""
+    from cpuflow.bench.runner import make_configs
+    from cpuflow.errors import ModelError
+    from cpuflow.manifest import load_manifest
+    from cpuflow.variants import choose_variant
+    m = load_manifest(shipped_model_dir())
+    with pytest.raises(ModelError, match="variant 'int8-7bit' has no onnx files in this model \\(only openvino\\)"):
+        choose_variant(m, "onnx", "int8-7bit")
+    assert choose_variant(m, "openvino", "int8-7bit").name == "int8-7bit"
+    r = CliRunner().invoke(main, ["generate", "x", "--variant", "int8-7bit", "--backend", "onnxruntime",
+                                  "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+    assert r.exit_code != 0 and "has no onnx files" in r.output and "Traceback" not in r.output, r.output
+    configs, notes = make_configs(m, ["openvino", "onnxruntime"], ["int8-7bit"], ["f32"])
+    assert [(c.backend, c.variant) for c in configs] == [("openvino", "int8-7bit")]
+    assert "skipped onnxruntime/int8-7bit: the variant has no onnx files" in notes

@@ -148,6 +148,10 @@ def make_configs(manifest, backends: Sequence[str], variants: Sequence[str | Non
             if v is not None and v not in all_variants:
                 notes.append(f"skipped {b}/{v}: the model has no variant {v} (it has {', '.join(all_variants)})")
                 continue
+            if v is not None and not any(FORMAT_OF_BACKEND[b] in c.variants[v].files
+                                         for c in manifest.components.values() if v in c.variants):
+                notes.append(f"skipped {b}/{v}: the variant has no {FORMAT_OF_BACKEND[b]} files")
+                continue
             for p in dict.fromkeys(precisions):
                 if p not in PRECISIONS:
                     raise InvalidArgument(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
