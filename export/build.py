@@ -461,11 +461,7 @@ def export_model(loaded: Any, out_dir: str | os.PathLike, *,
                               "(downscale 4, scaling factor 0.08333); export it without --taesd")
     if modes and weights != "fp32":
         raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
-    for mode in modes:
-        only = quant.FORMATS_OF_MODE.get(mode)
-        if only and not set(only) & set(formats):
-            raise InvalidArgument(f"--quantize {mode} makes {' / '.join(only)} files only, and this export "
-                                  f"writes {' / '.join(formats)}: add --format {only[0]} or --format both")
+    quant.check_mode_formats(modes, formats)
     prompts = prompt_pool = None
     if any(m in quant.NEEDS_CALIBRATION for m in modes):  # a bad prompt file fails before any work
         from .calibrate import read_prompts, select_prompts

@@ -15,7 +15,7 @@ from .calibrate import DEFAULT_SAMPLES as CALIBRATION_SAMPLES
 from .calibrate import DEFAULT_SIZE as CALIBRATION_SIZE
 from .calibrate import DEFAULT_STEPS as CALIBRATION_STEPS
 from .quantize import MODES as QUANTIZE_MODES
-from .quantize import FORMATS_OF_MODE, NEEDS_CALIBRATION
+from .quantize import NEEDS_CALIBRATION, check_mode_formats
 
 EXAMPLES = """
 \b
@@ -76,7 +76,8 @@ atomically; a folder that is not a cpuflow export is never replaced.
                 stay float, see export/quantize.py); text encoder int8
   int8-7bit     int8 with the UNet's weights in a 7-bit range, OpenVINO files only: for
                 CPUs without VNNI (most laptops before 2021), whose int8 kernels
-                saturate on full-range weights; the runtime picks it there by itself
+                saturate on full-range weights; less loss than int8 there, but not
+                within 2 points, so it runs only with --variant int8-7bit
   hybrid        optimum-intel's recipe: UNet convolutions (and, in OpenVINO, attention)
                 int8 with activations, linear layers int8 weights only
 int8, int8-7bit and hybrid calibrate on the UNet inputs of real runs: the model's own sampler
@@ -230,11 +231,7 @@ def _run(source, out_dir: Path, *, formats, weights, force, allow_pickle, predic
     if quantize.get("quantize"):  # a bad prompt file or size fails before the (slow) load
         if weights != "fp32":
             raise InvalidArgument("--quantize makes its variants from float32 weights; use --weights fp32 with it")
-        for mode in quantize["quantize"]:     # e.g. int8-7bit: OpenVINO files only
-            only = FORMATS_OF_MODE.get(mode)
-            if only and not set(only) & set(formats):
-                raise InvalidArgument(f"--quantize {mode} makes {' / '.join(only)} files only, and this export "
-                                      f"writes {' / '.join(formats)}: add --format {only[0]} or --format both")
+        check_mode_formats(quantize["quantize"], formats)    # e.g. int8-7bit: OpenVINO files only
         if any(m in NEEDS_CALIBRATION for m in quantize["quantize"]):
             from .calibrate import read_prompts, select_prompts
             select_prompts(read_prompts(quantize.get("calibration_prompts")), quantize["calibration_size"])

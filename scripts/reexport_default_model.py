@@ -202,10 +202,10 @@ def requantize(shipped: Path, work: Path, out: Path, modes: tuple[str, ...]) -> 
                                  step=lambda comp, stage: _Step(f"[{comp}] {stage}"),
                                  info=lambda msg, comp=None: print(msg))
     assert all(before[m] != json.dumps(components["unet"]["variants"][m]) for m in modes)
-    for mode in modes:     # the other components' files of the mode: as an export makes them
-        for name, comp in components.items():
+    for mode in (m for m in modes if m in quant.FORMATS_OF_MODE):   # int8-7bit: the other components
+        for name, comp in components.items():                        # get int8's OpenVINO files, as in an export
             src_var = comp["variants"].get("int8") or {}
-            if name == "unet" or mode not in quant.FORMATS_OF_MODE or "openvino" not in src_var.get("files", {}):
+            if name == "unet" or "openvino" not in src_var.get("files", {}):
                 continue
             comp["variants"][mode] = {key: {"openvino": src_var[key]["openvino"]}
                                       for key in ("quantization", "files", "parity", "size")}

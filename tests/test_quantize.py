@@ -217,12 +217,15 @@ def test_runtime_loads_each_variant(quantized, fmt):
 def test_default_variant_is_chosen_by_fidelity_and_recorded(quantized):
     """No --variant: the fastest variant whose recorded fidelity passes (cpuflow/variants.py)
     runs on every component that has it; the others run fp32; the record says which."""
-    from cpuflow.variants import MIN_FIDELITY_DB, choose_variant
+    from cpuflow.cpu import int8_dot_products_exact
+    from cpuflow.variants import INT8_ACTIVATIONS, MIN_FIDELITY_DB, choose_variant
     folder, _ = quantized
     m = load_manifest(folder)
+    exact = int8_dot_products_exact()    # what the pipeline asks (cpuflow/pipelines/model.py)
     for fmt in FORMATS:
-        choice = choose_variant(m, fmt)
-        passing = [v for v, f in choice.fidelity_db.items() if f is not None and f >= MIN_FIDELITY_DB]
+        choice = choose_variant(m, fmt, int8_exact=exact)
+        passing = [v for v, f in choice.fidelity_db.items() if f is not None and f >= MIN_FIDELITY_DB
+                   and (exact or v not in INT8_ACTIVATIONS[fmt])]
         assert choice.name == (passing[0] if passing else "fp32"), choice
         with Pipeline.load(folder, backend=BACKEND_OF[fmt], precision="f32", use_cache=False) as pipe:
             res = pipe.txt2img("a cat", steps=2, seed=1)

@@ -133,6 +133,7 @@ def make_configs(manifest, backends: Sequence[str], variants: Sequence[str | Non
     each combination dropped (and why). onnxruntime has no precision hint, so
     its ``auto`` and ``f32`` are one configuration."""
     from ..pipelines.model import FORMAT_OF_BACKEND
+    from ..variants import variants_in
 
     configs: list[BenchConfig] = []
     notes: list[str] = []
@@ -148,8 +149,7 @@ def make_configs(manifest, backends: Sequence[str], variants: Sequence[str | Non
             if v is not None and v not in all_variants:
                 notes.append(f"skipped {b}/{v}: the model has no variant {v} (it has {', '.join(all_variants)})")
                 continue
-            if v is not None and not any(FORMAT_OF_BACKEND[b] in c.variants[v].files
-                                         for c in manifest.components.values() if v in c.variants):
+            if v is not None and v not in variants_in(manifest, FORMAT_OF_BACKEND[b]):
                 notes.append(f"skipped {b}/{v}: the variant has no {FORMAT_OF_BACKEND[b]} files")
                 continue
             for p in dict.fromkeys(precisions):
